@@ -1,0 +1,49 @@
+"""Run a function on N CPU processes with a gloo process group (file:// rendezvous, no
+fixed ports) and collect each rank's return value."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank, world_size, init_file, out_dir, fn, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    result_path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=180))
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        torch.save({"ok": True, "result": result}, result_path)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        torch.save({"ok": False, "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc()}, result_path)
+
+
+def run_distributed(fn, world_size: int, *args):
+    """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own
+    process inside an initialised gloo group. Raises ``RuntimeError`` with the traceback
+    of the first failing rank. ``fn`` must be importable (a module-level function)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        ctx = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        while not ctx.join(timeout=600):
+            pass
+        results = []
+        for rank in range(world_size):
+            out = torch.load(os.path.join(tmp, f"rank{rank}.pt"), weights_only=False)
+            if not out["ok"]:
+                raise RuntimeError(f"rank {rank} failed: {out['error']}\n{out['traceback']}")
+            results.append(out["result"])
+        return results

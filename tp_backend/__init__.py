@@ -1,0 +1,26 @@
+"""tp_backend: automatic tensor parallelism as a ``torch.compile`` backend.
+
+``torch.compile(model, backend="tp_auto", options={"tp_group": group})`` splits any model
+across the ranks of ``group`` with no per-model code. See README.md.
+"""
+
+from .backend import (ShardInfo, TPAutoBackend, local_parameter_bytes, local_shard,
+                      sharding_info, tp_auto)
+from .errors import (TPDivisibilityError, TPError, TPOptionsError, TPOptionsTypeError,
+                     TPProcessGroupError, TPShardedModuleError)
+from .placement import Partial, Replicate, Shard
+from .plan import CollectivePlan, ParamPlan, TPPlan
+
+__all__ = [
+    "tp_auto", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
+    "local_parameter_bytes", "last_plan", "TPPlan", "ParamPlan",
+    "CollectivePlan", "Replicate", "Shard", "Partial", "TPError", "TPOptionsError",
+    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError",
+]
+
+__version__ = "0.1.0"
+
+
+def last_plan() -> TPPlan | None:
+    """The plan of the graph ``tp_auto`` solved most recently in this process, or ``None``."""
+    return tp_auto.plans[-1] if tp_auto.plans else None

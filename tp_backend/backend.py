@@ -1,0 +1,297 @@
+"""The ``tp_auto`` torch.compile backend.
+
+``torch.compile(model, backend="tp_auto", options={"tp_group": g})`` reaches
+:data:`tp_auto` through the ``torch_dynamo_backends`` entry point. For each graph Dynamo
+captures, the backend
+
+1. validates ``options`` (:mod:`tp_backend.options`);
+2. decomposes the graph to functional core ATen on fake tensors of *global* shape
+   (:mod:`tp_backend.decompose`);
+3. solves a placement for every value (:mod:`tp_backend.solver`) and records the plan
+   (:mod:`tp_backend.plan`);
+4. rewrites the ATen graph for this rank (:mod:`tp_backend.rewrite`);
+5. returns a runner that, on its first call, shards the parameters in place
+   (``param.data`` becomes this rank's slice; the full tensor is freed) and from then on
+   runs the local graph.
+
+Sharding a parameter changes its shape, so Dynamo's guards fail on the next call and the
+frame is traced again; the backend recognises its own sharded parameters, rebuilds the
+global shapes and finds the result in its cache (keyed by the graph code and the global
+input shapes), so a recompile neither re-solves nor re-shards. ``torch._dynamo.reset()``
+clears the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from .decompose import decompose, source_to_fqn
+from .errors import TPError, TPShardedModuleError
+from .options import TPOptions, validate_options
+from .placement import Shard
+from .plan import CollectivePlan, ParamPlan, TPPlan
+from .rewrite import rewrite
+from .solver import describe, solve
+
+log = logging.getLogger("tp_backend")
+
+__all__ = ["tp_auto", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
+           "local_parameter_bytes"]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """How a parameter was sharded: split on ``dim``; ``global_shape`` before the split."""
+
+    fqn: str
+    dim: int
+    layout: str
+    global_shape: tuple
+    tp_rank: int
+    tp_size: int
+    group_name: str
+
+
+@dataclass
+class _Sharded:
+    info: ShardInfo
+    local: torch.Tensor  # this rank's slice, e.g. [out/N, in] for a column-parallel weight
+
+
+# Parameters this process has sharded -> their local shard. Weak: dropping the model frees
+# them. The nn.Parameter itself keeps its identity and global shape, but its data becomes a
+# one-element NaN tensor expanded to that shape (see _Runner): the full tensor is freed,
+# Dynamo keeps seeing global shapes (so a re-trace yields the same graph and hits the cache),
+# and an accidental eager use yields NaN rather than plausible numbers.
+_SHARDED = WeakTensorKeyDictionary()
+_HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def sharding_info(param: torch.Tensor) -> ShardInfo | None:
+    """The :class:`ShardInfo` of a parameter sharded by ``tp_auto``, else ``None``."""
+    st = _SHARDED.get(param)
+    return st.info if st is not None else None
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a parameter sharded by ``tp_auto`` (the parameter itself if it
+    is not sharded)."""
+    st = _SHARDED.get(param)
+    return st.local if st is not None else param
+
+
+def local_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameter data this rank holds for ``module``: the local shard of every
+    sharded parameter plus every replicated parameter (tied parameters counted once)."""
+    total = 0
+    for p in module.parameters():  # deduplicates tied parameters
+        total += local_shard(p).nbytes
+    return total
+
+
+def _refuse_eager_call(module, args):
+    if not torch.compiler.is_compiling():
+        raise TPShardedModuleError(
+            f"this {type(module).__name__} holds parameters that tp_auto sharded across the "
+            "tensor-parallel ranks; it only computes correct results through the compiled "
+            "model. Call the object returned by torch.compile instead of the original module.")
+
+
+@dataclass
+class _Compiled:
+    gm: fx.GraphModule
+    plan: TPPlan
+    shard_specs: list  # [(input index, ShardInfo)]
+
+
+def _freed_placeholder(t: torch.Tensor) -> torch.Tensor:
+    fill = float("nan") if t.dtype.is_floating_point or t.dtype.is_complex else 0
+    return torch.full((), fill, dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+class _Runner:
+    """What Dynamo calls: shards parameters on first use, then runs the local graph with
+    each sharded parameter's local slice in place of the parameter."""
+
+    def __init__(self, compiled: _Compiled, owners: dict):
+        self.compiled = compiled
+        self.plan = compiled.plan
+        self._owners = owners  # input index -> owning nn.Module (for the eager-call guard)
+
+    def __call__(self, *args):
+        args = list(args)
+        for idx, info in self.compiled.shard_specs:
+            t = args[idx]
+            st = _SHARDED.get(t)
+            if st is None:
+                if tuple(t.shape) != info.global_shape:
+                    raise TPError(f"parameter {info.fqn!r} has shape {list(t.shape)}; tp_auto "
+                                  f"expected {list(info.global_shape)}")
+                step = info.global_shape[info.dim] // info.tp_size
+                with torch.no_grad():
+                    # nn.Linear's weight is (out_features, in_features): a split on dim 0 is
+                    # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table
+                    # split on dim 0 is vocab-parallel.
+                    local = t.detach().narrow(info.dim, info.tp_rank * step, step).clone()
+                    st = _SHARDED[t] = _Sharded(info, local)
+                    t.data = _freed_placeholder(t)
+                owner = self._owners.get(idx)
+                if owner is not None and owner not in _HOOKED:
+                    owner.register_forward_pre_hook(_refuse_eager_call)
+                    _HOOKED.add(owner)
+            elif st.info.dim != info.dim:
+                raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but this "
+                              f"graph expects dim {info.dim}")
+            args[idx] = st.local
+        return self.compiled.gm(*args)
+
+
+class TPAutoBackend:
+    """The ``tp_auto`` backend: a callable ``(gm, example_inputs, options=None)``.
+
+    Keyword Args:
+        options (dict): ``tp_group`` (a ``ProcessGroup``; default: the default group),
+            ``compiler`` (``"eager"``). Unknown keys raise ``ValueError``.
+
+    Attributes:
+        stats: counters -- ``graphs`` (backend calls), ``solves``, ``cache_hits``.
+        plans: the :class:`~tp_backend.plan.TPPlan` of every solved graph, in order.
+    """
+
+    def __init__(self):
+        self._cache: dict = {}
+        self.stats = {"graphs": 0, "solves": 0, "cache_hits": 0}
+        self.plans: list[TPPlan] = []
+
+    def reset(self) -> None:
+        """Forget cached graphs and plans (called by ``torch._dynamo.reset()``)."""
+        self._cache.clear()
+        self.plans.clear()
+        for k in self.stats:
+            self.stats[k] = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, options=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"tp_auto got unexpected arguments {sorted(kwargs)}; pass "
+                            "settings through torch.compile(..., options={...})")
+        opts = validate_options(options)
+        self.stats["graphs"] += 1
+        if opts.tp_size == 1:
+            return gm.forward
+        return self._compile(gm, list(example_inputs), opts)
+
+    # ------------------------------------------------------------------ compile
+    def _compile(self, gm, example_inputs, opts: TPOptions):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        fakes, params, presharded, fqns, owners = [], set(), {}, {}, {}
+        ex_fake = next(n.meta["example_value"] for n in placeholders
+                       if isinstance(n.meta.get("example_value"), torch.Tensor))
+        fake_mode = ex_fake.fake_mode
+        for i, (n, real) in enumerate(zip(placeholders, example_inputs)):
+            fake = n.meta.get("example_value")
+            if isinstance(real, torch.nn.Parameter):
+                source = n.meta.get("grapharg").source if n.meta.get("grapharg") else None
+                fqns[i] = source_to_fqn(source.name) if source is not None else n.name
+                params.add(i)
+                owners[i] = _owner_module(source)
+                st = _SHARDED.get(real)
+                info = st.info if st is not None else None
+                if info is not None:
+                    if info.group_name != opts.group_name:
+                        raise TPError(f"parameter {fqns[i]!r} was sharded for another "
+                                      f"tensor-parallel group ({info.group_name})")
+                    presharded[i] = info
+                    with fake_mode:
+                        fake = torch.empty(info.global_shape, dtype=real.dtype, device=real.device)
+            fakes.append(fake)
+        key = (gm.code, opts.group_name, opts.tp_rank,
+               tuple((tuple(f.shape), f.dtype) if isinstance(f, torch.Tensor) else type(f)
+                     for f in fakes), tuple(sorted(params)))
+        compiled = self._cache.get(key)
+        if compiled is not None:
+            self.stats["cache_hits"] += 1
+            log.debug("tp_auto: graph %s found in the cache", gm.meta.get("dynamo_compile_id"))
+            return _Runner(compiled, owners)
+        compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns, opts)
+        self._cache[key] = compiled
+        return _Runner(compiled, owners)
+
+    def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts):
+        try:
+            aten_gm = decompose(gm, fakes, fake_mode)
+        except TPError:
+            raise
+        except Exception as e:
+            raise TPError(f"tp_auto: decomposing the captured graph failed: {e}") from e
+        ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+        param_nodes = {ph[i] for i in params}
+        for i, name in fqns.items():
+            ph[i].meta["tp_param_fqn"] = name
+            ph[i].meta["tp_module"] = name.rpartition(".")[0]
+        pre = {}
+        for i, info in presharded.items():
+            pre[ph[i]] = Shard(info.dim)
+            ph[i].meta["tp_role"] = info.layout
+        sol = solve(aten_gm.graph, tp_size=opts.tp_size, params=param_nodes, presharded=pre)
+        self.stats["solves"] += 1
+        plan = TPPlan(tp_size=opts.tp_size, tp_rank=opts.tp_rank, solve_seconds=sol.seconds,
+                      rounds=sol.rounds, num_nodes=len(aten_gm.graph.nodes))
+        specs = []
+        for i in sorted(params):
+            node = ph[i]
+            shape = tuple(node.meta["val"].shape)
+            s = sol.param_storage.get(node)
+            itemsize = node.meta["val"].element_size()
+            numel = 1
+            for d in shape:
+                numel *= d
+            local = list(shape)
+            if s is not None:
+                local[s.dim] //= opts.tp_size
+                info = ShardInfo(fqns[i], s.dim, sol.param_role[node], shape, opts.tp_rank,
+                                 opts.tp_size, opts.group_name)
+                specs.append((i, info))
+            plan.params[fqns[i]] = ParamPlan(
+                fqns[i], sol.param_role[node], s.dim if s is not None else None, shape,
+                tuple(local), numel * itemsize,
+                numel * itemsize // (opts.tp_size if s is not None else 1))
+        plan.replicated_ops = [(describe(n), why) for n, why in sol.notes]
+        plan.demoted = [describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
+        for n, why in sol.notes:
+            log.info("tp_auto: replicated %s (%s)", describe(n), why)
+        t0 = time.perf_counter()
+        aten_gm, inserted = rewrite(aten_gm, sol, tp_rank=opts.tp_rank, tp_size=opts.tp_size,
+                                    group_name=opts.group_name)
+        plan.collectives = [CollectivePlan(**c) for c in inserted]
+        log.info("%s\n  rewrite: %.1f ms", plan.summary(), (time.perf_counter() - t0) * 1e3)
+        self.plans.append(plan)
+        return _Compiled(aten_gm, plan, specs)
+
+
+def _owner_module(source):
+    """The module that owns a parameter, found from its Dynamo source in the frame being
+    compiled; ``None`` if it cannot be resolved (the eager-call guard is then skipped)."""
+    if source is None:
+        return None
+    name = source.name
+    cut = name.rfind("._parameters[")
+    if cut < 0:
+        return None
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return eval(name[:cut], {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307
+    except Exception:  # noqa: BLE001 - best effort; only a safety net for eager calls
+        log.debug("tp_auto: could not resolve the module owning %s", name)
+        return None
+
+
+tp_auto = TPAutoBackend()

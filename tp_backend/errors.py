@@ -1,0 +1,39 @@
+"""Exceptions raised by tp_backend.
+
+Every user-facing failure raises a subclass of :class:`TPError`, so callers can catch the
+package's errors in one place. Option errors also subclass ``ValueError``/``TypeError`` and
+divisibility errors ``ValueError``, matching the exception types PyTorch users expect.
+"""
+
+__all__ = [
+    "TPError",
+    "TPOptionsError",
+    "TPOptionsTypeError",
+    "TPProcessGroupError",
+    "TPDivisibilityError",
+    "TPShardedModuleError",
+]
+
+
+class TPError(RuntimeError):
+    """Base class of every error tp_backend raises on purpose."""
+
+
+class TPOptionsError(TPError, ValueError):
+    """An option passed to ``tp_auto`` is unknown or has a bad value."""
+
+
+class TPOptionsTypeError(TPError, TypeError):
+    """An option passed to ``tp_auto`` has the wrong type."""
+
+
+class TPProcessGroupError(TPError):
+    """No tensor-parallel process group was given and none can be inferred."""
+
+
+class TPDivisibilityError(TPError, ValueError):
+    """A dimension that must be split across the TP ranks is not divisible by ``tp_size``."""
+
+
+class TPShardedModuleError(TPError):
+    """A module whose parameters were sharded by ``tp_auto`` was called without compilation."""

@@ -1,0 +1,79 @@
+"""Validation of the ``options`` dict of ``torch.compile(..., backend="tp_auto", options=...)``.
+
+All checks live here; the backend receives a :class:`TPOptions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch.distributed as dist
+
+from .errors import TPOptionsError, TPOptionsTypeError, TPProcessGroupError
+
+__all__ = ["TPOptions", "validate_options", "OPTION_DOCS"]
+
+OPTION_DOCS = {
+    "tp_group": "torch.distributed.ProcessGroup of the tensor-parallel ranks "
+                "(default: the default group, if torch.distributed is initialised)",
+    "compiler": "what runs the rewritten graph: 'eager' (default)",
+}
+_COMPILERS = ("eager",)
+
+
+@dataclass(frozen=True)
+class TPOptions:
+    """Validated options.
+
+    Attributes:
+        tp_group: the tensor-parallel process group.
+        tp_rank: this process's rank in ``tp_group``.
+        tp_size: number of ranks in ``tp_group`` (``N``).
+        compiler: what runs the rewritten graph.
+    """
+
+    tp_group: Any
+    tp_rank: int
+    tp_size: int
+    compiler: str = "eager"
+
+    @property
+    def group_name(self) -> str:
+        return self.tp_group.group_name
+
+
+def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
+    """Check ``options`` and fill defaults.
+
+    Raises:
+        TPOptionsTypeError: ``options`` is not a mapping, or a value has the wrong type.
+        TPOptionsError: an unknown key or a bad value (the message names it).
+        TPProcessGroupError: no ``tp_group`` and torch.distributed is not initialised.
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise TPOptionsTypeError(f"tp_auto options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTION_DOCS))
+    if unknown:
+        valid = ", ".join(sorted(OPTION_DOCS))
+        raise TPOptionsError(f"unknown tp_auto option {unknown[0]!r}; valid options: {valid}")
+    group = options.get("tp_group")
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TPProcessGroupError(
+                "tp_auto needs a tensor-parallel process group, and torch.distributed is not "
+                "initialised. Launch with torchrun and call torch.distributed.init_process_group() "
+                "(backend 'nccl' on GPUs, 'gloo' on CPU) before the first call of the compiled "
+                "model, or pass options={'tp_group': group}.")
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TPOptionsTypeError(
+            f"tp_auto option 'tp_group' must be a torch.distributed.ProcessGroup, got "
+            f"{type(group).__name__}")
+    compiler = options.get("compiler", "eager")
+    if compiler not in _COMPILERS:
+        raise TPOptionsError(f"tp_auto option 'compiler' must be one of {_COMPILERS}, got {compiler!r}")
+    return TPOptions(tp_group=group, tp_rank=dist.get_rank(group), tp_size=dist.get_world_size(group),
+                     compiler=compiler)

@@ -1,0 +1,101 @@
+"""The tensor-parallel plan: what the solver decided, as data.
+
+A :class:`TPPlan` lists, per parameter FQN, its layout (``column``, ``row``, ``vocab``,
+``shard`` for other sharded parameters such as a column-parallel bias, or ``replicate``)
+with global and local shapes, and the collectives inserted into the forward graph with the
+module and layer they belong to. It is logged at INFO when a graph is compiled and kept on
+the backend (:func:`tp_backend.last_plan`) for tests and tools.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["ParamPlan", "CollectivePlan", "TPPlan"]
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """One parameter: ``layout`` and ``shard_dim`` (``None`` if replicated); shapes in
+    elements, ``nbytes_local``/``nbytes_global`` in bytes."""
+
+    fqn: str
+    layout: str
+    shard_dim: int | None
+    global_shape: tuple
+    local_shape: tuple
+    nbytes_global: int
+    nbytes_local: int
+
+
+@dataclass(frozen=True)
+class CollectivePlan:
+    """One collective in the forward graph: ``kind`` is ``all_reduce`` or ``all_gather``;
+    ``layer`` the repeated-block index (``None`` outside the blocks)."""
+
+    kind: str
+    module: str
+    layer: int | None
+    shape: tuple | None
+
+
+@dataclass
+class TPPlan:
+    """The plan of one compiled graph on one rank (identical on every rank but ``tp_rank``)."""
+
+    tp_size: int
+    tp_rank: int
+    params: dict = field(default_factory=dict)  # fqn -> ParamPlan
+    collectives: list = field(default_factory=list)  # [CollectivePlan]
+    replicated_ops: list = field(default_factory=list)  # [(description, reason)]
+    demoted: list = field(default_factory=list)  # descriptions of seeds kept whole
+    solve_seconds: float = 0.0
+    rounds: int = 0
+    num_nodes: int = 0
+
+    def layouts(self) -> dict:
+        """``{layout: [fqn, ...]}``."""
+        out: dict = {}
+        for p in self.params.values():
+            out.setdefault(p.layout, []).append(p.fqn)
+        return out
+
+    def layout_of(self, fqn: str) -> str:
+        return self.params[fqn].layout
+
+    def collectives_per_layer(self, kind: str = "all_reduce") -> dict:
+        """``{layer: count}`` of collectives of ``kind`` (``None`` = outside the blocks)."""
+        return dict(Counter(c.layer for c in self.collectives if c.kind == kind))
+
+    def param_bytes(self) -> tuple[int, int]:
+        """``(bytes on this rank, bytes of the unsharded model)`` over the graph's parameters."""
+        return (sum(p.nbytes_local for p in self.params.values()),
+                sum(p.nbytes_global for p in self.params.values()))
+
+    def summary(self) -> str:
+        lines = [f"tp_auto plan: tp_size={self.tp_size}, {self.num_nodes} ATen nodes solved in "
+                 f"{self.solve_seconds * 1e3:.1f} ms ({self.rounds} rounds)"]
+        for layout, fqns in sorted(self.layouts().items()):
+            lines.append(f"  {layout:9s} {len(fqns):4d} parameters, e.g. {fqns[0]}")
+        local, full = self.param_bytes()
+        if full:
+            lines.append(f"  parameter bytes per rank: {local / 2**20:.2f} MiB of "
+                         f"{full / 2**20:.2f} MiB ({local / full:.1%})")
+        for kind in ("all_reduce", "all_gather"):
+            per = self.collectives_per_layer(kind)
+            if per:
+                layers = sorted(k for k in per if k is not None)
+                inner = Counter(per[k] for k in layers)
+                desc = ", ".join(f"{n} per layer in {c} layers" for n, c in sorted(inner.items()))
+                outside = per.get(None, 0)
+                lines.append(f"  {kind}: {sum(per.values())} in total"
+                             + (f" ({desc}" + (f"; {outside} outside the layers)" if outside else ")")
+                                if layers else ""))
+        if self.demoted:
+            lines.append(f"  kept whole (a shard would need a gather): {len(self.demoted)}, e.g. "
+                         f"{self.demoted[0]}")
+        if self.replicated_ops:
+            lines.append(f"  ops evaluated replicated: {len(self.replicated_ops)}, e.g. "
+                         f"{self.replicated_ops[0][0]}: {self.replicated_ops[0][1]}")
+        return "\n".join(lines)

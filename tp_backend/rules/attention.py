@@ -1,0 +1,61 @@
+"""Rules for the leaf ops kept whole by the decomposition: scaled dot-product attention and
+cross-entropy (see :mod:`tp_backend.leaf_ops`).
+
+Attention is independent per (batch, head): ``q: [B, H, S, D]``, ``k, v: [B, Hkv, S, D]``
+may all be split on the heads dim 1 (or the batch dim 0); a replicated operand is sliced
+locally, the mask split along heads only if it has a heads dim of size > 1. With grouped
+query attention each rank keeps ``H / N`` query heads and ``Hkv / N`` KV heads, so the
+head-to-group mapping is preserved when ``Hkv`` is divisible by ``N``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..placement import REPLICATE, Shard
+from . import Decision, divisible, register, static_int
+
+
+def _sdpa(ctx, node):
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    qkv = [q, k, v]
+    pls = [ctx.placement(t) for t in qkv]
+    if any(p.is_partial() for p in pls):
+        return None
+    shards = {p for p in pls if p.is_shard()}
+    if not shards:
+        if isinstance(mask, torch.fx.Node) and not ctx.placement(mask).is_replicate():
+            return None
+        return Decision(out=REPLICATE)
+    if len(shards) > 1:
+        return None
+    s, = shards
+    if s.dim not in (0, 1) or s.outer != 1:
+        return None
+    if not all(divisible(ctx.shape(t)[s.dim], ctx.tp_size) for t in qkv):
+        return None
+    need = {t: s for t in qkv}
+    if isinstance(mask, torch.fx.Node):
+        pm = ctx.placement(mask)
+        mshape = ctx.shape(mask)
+        k_dim = s.dim - (4 - len(mshape))
+        if pm.is_partial():
+            return None
+        if k_dim >= 0 and static_int(mshape[k_dim]) != 1:
+            need[mask] = Shard(k_dim)
+        elif not pm.is_replicate():
+            return None
+    return Decision(out=s, inputs=need)
+
+
+def _cross_entropy(ctx, node):
+    # A vocab-parallel cross-entropy is future work: gather the logits whole (an all-gather
+    # of the LM head output) rather than replicate the LM head.
+    ins = {a: REPLICATE for a in node.all_input_nodes}
+    return Decision(out=REPLICATE, inputs=ins, allow_gather=True)
+
+
+def register_leaf_rules(sdpa_op, ce_op):
+    register(sdpa_op)(_sdpa)
+    register(ce_op)(_cross_entropy)

@@ -1,0 +1,224 @@
+"""Rules for slicing, concatenation, splitting, gathering and embedding lookups, and for
+factory ops (which make replicated values).
+
+Slicing, selecting, concatenating or splitting along a dim other than the sharded one keeps
+the shard; doing it along the sharded dim is not proven (falls back). Vocab-parallel
+embedding (Megatron-LM ``VocabParallelEmbedding``): the table ``W: [V, E]`` split on ``V``,
+each rank looks up the ids in its range and writes zeros elsewhere, giving a ``Partial``
+output.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..placement import PARTIAL, REPLICATE, Shard
+from . import Decision, divisible, norm_dim, register, static_int, tensor_inputs
+
+aten = torch.ops.aten
+
+
+def _full_range(start, end, step, size) -> bool:
+    size = static_int(size)
+    start = 0 if start is None else static_int(start)
+    end = size if end is None else static_int(end)
+    return step in (None, 1) and start == 0 and size is not None and end is not None and end >= size
+
+
+@register(aten.slice)
+def _slice(ctx, node):
+    x = node.args[0]
+    p = ctx.placement(x)
+    if not p.is_shard():
+        return Decision(out=p)
+    nd = len(ctx.shape(x))
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    if dim != p.dim:
+        return Decision(out=p)
+    args = list(node.args) + [None] * (5 - len(node.args))
+    if _full_range(args[2], args[3], args[4], ctx.shape(x)[dim]):
+        return Decision(out=p, args=(x, dim))
+    return None
+
+
+@register(aten.select)
+def _select(ctx, node):
+    x, dim = node.args[0], node.args[1]
+    p = ctx.placement(x)
+    if not p.is_shard():
+        return Decision(out=p)
+    dim = norm_dim(dim, len(ctx.shape(x)))
+    if dim == p.dim:
+        return None
+    return Decision(out=Shard(p.dim - (dim < p.dim), p.outer))
+
+
+def _common(ctx, tensors):
+    """The common placement of same-rank operands, and the conversions to reach it."""
+    pls = [ctx.placement(t) for t in tensors]
+    need = {}
+    if any(p.is_partial() for p in pls):
+        if all(p.is_partial() for p in pls):
+            return PARTIAL, need
+        for t, p in zip(tensors, pls):
+            if p.is_partial():
+                need[t] = REPLICATE
+        pls = [REPLICATE if p.is_partial() else p for p in pls]
+    shards = {p for p in pls if p.is_shard()}
+    if not shards:
+        return REPLICATE, need
+    if len(shards) > 1:
+        return None, need
+    s, = shards
+    for t, p in zip(tensors, pls):
+        if p.is_replicate():
+            need[t] = s
+    return s, need
+
+
+@register(aten.cat)
+def _cat(ctx, node):
+    tensors = [t for t in node.args[0] if isinstance(t, torch.fx.Node)]
+    nd = len(ctx.shape(node))
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    out, need = _common(ctx, tensors)
+    if out is None or out.is_shard() and out.dim == dim:
+        return None
+    return Decision(out=out, inputs=need)
+
+
+@register(aten.stack)
+def _stack(ctx, node):
+    tensors = list(node.args[0])
+    nd = len(ctx.shape(node))
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    out, need = _common(ctx, tensors)
+    if out is None:
+        return None
+    if out.is_shard():
+        need = {t: Shard(out.dim, out.outer) for t in tensors}
+        out = Shard(out.dim + (out.dim >= dim), out.outer)
+    return Decision(out=out, inputs=need)
+
+
+@register(aten.split_with_sizes, aten.split, aten.chunk, aten.unbind, aten.split_with_sizes_copy)
+def _split(ctx, node):
+    x = node.args[0]
+    p = ctx.placement(x)
+    n_out = len(node.meta["val"])
+    nd = len(ctx.shape(x))
+    op = node.target.overloadpacket
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if op is aten.unbind:
+        dim = node.args[1] if len(node.args) > 1 else 0
+    dim = norm_dim(dim, nd)
+    if not p.is_shard():
+        return Decision(out=tuple(p for _ in range(n_out)))
+    if dim == p.dim:
+        return None
+    d = p.dim - (op is aten.unbind and dim < p.dim)
+    return Decision(out=tuple(Shard(d, p.outer) for _ in range(n_out)))
+
+
+@register(aten.index_select)
+def _index_select(ctx, node):
+    x, dim, index = node.args[:3]
+    p, pi = ctx.placement(x), ctx.placement(index)
+    if pi.is_shard():
+        return None
+    if pi.is_partial():
+        return None
+    if p.is_partial():
+        return Decision(out=PARTIAL)
+    if p.is_shard() and norm_dim(dim, len(ctx.shape(x))) == p.dim:
+        return None
+    return Decision(out=p)
+
+
+@register(aten.gather)
+def _gather(ctx, node):
+    x, dim, index = node.args[:3]
+    p, pi = ctx.placement(x), ctx.placement(index)
+    dim = norm_dim(dim, len(ctx.shape(x)))
+    if p.is_partial() or pi.is_partial():
+        return None
+    if p.is_replicate() and pi.is_replicate():
+        return Decision(out=REPLICATE)
+    s = p if p.is_shard() else pi
+    if s.dim == dim or (p.is_shard() and pi.is_shard() and p != pi):
+        return None
+    need = {}
+    if p.is_replicate():
+        need[x] = s
+    if pi.is_replicate() and static_int(ctx.shape(index)[s.dim]) != 1:
+        need[index] = s
+    return Decision(out=s, inputs=need)
+
+
+@register(aten.index)
+def _index(ctx, node):
+    """``x[i0, i1, ...]`` with index tensors; the sharded dim must not be indexed and the
+    indexed dims must be adjacent (then the broadcast index dims replace them in place)."""
+    x, indices = node.args[0], node.args[1]
+    p = ctx.placement(x)
+    idx_nodes = [i for i in indices if isinstance(i, torch.fx.Node)]
+    if any(not ctx.placement(i).is_replicate() for i in idx_nodes):
+        return None
+    if p.is_replicate():
+        return Decision(out=REPLICATE)
+    if p.is_partial():
+        return Decision(out=PARTIAL)
+    pos = [k for k, i in enumerate(indices) if i is not None]
+    if p.dim in pos or pos != list(range(pos[0], pos[-1] + 1)):
+        return None
+    idx_nd = max(len(ctx.shape(i)) for i in idx_nodes)
+    d = p.dim if p.dim < pos[0] else p.dim - len(pos) + idx_nd
+    return Decision(out=Shard(d, p.outer))
+
+
+@register(aten.embedding)
+def _embedding(ctx, node):
+    """``embedding(W: [V, E], ids: [*]) -> [*, E]``."""
+    w, ids = node.args[0], node.args[1]
+    pw, pi = ctx.placement(w), ctx.placement(ids)
+    if not pi.is_replicate():
+        if pi.is_shard() and pw.is_replicate():
+            return Decision(out=pi)
+        return None
+    nd_out = len(ctx.shape(node))
+    if pw.is_replicate():
+        v = ctx.shape(w)[0]
+        if ctx.is_param(w) and ctx.can_seed(node) and divisible(v, ctx.tp_size):
+            return Decision(out=PARTIAL, inputs={w: Shard(0)}, roles={w: "vocab"},
+                            seed="vocab", action="vocab_embedding")
+        if ctx.is_param(w) and not divisible(v, ctx.tp_size):
+            ctx.note(node, f"vocab size {v} is not divisible by tp_size={ctx.tp_size}: "
+                     "embedding replicated")
+        return Decision(out=REPLICATE)
+    if pw.is_shard(0):
+        return Decision(out=PARTIAL, action="vocab_embedding")
+    if pw.is_shard(1):
+        return Decision(out=Shard(nd_out - 1, pw.outer))
+    return None
+
+
+FACTORIES = [aten.full, aten.zeros, aten.ones, aten.empty, aten.empty_strided, aten.arange,
+             aten.scalar_tensor, aten.rand, aten.randn, aten.randint, aten.tensor, aten.eye,
+             aten.linspace, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty,
+             aten.new_empty_strided, aten.zeros_like, aten.ones_like, aten.randperm,
+             aten._assert_tensor_metadata, aten._assert_async, aten.lift_fresh]
+
+
+@register(*FACTORIES)
+def _factory(ctx, node):
+    """Factories make replicated values. ``new_*`` ops only read the dtype/device of their
+    input, so a sharded input is fine; the output has the global size given in the args."""
+    ins = tensor_inputs(node)
+    if node.target.overloadpacket in (aten.zeros_like, aten.ones_like):
+        p = ctx.placement(ins[0])
+        return Decision(out=REPLICATE if p.is_partial() else p)
+    if node.target.overloadpacket in (aten._assert_tensor_metadata, aten._assert_async):
+        return Decision(out=REPLICATE)
+    return Decision(out=REPLICATE, inputs={})

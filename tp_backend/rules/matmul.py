@@ -1,0 +1,89 @@
+"""Rules for matrix products: mm, addmm, bmm, baddbmm.
+
+``mm(a, b)`` with ``a: [M, K]`` and ``b: [K, N]`` (an ``nn.Linear`` is ``mm(x, W.t())``
+with ``W: [out, in]``, so ``b``'s dim 1 is ``W``'s dim 0):
+
+* column-parallel (Megatron, arXiv:1909.08053 section 3): ``a`` replicated, ``b`` a
+  parameter split on ``N`` -> output ``Shard(1)``. This is a *seed*: the solver may veto it.
+* row-parallel: ``a`` split on ``K`` (the output of a column-parallel region), ``b`` split
+  on ``K`` -> output ``Partial`` (all-reduced later, where a non-linear op needs it whole).
+* ``a`` split on ``M`` (rows) keeps the split; ``Partial`` times replicated stays Partial.
+
+``addmm(bias, a, b)`` follows ``mm``; a row-parallel addmm adds the bias once, after the
+all-reduce (``action="row_addmm"``), never once per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..placement import PARTIAL, REPLICATE, Shard
+from . import Decision, divisible, register, static_int
+
+aten = torch.ops.aten
+
+
+def _mm_decision(ctx, node, a, b):
+    """Placements for ``a @ b`` over the last two dims; batch dims (bmm) are dim 0."""
+    pa, pb = ctx.placement(a), ctx.placement(b)
+    nd = len(ctx.shape(node))
+    m_dim, k_a, k_b, n_dim = nd - 2, nd - 1, nd - 2, nd - 1
+    if pa.is_partial() or pb.is_partial():
+        if pa.is_partial() and pb.is_replicate() or pa.is_replicate() and pb.is_partial():
+            return Decision(out=PARTIAL)
+        return None
+    if pa.is_replicate() and pb.is_replicate():
+        n = ctx.shape(b)[n_dim]
+        if ctx.is_param(b) and ctx.can_seed(node) and divisible(n, ctx.tp_size):
+            return Decision(out=Shard(n_dim), inputs={b: Shard(n_dim)}, roles={b: "column"},
+                            seed="column")
+        return Decision(out=REPLICATE)
+    if nd == 3:  # bmm: a shared batch shard stays a batch shard
+        if pa.is_shard(0) or pb.is_shard(0):
+            p = pa if pa.is_shard(0) else pb
+            if (pa.is_replicate() or pa == p) and (pb.is_replicate() or pb == p):
+                return Decision(out=p, inputs={a: p, b: p})
+            return None
+    if pa.is_shard(m_dim) and pb.is_replicate():
+        return Decision(out=pa)
+    if pa.is_replicate() and pb.is_shard(n_dim):
+        return Decision(out=pb)
+    if pa.is_shard(k_a) and (pb.is_replicate() or pb == Shard(k_b, pa.outer)):
+        return Decision(out=PARTIAL, inputs={b: Shard(k_b, pa.outer)}, roles={b: "row"})
+    if pb.is_shard(k_b) and pa.is_replicate():
+        return Decision(out=PARTIAL, inputs={a: Shard(k_a, pb.outer)})
+    return None
+
+
+@register(aten.mm, aten.bmm)
+def _mm(ctx, node):
+    return _mm_decision(ctx, node, node.args[0], node.args[1])
+
+
+@register(aten.addmm, aten.baddbmm)
+def _addmm(ctx, node):
+    bias, a, b = node.args[:3]
+    dec = _mm_decision(ctx, node, a, b)
+    if dec is None or not isinstance(bias, torch.fx.Node):
+        return dec
+    pbias = ctx.placement(bias)
+    if dec.out.is_partial():
+        # Row-parallel: all-reduce the product, then add the (replicated) bias once.
+        dec.inputs[bias] = REPLICATE
+        return Decision(out=REPLICATE, inputs=dec.inputs, roles=dec.roles, action="row_addmm")
+    if pbias.is_partial():
+        return None
+    if dec.out.is_replicate():
+        if pbias.is_shard():
+            return None
+        return dec
+    out_nd = len(ctx.shape(node))
+    bshape = ctx.shape(bias)
+    k = dec.out.dim - (out_nd - len(bshape))
+    if k >= 0 and static_int(bshape[k]) != 1:
+        dec.inputs[bias] = Shard(k, dec.out.outer)
+        if dec.seed == "column":
+            dec.roles[bias] = "column"
+    elif pbias.is_shard():
+        return None
+    return dec

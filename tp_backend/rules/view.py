@@ -1,0 +1,169 @@
+"""Rules for view and layout ops: view/_unsafe_view/reshape, expand, permute/transpose/t,
+unsqueeze/squeeze.
+
+The view rule maps a shard through a change of shape. Write the input as a flat index
+space ``[L, F, C]`` where ``F`` is the sharded factor (for ``Shard(d, outer=o)``: ``F =
+I[d] / o``, ``L = prod(I[:d]) * o``). The output keeps a shard if ``F`` starts inside one
+output dim ``p`` at a whole offset ``o' = L / prod(O[:p])`` and the part of ``F`` that lies
+in ``p`` is divisible by ``N``: the output is ``Shard(p, outer=o')``. This covers splitting
+hidden features into heads (``[B,S,H*D] -> [B,S,H,D]``, needs ``H % N == 0``), merging them
+back, and merging batch with heads (``[B,H,S,D] -> [B*H,S,D]``, a strided shard).
+Sizes may be symbolic (dynamic batch or sequence); the arithmetic is done on sympy
+expressions so those stay exact.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ..errors import TPDivisibilityError
+from ..placement import PARTIAL, REPLICATE, Shard
+from . import Decision, norm_dim, register, static_int
+
+aten = torch.ops.aten
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(a)
+        eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(b)
+        return ea == eb
+    return a == b
+
+
+def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
+    """Where ``shard`` of a tensor of ``in_shape`` lands after a view to ``out_shape``.
+
+    Returns ``(Shard, None)`` on success, ``(None, reason)`` otherwise. ``reason`` is
+    ``("indivisible", part, n)`` when the sharded features split into a leading part that
+    ``n`` does not divide (e.g. 9 heads over 2 ranks), else a string. Identical leading dims
+    (often a symbolic batch or sequence) are skipped; the sharded group must be static.
+    """
+    d, o = shard.dim, shard.outer
+    i = 0
+    while i < d and i < len(out_shape) and _same(in_shape[i], out_shape[i]):
+        i += 1
+    ins = [static_int(s) for s in in_shape[i : d + 1]]
+    if any(s is None for s in ins):
+        return None, "symbolic size in the sharded group"
+    f = ins[-1] // o
+    lead = o
+    for s in ins[:-1]:
+        lead *= s
+    before = 1
+    for k, s in enumerate(out_shape[i:]):
+        size = static_int(s)
+        if size is None:
+            return None, "symbolic size in the sharded group"
+        if before * size > lead:  # the sharded factor starts inside output dim k
+            if lead % before or size % (lead // before):
+                return None, "sharded features do not start at a dim boundary"
+            r = lead // before
+            avail = size // r
+            if avail >= f:
+                if avail % f:
+                    return None, "sharded features straddle a dim"
+                part = f
+            else:
+                if f % avail:
+                    return None, "sharded features straddle a dim"
+                part = avail
+            if part % n:
+                return None, ("indivisible", part, n)
+            return Shard(k + i, r), None
+        before *= size
+    return None, "no output dim holds the sharded features"
+
+
+def _view(ctx, node):
+    x = node.args[0]
+    p = ctx.placement(x)
+    if p.is_replicate():
+        return Decision(out=REPLICATE)
+    if p.is_partial():
+        return Decision(out=PARTIAL)
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node)
+    out, why = map_view_shard(in_shape, out_shape, p, ctx.tp_size)
+    if out is None:
+        if isinstance(why, tuple):
+            _, part, n = why
+            raise TPDivisibilityError(
+                f"cannot shard {ctx.describe(x)}: viewing its {ctx.shape(x)[p.dim]} features "
+                f"(shape {list(in_shape)} -> {list(out_shape)}) splits them into {part} groups "
+                f"(e.g. attention heads), and {part} is not divisible by tp_size={n}. Use a "
+                f"tp_size that divides {part}."
+            )
+        ctx.note(node, f"view {list(in_shape)} -> {list(out_shape)}: {why}")
+        return None
+    sizes = list(node.args[1])
+    if sizes[out.dim] != -1:
+        local = static_int(out_shape[out.dim])
+        if local is None:
+            return None
+        sizes[out.dim] = local // ctx.tp_size
+    return Decision(out=out, args=(x, sizes) + tuple(node.args[2:]))
+
+
+register(aten.view, aten._unsafe_view, aten.reshape, aten.view_copy)(_view)
+
+
+@register(aten.expand, aten.expand_copy)
+def _expand(ctx, node):
+    x = node.args[0]
+    p = ctx.placement(x)
+    if not p.is_shard():
+        return Decision(out=p)
+    off = len(ctx.shape(node)) - len(ctx.shape(x))
+    d = p.dim + off
+    sizes = list(node.args[1])
+    if sizes[d] != -1:
+        sizes[d] = static_int(ctx.shape(node)[d]) // ctx.tp_size
+    return Decision(out=Shard(d, p.outer), args=(x, sizes) + tuple(node.args[2:]))
+
+
+def _remap(ctx, node, fn):
+    p = ctx.placement(node.args[0])
+    if not p.is_shard():
+        return Decision(out=p)
+    d = fn(p.dim)
+    return Decision(out=Shard(d, p.outer)) if d is not None else None
+
+
+@register(aten.permute, aten.permute_copy)
+def _permute(ctx, node):
+    nd = len(ctx.shape(node))
+    dims = [norm_dim(d, nd) for d in node.args[1]]
+    return _remap(ctx, node, lambda d: dims.index(d))
+
+
+@register(aten.transpose, aten.transpose_copy)
+def _transpose(ctx, node):
+    nd = len(ctx.shape(node))
+    a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+    return _remap(ctx, node, lambda d: b if d == a else a if d == b else d)
+
+
+@register(aten.t, aten.t_copy, aten.numpy_T)
+def _t(ctx, node):
+    nd = len(ctx.shape(node))
+    return _remap(ctx, node, lambda d: nd - 1 - d)
+
+
+@register(aten.unsqueeze, aten.unsqueeze_copy)
+def _unsqueeze(ctx, node):
+    nd = len(ctx.shape(node))
+    k = norm_dim(node.args[1], nd)
+    return _remap(ctx, node, lambda d: d + 1 if d >= k else d)
+
+
+@register(aten.squeeze, aten.squeeze_copy)
+def _squeeze(ctx, node):
+    in_shape = ctx.shape(node.args[0])
+    nd = len(in_shape)
+    if len(node.args) == 1:
+        dims = [i for i, s in enumerate(in_shape) if static_int(s) == 1]
+    else:
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        dims = [norm_dim(d, nd) for d in dims if static_int(in_shape[norm_dim(d, nd)]) == 1]
+    return _remap(ctx, node, lambda d: None if d in dims else d - sum(1 for k in dims if k < d))

@@ -1,0 +1,323 @@
+"""The parallel-axis solver: a placement for every value of a core-ATen graph.
+
+Algorithm (iterative, deterministic, linear in graph size per round):
+
+1. *Propagate*: one pass over the nodes in topological order. Placeholders are replicated
+   (or keep the shard of a parameter sharded by an earlier compile). Each op's rule
+   (:mod:`tp_backend.rules`) picks the output placement from its inputs' placements and
+   says which inputs to convert. Some rules *seed* a shard: a column-parallel matmul or a
+   vocab-parallel embedding on a replicated parameter. Every sharded value carries its
+   *taint*, the seeds it came from.
+2. *Conflicts*: where an op cannot use a sharded input (no rule, or no proven sharded
+   evaluation), the input must be all-gathered. Inside the graph that is a conflict: the
+   tainting seeds are demoted (replicated) and the pass is run again. At graph outputs and
+   losses the all-gather is accepted (an LM head gathers its logits).
+3. Repeat until no conflict is left. Each round demotes at least one seed, so it ends;
+   all conflicts of a round are collected at once, so identical layers are fixed in the
+   same round and the round count does not grow with depth.
+
+``Partial`` values (row-parallel outputs, vocab-parallel lookups) are all-reduced lazily,
+right before the first op that is not linear in them: for a standard decoder this is the
+residual add after attention and after the MLP -- Megatron's 2 all-reduces per layer.
+
+Parameter storage: a parameter is stored sharded on dim ``d`` when every use of it
+(through layout ops such as ``t``/``permute``/``_to_copy``) asks for that shard; otherwise
+it stays whole and the uses that need a shard slice it locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from .placement import PARTIAL, REPLICATE, Placement, Replicate, Shard
+from .rules import Decision, divisible, lookup, replicate_all, tensor_inputs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Solution", "Conversion", "solve"]
+
+aten = torch.ops.aten
+# Layout ops through which a parameter's shard can be pushed back to its storage.
+_CHAIN = {aten.t, aten.permute, aten.transpose, aten._to_copy, aten.clone, aten.alias,
+          aten.detach, aten.lift_fresh_copy}
+
+
+@dataclass
+class Conversion:
+    """Redistribution of input ``src`` before ``node``: ``kind`` is ``"slice"`` (free),
+    ``"all_reduce"``, ``"all_gather"``, or ``"all_reduce+slice"``/``"all_gather+slice"``."""
+
+    node: fx.Node
+    src: fx.Node
+    have: Placement
+    want: Placement
+    kind: str
+
+
+@dataclass
+class Solution:
+    """The solver's result for one graph (see :mod:`tp_backend.plan` for the user view)."""
+
+    tp_size: int
+    placements: dict = field(default_factory=dict)
+    decisions: dict = field(default_factory=dict)
+    conversions: list = field(default_factory=list)
+    param_storage: dict = field(default_factory=dict)  # placeholder -> Shard | None
+    param_role: dict = field(default_factory=dict)  # placeholder -> role str
+    demoted: set = field(default_factory=set)
+    notes: list = field(default_factory=list)  # (node, reason) for replicated ops
+    rounds: int = 0
+    seconds: float = 0.0
+
+
+class _Ctx:
+    def __init__(self, tp_size, demoted, origin, placements, notes, reduced):
+        self.tp_size = tp_size
+        self._reduced = reduced
+        self._demoted = demoted
+        self._origin = origin
+        self._pl = placements
+        self._notes = notes
+
+    def placement(self, arg):
+        if isinstance(arg, fx.Node):
+            p = self._pl.get(arg)
+            if not isinstance(p, Placement) or p.is_partial() and arg in self._reduced:
+                return REPLICATE
+            return p
+        return REPLICATE
+
+    def shape(self, arg):
+        return tuple(arg.meta["val"].shape)
+
+    def is_param(self, arg):
+        return isinstance(arg, fx.Node) and arg in self._origin
+
+    def can_seed(self, node):
+        return node not in self._demoted
+
+    def note(self, node, reason):
+        self._notes.append((node, reason))
+
+    def describe(self, node):
+        return describe(node)
+
+
+def describe(node: fx.Node) -> str:
+    """A user-facing name for an ATen value: its module and Dynamo op."""
+    mod = node.meta.get("tp_module") or "<root>"
+    src = node.meta.get("tp_source", node.name)
+    fqn = node.meta.get("tp_param_fqn")
+    if fqn:
+        return f"parameter {fqn!r}"
+    return f"the output of {src!r} in module {mod!r}"
+
+
+def _is_tensor_node(node) -> bool:
+    v = node.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v)
+
+
+def _classify(have: Placement, want: Placement) -> str:
+    if have.is_replicate():
+        return "slice"
+    if have.is_partial():
+        return "all_reduce" if want.is_replicate() else "all_reduce+slice"
+    return "all_gather" if want.is_replicate() else "all_gather+slice"
+
+
+def _chain_map(node, perm):
+    """Map a parameter-origin dim permutation through a layout op (``perm[d]`` = param dim)."""
+    op = node.target.overloadpacket
+    nd = len(node.meta["val"].shape)
+    if op is aten.t:
+        return list(reversed(perm))
+    if op is aten.permute:
+        return [perm[d % nd] for d in node.args[1]]
+    if op is aten.transpose:
+        a, b = node.args[1] % nd, node.args[2] % nd
+        p = list(perm)
+        p[a], p[b] = p[b], p[a]
+        return p
+    return list(perm)
+
+
+def _propagate(graph, tp_size, params, presharded, demoted, reduced):
+    pl, taint, origin, decisions = {}, {}, {}, {}
+    conversions, notes = [], []
+    demands = defaultdict(list)  # param -> [(param_dim, outer, role)]
+    r_used = set()
+    conflicts = set()
+    new_reduced = set()
+    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced)
+    empty = frozenset()
+
+    def convert(node, src, want, allow_gather):
+        have = pl.get(src)
+        have = have if isinstance(have, Placement) else REPLICATE
+        if src in origin:
+            param, perm = origin[src]
+            if want == have:
+                r_used.add(param)
+            elif want.is_shard():
+                demands[param].append((perm[want.dim], want.outer, None))
+        if want == have:
+            return
+        if have.is_shard() and taint.get(src) and not allow_gather:
+            conflicts.update(taint[src])
+            log.debug("tp_auto: conflict at %s: %s needs %s, has %s", node.name, src.name, want, have)
+        if have.is_partial() and len(src.users) > 1:
+            # Once reduced for one consumer, every consumer should use the reduced value:
+            # reducing at each of them would multiply the all-reduces.
+            new_reduced.add(src)
+        conversions.append(Conversion(node, src, have, want, _classify(have, want)))
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node in presharded:
+                pl[node] = presharded[node]
+            elif isinstance(node.meta.get("val"), torch.Tensor):
+                pl[node] = REPLICATE
+                if node in params:
+                    nd = len(node.meta["val"].shape)
+                    origin[node] = (node, list(range(nd)))
+            taint[node] = empty
+            continue
+        if node.op == "output":
+            outs, _ = tree_flatten(node.args[0])
+            for o in outs:
+                if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor):
+                    convert(node, o, REPLICATE, allow_gather=True)
+            continue
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            src, idx = node.args
+            p = pl.get(src)
+            pl[node] = p[idx] if isinstance(p, tuple) else None
+            taint[node] = taint.get(src, empty)
+            continue
+        if not _is_tensor_node(node):
+            continue
+        op = getattr(node.target, "overloadpacket", None)
+        x = node.args[0] if node.args else None
+        if op in _CHAIN and isinstance(x, fx.Node) and x in origin and len(tensor_inputs(node)) == 1:
+            param, perm = origin[x]
+            origin[node] = (param, _chain_map(node, perm))
+            pl[node] = REPLICATE
+            taint[node] = empty
+            decisions[node] = Decision(out=REPLICATE)
+            continue
+        rule = lookup(node.target)
+        dec = rule(ctx, node) if rule is not None else None
+        if dec is None:
+            shown = [repr(ctx.placement(a)) for a in tensor_inputs(node)]
+            if any(s != "R" for s in shown):
+                why = "no rule for this op" if rule is None else "no proven sharded evaluation"
+                notes.append((node, f"{why} with inputs {shown}"))
+            elif rule is None:
+                notes.append((node, "no rule for this op (inputs replicated, nothing lost)"))
+            dec = replicate_all(ctx, node)
+        t = set()
+        for a in tensor_inputs(node):
+            want = dec.inputs.get(a, ctx.placement(a))
+            convert(node, a, want, dec.allow_gather)
+            if want.is_shard() and ctx.placement(a).is_shard():
+                t.update(taint.get(a, empty))
+        for a, role in dec.roles.items():
+            if a in origin and demands[origin[a][0]]:
+                pd, outer, _ = demands[origin[a][0]][-1]
+                demands[origin[a][0]][-1] = (pd, outer, role)
+        if dec.seed:
+            t.add(node)
+        pl[node] = dec.out
+        taint[node] = frozenset(t)
+        decisions[node] = dec
+    return pl, decisions, conversions, demands, r_used, conflicts, notes, origin, new_reduced
+
+
+def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
+          max_rounds: int = 64) -> Solution:
+    """Assign a placement to every value of ``graph`` (a core-ATen graph).
+
+    Args:
+        graph: the decomposed graph; node ``meta["val"]`` holds fake tensors of *global*
+            shape.
+        tp_size: number of tensor-parallel ranks ``N``.
+        params: placeholder nodes that are parameters (may be stored sharded).
+        presharded: placeholder -> ``Shard`` for parameters already sharded by an earlier
+            compile of the same model; they keep that layout.
+
+    Returns:
+        a :class:`Solution`. Raises :class:`~tp_backend.errors.TPDivisibilityError` when a
+        sharded projection splits into a number of heads that ``tp_size`` does not divide.
+    """
+    t0 = time.perf_counter()
+    presharded = presharded or {}
+    demoted: set = set()
+    reduced: set = set()  # Partial values all-reduced right where they are made
+    rounds = 0
+    while True:
+        rounds += 1
+        pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red = _propagate(
+            graph, tp_size, params, presharded, demoted, reduced)
+        new = conflicts - demoted
+        new_red = red - reduced
+        if not new and not new_red or rounds >= max_rounds:
+            break
+        if new_red:
+            # Settle where partial sums are reduced first: conflicts seen before that may
+            # be artefacts of a partial sum that flowed too far.
+            reduced |= new_red
+            continue
+        for seed in sorted(new, key=lambda n: n.name):
+            log.debug("tp_auto: replicating %s (its shard reaches an op that needs it whole)",
+                      describe(seed))
+        demoted |= new
+    sol = Solution(tp_size=tp_size, placements=pl, decisions=decisions, demoted=demoted,
+                   notes=notes, rounds=rounds)
+    for param in params:
+        if param in presharded:
+            sol.param_storage[param] = presharded[param]
+            sol.param_role[param] = param.meta.get("tp_role", "shard")
+            continue
+        uses = demands.get(param, [])
+        dims = {(d, o) for d, o, _ in uses}
+        roles = {r for _, _, r in uses if r}
+        size = param.meta["val"].shape
+        if uses and param not in r_used and len(dims) == 1:
+            (d, o), = dims
+            if o == 1 and divisible(size[d], tp_size):
+                sol.param_storage[param] = Shard(d)
+                sol.param_role[param] = roles.pop() if len(roles) == 1 else "shard"
+                continue
+        sol.param_storage[param] = None
+        sol.param_role[param] = "replicate"
+    # Values on a parameter's layout chain follow the parameter's storage.
+    chain = set()
+    for node, (param, perm) in origin.items():
+        stored = sol.param_storage.get(param)
+        if stored is not None:
+            pl[node] = Shard(perm.index(stored.dim))
+            chain.add(node)
+    kept = []
+    for c in conversions:
+        if c.src in chain:
+            have = pl[c.src]
+            if have == c.want:
+                continue
+            c = Conversion(c.node, c.src, have, c.want, _classify(have, c.want))
+        kept.append(c)
+    sol.conversions = kept
+    sol.seconds = time.perf_counter() - t0
+    return sol
