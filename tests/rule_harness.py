@@ -1,0 +1,148 @@
+"""Checks a propagation rule by simulating the ranks in one process.
+
+``check(fn, inputs, placements)`` traces ``fn`` (a call of one ATen op) to core ATen, asks
+the rule of that op for a decision given the input placements, then *runs* the decision:
+for every simulated rank it builds the local inputs (in the placements the decision asks
+for: a shard is this rank's chunk, a partial sum is one of N random addends), calls the op
+with the decision's local arguments, reassembles the output from its placement
+(concatenate shards, sum partials, or check every rank holds the same replicated value)
+and compares with the op on the global inputs. A rule that claims something it cannot
+deliver fails here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_map
+
+from tp_backend.layers import local_shard, vocab_parallel_embedding
+from tp_backend.placement import REPLICATE, Placement
+from tp_backend.rules import lookup
+
+
+class StubCtx:
+    """A rule context over given placements; ``params`` are parameter inputs."""
+
+    def __init__(self, placements: dict, tp_size: int, params=(), seeds_allowed=True):
+        self.tp_size = tp_size
+        self._pl = placements
+        self._params = set(params)
+        self._seeds = seeds_allowed
+        self.notes = []
+
+    def placement(self, arg):
+        return self._pl.get(arg, REPLICATE) if isinstance(arg, fx.Node) else REPLICATE
+
+    def shape(self, arg):
+        return tuple(arg.meta["val"].shape)
+
+    def is_param(self, arg):
+        return arg in self._params
+
+    def can_seed(self, node):
+        return self._seeds
+
+    def note(self, node, reason):
+        self.notes.append(reason)
+
+    def describe(self, node):
+        return node.name
+
+
+def trace(fn, inputs):
+    """``fn`` traced to core ATen; returns (graph module, the single op node)."""
+    gm = make_fx(fn, decomposition_table=core_aten_decompositions(), tracing_mode="fake")(*inputs)
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"
+           and n.target.__module__ != "_operator"]
+    return gm, ops[-1]
+
+
+def _gather(parts, p: Placement):
+    if p.is_partial():
+        return sum(parts)
+    if p.is_replicate():
+        for q in parts[1:]:
+            torch.testing.assert_close(q, parts[0], rtol=0, atol=0)
+        return parts[0]
+    d, o = p.dim, p.outer
+    chunks = []
+    for t in parts:
+        shape = list(t.shape)
+        chunks.append(t.reshape(shape[:d] + [o, shape[d] // o] + shape[d + 1:]))
+    full = torch.cat(chunks, dim=d + 1)
+    shape = list(full.shape)
+    return full.reshape(shape[:d] + [shape[d] * shape[d + 1]] + shape[d + 2:])
+
+
+def _local(value, p: Placement, rank, n, gen):
+    if p.is_replicate():
+        return value
+    if p.is_partial():
+        parts = [torch.randn(value.shape, generator=gen) for _ in range(n - 1)]
+        if value.dtype not in (torch.float32, torch.float64):
+            parts = [t.mul(4).round() for t in parts]  # integers: exact sums in low precision
+        parts = [t.to(value.dtype) for t in parts]
+        parts.append(value - sum(parts))
+        return parts[rank]
+    return local_shard(value, p.dim, p.outer, rank, n)
+
+
+def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, expect=None):
+    """Trace, decide and simulate; returns the decision (``None`` if the rule refuses).
+
+    ``placements`` gives one placement per input; ``params`` the indices of inputs that are
+    parameters. ``expect``, if given, is the expected output placement.
+    """
+    gm, node = trace(fn, inputs)
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    pl = dict(zip(ph, placements))
+    ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed)
+    dec = lookup(node.target)(ctx, node)
+    if expect is not None:
+        assert dec is not None, f"rule refused: {ctx.notes}"
+        assert dec.out == expect, f"expected {expect}, got {dec.out}"
+    if dec is None:
+        return None
+    env = dict(zip(ph, inputs))
+    expected = node.target(*tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, node.args),
+                           **node.kwargs)
+    args = dec.args if dec.args is not None else node.args
+    gen = torch.Generator().manual_seed(0)
+    # Partial inputs: the same random addends on every rank, drawn once.
+    partial_parts = {}
+    for a, p in pl.items():
+        want = dec.inputs.get(a, p)
+        if want.is_partial():
+            partial_parts[a] = [_local(env[a], want, r, tp_size, torch.Generator().manual_seed(7))
+                                for r in range(tp_size)]
+    outs = []
+    for r in range(tp_size):
+        def local(a):
+            if not isinstance(a, fx.Node):
+                return a
+            want = dec.inputs.get(a, pl.get(a, REPLICATE))
+            if a in partial_parts:
+                return partial_parts[a][r]
+            return _local(env[a], want, r, tp_size, gen)
+        largs = tree_map(local, tuple(args))
+        if dec.action == "vocab_embedding":
+            step = largs[0].shape[0]
+            outs.append(vocab_parallel_embedding(largs[0], largs[1], r * step, (r + 1) * step))
+        elif dec.action == "row_addmm":
+            outs.append(torch.mm(largs[1], largs[2]))  # partial product; bias added below
+        else:
+            outs.append(node.target(*largs, **node.kwargs))
+    if dec.action == "row_addmm":  # the layer all-reduces, then adds the bias once
+        total = sum(outs) + env.get(node.args[0], node.args[0])
+        outs = [total for _ in outs]
+    if isinstance(expected, (tuple, list)):
+        for i, e in enumerate(expected):
+            got = _gather([o[i] for o in outs], dec.out[i])
+            torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-5)
+    else:
+        got = _gather(outs, dec.out)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    return dec

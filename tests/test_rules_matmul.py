@@ -1,0 +1,63 @@
+"""Matmul rules: column-parallel seeds on parameters, row-parallel Partial outputs, the bias
+of a row-parallel addmm added once, and batch shards of bmm."""
+
+import torch
+
+from rule_harness import check
+from tp_backend.placement import PARTIAL, REPLICATE, Shard
+
+aten = torch.ops.aten
+R, P = REPLICATE, PARTIAL
+
+
+def r(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def test_column_parallel_seed_on_parameter():
+    # x @ W.t() with W: [out, in]; b = W.t(): [in, out] is split on out (dim 1).
+    dec = check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 6)], [R, R], params=[1],
+                expect=Shard(1))
+    assert dec.seed == "column" and list(dec.roles.values()) == ["column"]
+
+
+def test_no_seed_for_activations_or_when_vetoed():
+    check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 6)], [R, R], expect=R)
+    check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 6)], [R, R], params=[1],
+          seeds_allowed=False, expect=R)
+
+
+def test_no_seed_when_out_features_do_not_divide():
+    check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 7)], [R, R], params=[1], expect=R)
+
+
+def test_row_parallel_gives_partial():
+    dec = check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 6)], [Shard(1), R], params=[1],
+                expect=P)
+    assert list(dec.roles.values()) == ["row"]
+
+
+def test_row_sharded_rows_stay_sharded():
+    check(lambda x, b: aten.mm(x, b), [r(6, 8), r(8, 5)], [Shard(0), R], expect=Shard(0))
+
+
+def test_partial_times_replicated():
+    check(lambda x, b: aten.mm(x, b), [r(6, 8), r(8, 5)], [P, R], expect=P)
+
+
+def test_column_addmm_shards_bias():
+    dec = check(lambda bias, x, b: aten.addmm(bias, x, b), [r(6), r(5, 8), r(8, 6)], [R, R, R],
+                params=[0, 2], expect=Shard(1))
+    assert dec.seed == "column"
+
+
+def test_row_addmm_adds_bias_once():
+    # The product is a partial sum; the decision must all-reduce before adding the bias.
+    dec = check(lambda bias, x, b: aten.addmm(bias, x, b), [r(6), r(5, 8), r(8, 6)],
+                [R, Shard(1), R], params=[0, 2], expect=None)
+    assert dec.action == "row_addmm" and dec.out == R
+
+
+def test_bmm_heads_and_contraction():
+    check(lambda a, b: aten.bmm(a, b), [r(4, 3, 5), r(4, 5, 2)], [Shard(0), R], expect=Shard(0))
+    check(lambda a, b: aten.bmm(a, b), [r(4, 3, 6), r(4, 6, 2)], [Shard(2), R], expect=P)

@@ -1,0 +1,75 @@
+"""View/layout rules: splitting features into heads, merging them back, strided shards of
+merged (batch, heads) dims, and the divisibility error for heads that do not split."""
+
+import pytest
+import torch
+
+from rule_harness import check
+from tp_backend.errors import TPDivisibilityError
+from tp_backend.placement import PARTIAL, REPLICATE, Shard
+from tp_backend.rules.view import map_view_shard
+
+aten = torch.ops.aten
+
+
+def r(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))
+
+
+def test_split_features_into_heads():
+    # [B, S, H*D] -> [B, S, H, D] with H=6 heads over 3 ranks: shard moves to the heads dim
+    # and the view's head count is patched to 6 / 3.
+    dec = check(lambda x: aten.view(x, [2, 5, 6, 4]), [r(2, 5, 24)], [Shard(2)], tp_size=3,
+                expect=Shard(2))
+    assert dec.args[1] == [2, 5, 2, 4]
+
+
+def test_minus_one_is_left_alone():
+    dec = check(lambda x: aten.view(x, [2, 5, -1, 4]), [r(2, 5, 24)], [Shard(2)], expect=Shard(2))
+    assert dec.args[1] == [2, 5, -1, 4]
+
+
+def test_merge_heads_back():
+    dec = check(lambda x: aten.view(x, [2, 5, 24]), [r(2, 5, 6, 4)], [Shard(2)], expect=Shard(2))
+    assert dec.args[1] == [2, 5, 12]
+
+
+def test_merge_batch_and_heads_is_a_strided_shard():
+    # [B, H, S, D] -> [B*H, S, D]: chunks of H inside each batch element.
+    check(lambda x: aten.view(x, [8, 5, 3]), [r(2, 4, 5, 3)], [Shard(1)],
+          expect=Shard(0, outer=2))
+    # ... and back: [B*H, S, S] -> [B, H, S, S] returns a plain shard on the heads.
+    check(lambda x: aten.view(x, [2, 4, 5, 5]), [r(8, 5, 5)], [Shard(0, outer=2)], expect=Shard(1))
+
+
+def test_indivisible_heads_raise():
+    with pytest.raises(TPDivisibilityError, match="9 groups.*tp_size=2"):
+        check(lambda x: aten.view(x, [2, 3, 9, 4]), [r(2, 3, 36)], [Shard(2)])
+
+
+def test_inner_dim_shard_cannot_merge_with_outer():
+    # Sharded on the inner factor of a merge with a non-trivial outer dim: no plain shard,
+    # and the strided shard is found instead.
+    assert map_view_shard((3, 4), (12,), Shard(1), 2) == (Shard(0, outer=3), None)
+    out, why = map_view_shard((12,), (3, 4), Shard(0), 2)
+    assert out is None and why == ("indivisible", 3, 2)
+
+
+@pytest.mark.parametrize("p", [REPLICATE, PARTIAL])
+def test_view_of_replicated_or_partial(p):
+    check(lambda x: aten.view(x, [4, 6]), [r(2, 12)], [p], expect=p)
+
+
+def test_permute_transpose_t_unsqueeze_squeeze():
+    check(lambda x: aten.permute(x, [0, 2, 1, 3]), [r(2, 4, 6, 3)], [Shard(2)], expect=Shard(1))
+    check(lambda x: aten.transpose(x, 1, 2), [r(2, 4, 6)], [Shard(1)], expect=Shard(2))
+    check(lambda x: aten.t(x), [r(4, 6)], [Shard(1)], expect=Shard(0))
+    check(lambda x: aten.unsqueeze(x, 1), [r(4, 6)], [Shard(1)], expect=Shard(2))
+    check(lambda x: aten.squeeze(x, [1]), [r(4, 1, 6)], [Shard(2)], expect=Shard(1))
+
+
+def test_expand_patches_the_sharded_size():
+    # repeat_kv: [B, Hkv, 1, S, D] -> [B, Hkv, n_rep, S, D]
+    dec = check(lambda x: aten.expand(x, [2, 4, 3, 5, 2]), [r(2, 4, 1, 5, 2)], [Shard(1)],
+                expect=Shard(1))
+    assert dec.args[1] == [2, 2, 3, 5, 2]
