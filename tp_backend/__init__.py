@@ -6,16 +6,17 @@ across the ranks of ``group`` with no per-model code. See README.md.
 
 from .backend import (ShardInfo, TPAutoBackend, local_parameter_bytes, local_shard,
                       sharding_info, tp_auto)
-from .errors import (TPDivisibilityError, TPError, TPOptionsError, TPOptionsTypeError,
-                     TPProcessGroupError, TPShardedModuleError)
+from .api import parallelize_model
+from .errors import (TPConfigError, TPDivisibilityError, TPError, TPOptionsError,
+                     TPOptionsTypeError, TPProcessGroupError, TPShardedModuleError, TPWeightError)
 from .placement import Partial, Replicate, Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
 
 __all__ = [
-    "tp_auto", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
+    "tp_auto", "parallelize_model", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
     "local_parameter_bytes", "last_plan", "TPPlan", "ParamPlan",
     "CollectivePlan", "Replicate", "Shard", "Partial", "TPError", "TPOptionsError",
-    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError",
+    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError", "TPWeightError", "TPConfigError",
 ]
 
 __version__ = "0.1.0"

@@ -71,6 +71,9 @@ class _Sharded:
 # Dynamo keeps seeing global shapes (so a re-trace yields the same graph and hits the cache),
 # and an accidental eager use yields NaN rather than plausible numbers.
 _SHARDED = WeakTensorKeyDictionary()
+# Parameters built by parallelize_model whose values are still in the checkpoint ->
+# their ParameterMeta. The runner reads them (only this rank's slice) on first use.
+_PENDING = WeakTensorKeyDictionary()
 _HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
@@ -109,6 +112,7 @@ class _Compiled:
     gm: fx.GraphModule
     plan: TPPlan
     shard_specs: list  # [(input index, ShardInfo)]
+    replicated_params: list  # input indices of parameters kept whole
 
 
 def _freed_placeholder(t: torch.Tensor) -> torch.Tensor:
@@ -127,30 +131,67 @@ class _Runner:
 
     def __call__(self, *args):
         args = list(args)
+        pending = [i for i, _ in self.compiled.shard_specs if args[i] in _PENDING] + \
+                  [i for i in self.compiled.replicated_params if args[i] in _PENDING]
+        if pending:
+            self._load(args, pending)
         for idx, info in self.compiled.shard_specs:
             t = args[idx]
             st = _SHARDED.get(t)
             if st is None:
-                if tuple(t.shape) != info.global_shape:
-                    raise TPError(f"parameter {info.fqn!r} has shape {list(t.shape)}; tp_auto "
-                                  f"expected {list(info.global_shape)}")
-                step = info.global_shape[info.dim] // info.tp_size
-                with torch.no_grad():
-                    # nn.Linear's weight is (out_features, in_features): a split on dim 0 is
-                    # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table
-                    # split on dim 0 is vocab-parallel.
-                    local = t.detach().narrow(info.dim, info.tp_rank * step, step).clone()
-                    st = _SHARDED[t] = _Sharded(info, local)
-                    t.data = _freed_placeholder(t)
-                owner = self._owners.get(idx)
-                if owner is not None and owner not in _HOOKED:
-                    owner.register_forward_pre_hook(_refuse_eager_call)
-                    _HOOKED.add(owner)
+                st = self._shard(t, info, idx)
             elif st.info.dim != info.dim:
                 raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but this "
                               f"graph expects dim {info.dim}")
             args[idx] = st.local
         return self.compiled.gm(*args)
+
+    def _shard(self, t, info, idx, local=None):
+        if local is None:
+            if tuple(t.shape) != info.global_shape:
+                raise TPError(f"parameter {info.fqn!r} has shape {list(t.shape)}; tp_auto "
+                              f"expected {list(info.global_shape)}")
+            step = info.global_shape[info.dim] // info.tp_size
+            with torch.no_grad():
+                # nn.Linear's weight is (out_features, in_features): a split on dim 0 is
+                # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table split
+                # on dim 0 is vocab-parallel.
+                local = t.detach().narrow(info.dim, info.tp_rank * step, step).clone()
+        st = _SHARDED[t] = _Sharded(info, local)
+        with torch.no_grad():
+            t.data = _freed_placeholder(t)
+        owner = self._owners.get(idx)
+        if owner is not None and owner not in _HOOKED:
+            owner.register_forward_pre_hook(_refuse_eager_call)
+            _HOOKED.add(owner)
+        return st
+
+    def _load(self, args, indices):
+        """Read parameters built by parallelize_model: this rank's slice of each sharded
+        one, the whole of each replicated one (safetensors ``get_slice``)."""
+        from .checkpoint import read_tensor
+
+        specs = dict(self.compiled.shard_specs)
+        show = specs and next(iter(specs.values())).tp_rank == 0
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(indices), desc="loading weights (rank 0)", unit="tensor")
+        for idx in indices:
+            t = args[idx]
+            meta = _PENDING.pop(t)
+            info = specs.get(idx)
+            if info is None:
+                with torch.no_grad():
+                    t.data = read_tensor(meta)
+            else:
+                step = info.global_shape[info.dim] // info.tp_size
+                self._shard(t, info, idx, read_tensor(meta, info.dim, info.tp_rank * step, step))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
 
 
 class TPAutoBackend:
@@ -203,6 +244,10 @@ class TPAutoBackend:
                 owners[i] = _owner_module(source)
                 st = _SHARDED.get(real)
                 info = st.info if st is not None else None
+                if info is None and real in _PENDING:
+                    # Not loaded yet: its data is a placeholder; trace a contiguous tensor.
+                    with fake_mode:
+                        fake = torch.empty(tuple(real.shape), dtype=real.dtype, device=real.device)
                 if info is not None:
                     if info.group_name != opts.group_name:
                         raise TPError(f"parameter {fqns[i]!r} was sharded for another "
@@ -212,8 +257,8 @@ class TPAutoBackend:
                         fake = torch.empty(info.global_shape, dtype=real.dtype, device=real.device)
             fakes.append(fake)
         key = (gm.code, opts.group_name, opts.tp_rank,
-               tuple((tuple(f.shape), f.dtype) if isinstance(f, torch.Tensor) else type(f)
-                     for f in fakes), tuple(sorted(params)))
+               tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
+                     else str(f) for f in fakes), tuple(sorted(params)))
         compiled = self._cache.get(key)
         if compiled is not None:
             self.stats["cache_hits"] += 1
@@ -272,7 +317,8 @@ class TPAutoBackend:
         plan.collectives = [CollectivePlan(**c) for c in inserted]
         log.info("%s\n  rewrite: %.1f ms", plan.summary(), (time.perf_counter() - t0) * 1e3)
         self.plans.append(plan)
-        return _Compiled(aten_gm, plan, specs)
+        sharded = {i for i, _ in specs}
+        return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded])
 
 
 def _owner_module(source):

@@ -12,6 +12,8 @@ __all__ = [
     "TPProcessGroupError",
     "TPDivisibilityError",
     "TPShardedModuleError",
+    "TPWeightError",
+    "TPConfigError",
 ]
 
 
@@ -37,3 +39,12 @@ class TPDivisibilityError(TPError, ValueError):
 
 class TPShardedModuleError(TPError):
     """A module whose parameters were sharded by ``tp_auto`` was called without compilation."""
+
+
+class TPWeightError(TPError):
+    """A checkpoint file or tensor is missing, corrupt or of the wrong shape; the message
+    names the file and the tensor."""
+
+
+class TPConfigError(TPError):
+    """A model directory has no usable config (missing ``config.json`` or ``architectures``)."""

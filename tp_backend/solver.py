@@ -299,6 +299,10 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
             (d, o), = dims
             if o == 1 and divisible(size[d], tp_size):
                 sol.param_storage[param] = Shard(d)
+                # A tied embedding / LM head is vocab-parallel for the lookup and
+                # column-parallel for the head: the same split of the [V, E] table.
+                if roles == {"vocab", "column"}:
+                    roles = {"vocab"}
                 sol.param_role[param] = roles.pop() if len(roles) == 1 else "shard"
                 continue
         sol.param_storage[param] = None

@@ -80,8 +80,10 @@ def _common(ctx, tensors):
 
 @register(aten.cat)
 def _cat(ctx, node):
-    tensors = [t for t in node.args[0] if isinstance(t, torch.fx.Node)]
     nd = len(ctx.shape(node))
+    # torch.cat skips 1-D empty tensors of any other rank (legacy; e.g. an empty KV cache).
+    tensors = [t for t in node.args[0] if isinstance(t, torch.fx.Node)
+               and not (len(ctx.shape(t)) == 1 and static_int(ctx.shape(t)[0]) == 0 and nd != 1)]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
     out, need = _common(ctx, tensors)
     if out is None or out.is_shard() and out.dim == dim:

@@ -1,0 +1,74 @@
+"""User errors: each is a clear exception of the package (raised on every rank, before any
+collective, so never a hang): no process group, unknown or ill-typed options, heads that
+do not divide the TP size."""
+
+import pytest
+import torch
+
+import tp_backend
+from dist_utils import run_distributed
+from models import make_ids, make_model
+
+
+def _raised(exc_info, cls):
+    """The exception of type ``cls`` in the chain Dynamo wraps backend errors in."""
+    e = exc_info.value
+    while e is not None:
+        if isinstance(e, cls):
+            return e
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    raise AssertionError(f"no {cls.__name__} in {exc_info.value!r}")
+
+
+def _call(options):
+    torch._dynamo.reset()
+    model = make_model("llama")
+    with torch.no_grad():
+        torch.compile(model, backend="tp_auto", options=options)(input_ids=make_ids(),
+                                                                  use_cache=False)
+
+
+def test_no_process_group_says_how_to_make_one():
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(Exception) as info:
+        _call(None)
+    err = _raised(info, tp_backend.TPProcessGroupError)
+    assert "init_process_group" in str(err) and "torchrun" in str(err)
+
+
+def test_unknown_option_names_the_key():
+    with pytest.raises(Exception) as info:
+        _call({"tp_grop": None})
+    err = _raised(info, ValueError)
+    assert isinstance(err, tp_backend.TPOptionsError) and "'tp_grop'" in str(err)
+
+
+def test_tp_group_of_wrong_type():
+    with pytest.raises(Exception) as info:
+        _call({"tp_group": 2})
+    err = _raised(info, TypeError)
+    assert "ProcessGroup" in str(err) and "int" in str(err)
+
+
+def _indivisible_heads(rank, world_size):
+    # 3 query heads of 16 (q_proj has 48 outputs, divisible by 2) cannot split over 2 ranks.
+    model = make_model("llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
+    try:
+        _call_model(model)
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        while e is not None and not isinstance(e, tp_backend.TPDivisibilityError):
+            e = getattr(e, "inner_exception", None) or e.__cause__
+        return None if e is None else str(e)
+    return "no error"
+
+
+def _call_model(model):
+    with torch.no_grad():
+        torch.compile(model, backend="tp_auto")(input_ids=make_ids(), use_cache=False)
+
+
+def test_indivisible_heads_raise_on_every_rank():
+    msgs = run_distributed(_indivisible_heads, 2)
+    for msg in msgs:
+        assert msg is not None and msg != "no error", msg
+        assert "3 groups" in msg and "tp_size=2" in msg and "q_proj" in msg, msg

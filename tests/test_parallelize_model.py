@@ -1,0 +1,170 @@
+"""parallelize_model: meta-device build and per-rank sharded safetensors loading.
+
+A tiny random Llama with tied embeddings is saved as a multi-file checkpoint (small
+max_shard_size); at TP=2 the loaded model's logits equal from_pretrained + eager, each
+rank holds and reads only its slices, and bad checkpoints raise clear errors on every
+rank."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from models import make_ids, make_model
+
+ATOL = 1e-5  # fp32, reordered sums only (see test_backend_models.py)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model = make_model("llama", tie_word_embeddings=True, seed=3)
+    model.save_pretrained(path, max_shard_size="60KB")
+    assert os.path.exists(path / "model.safetensors.index.json")
+    return str(path)
+
+
+def _load_and_compare(rank, world_size, path):
+    import tp_backend
+    from tp_backend import checkpoint as ckpt
+    from transformers import AutoModelForCausalLM
+
+    ckpt.READS.clear()
+    model = tp_backend.parallelize_model(path)
+    reads = list(ckpt.READS)
+    ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = make_ids(seed=5)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False).logits
+        ref = ref_model(input_ids=ids, use_cache=False).logits
+    inner = model._orig_mod
+    emb, head = inner.model.embed_tokens.weight, inner.lm_head.weight
+    plan = tp_backend.last_plan()
+    return {
+        "err": (out - ref).abs().max().item(),
+        "tied_same": emb is head and tp_backend.local_shard(emb) is tp_backend.local_shard(head),
+        "local_shapes": {n: tuple(tp_backend.local_shard(p).shape)
+                         for n, p in inner.named_parameters()},
+        "global_shapes": {n: tuple(p.shape) for n, p in ref_model.named_parameters()},
+        "layouts": {k: v.layout for k, v in plan.params.items()},
+        "reads": reads,
+        "local_bytes": tp_backend.local_parameter_bytes(inner),
+        "full_bytes": sum(p.nbytes for p in ref_model.parameters()),
+    }
+
+
+def test_multi_file_checkpoint_tp2(checkpoint):
+    res = run_distributed(_load_and_compare, 2, checkpoint)
+    for rank, r in enumerate(res):
+        assert r["err"] <= ATOL, (rank, r["err"])
+        assert r["tied_same"], "tied embedding and LM head must be one parameter and one shard"
+        for name, local in r["local_shapes"].items():
+            glob = r["global_shapes"][name]
+            layout = r["layouts"].get(name, "replicate")
+            if layout == "replicate":
+                assert local == glob, name
+            else:  # exactly one dim halved
+                assert sum(a != b for a, b in zip(local, glob)) == 1, (name, local, glob)
+                assert sum(local) < sum(glob)
+        # Reads: one per distinct parameter, each of the local shape -- no rank ever read a
+        # whole sharded tensor.
+        read_shapes = {name: shape for name, shape, _ in r["reads"]}
+        assert len(r["reads"]) == len(read_shapes) == len(r["local_shapes"])
+        for name, shape in read_shapes.items():
+            assert shape == r["local_shapes"][name], (name, shape)
+        assert sum(b for _, _, b in r["reads"]) == r["local_bytes"] < 0.55 * r["full_bytes"]
+    assert res[0]["layouts"]["model.embed_tokens.weight"] == "vocab"
+
+
+def _expect_error(rank, world_size, path):
+    import tp_backend
+
+    try:
+        tp_backend.parallelize_model(path)
+    except (tp_backend.TPWeightError, tp_backend.TPConfigError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensor(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path / "c")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for msg in run_distributed(_expect_error, 2, str(path)):
+        assert msg.startswith("TPWeightError") and "model.layers.1.mlp.up_proj.weight" in msg, msg
+
+
+def test_missing_file(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path / "c")
+    victim = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))[-1]
+    os.remove(path / victim)
+    for msg in run_distributed(_expect_error, 2, str(path)):
+        assert msg.startswith("TPWeightError") and victim in msg, msg
+
+
+def test_truncated_file(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path / "c")
+    victim = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))[0]
+    data = (path / victim).read_bytes()
+    (path / victim).write_bytes(data[: len(data) // 2])
+    for msg in run_distributed(_expect_error, 2, str(path)):
+        assert msg.startswith("TPWeightError") and victim in msg, msg
+
+
+def test_directory_without_config(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path / "c")
+    os.remove(path / "config.json")
+    for msg in run_distributed(_expect_error, 2, str(path)):
+        assert msg.startswith("TPConfigError") and "config.json" in msg, msg
+
+
+def test_config_without_architectures(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["architectures"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    for msg in run_distributed(_expect_error, 2, str(path)):
+        assert msg.startswith("TPConfigError") and "architectures" in msg, msg
+
+
+def _skip_load(rank, world_size):
+    import tp_backend
+    from models import make_config
+
+    torch.manual_seed(11)
+    model = tp_backend.parallelize_model(_SKIP_DIR, skip_load_weights=True)
+    torch.manual_seed(11)
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_config(make_config("llama")).eval()
+    ids = make_ids()
+    with torch.no_grad():
+        return (model(input_ids=ids, use_cache=False).logits
+                - ref(input_ids=ids, use_cache=False).logits).abs().max().item()
+
+
+_SKIP_DIR = None
+
+
+def _skip_load_entry(rank, world_size, path):
+    global _SKIP_DIR
+    _SKIP_DIR = path
+    return _skip_load(rank, world_size)
+
+
+def test_skip_load_weights_equals_seeded_init(tmp_path):
+    from models import make_config
+
+    make_config("llama", architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    for err in run_distributed(_skip_load_entry, 2, str(tmp_path)):
+        assert err <= ATOL, err

@@ -1,0 +1,189 @@
+"""``parallelize_model``: build a model too large for one rank and load only this rank's
+slices of its weights (the reference design's workflow, steps 1-7).
+
+1. Resolve the checkpoint directory (hub id via ``snapshot_download``, or a local dir) and
+   its config; the model class comes from ``config.architectures``.
+2. Build the model with its parameters on the meta device (buffers such as rotary
+   ``inv_freq`` are built for real, so they hold correct values), then give every
+   parameter a one-element placeholder of its global shape and record its
+   :class:`~tp_backend.checkpoint.ParameterMeta`.
+3. Compile with ``tp_auto`` and run one short warm-up forward: the first call solves the
+   plan, then reads each sharded parameter's slice with safetensors ``get_slice`` and each
+   replicated parameter whole. No rank ever holds a full sharded tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointIndex, ParameterMeta, resolve_model_dir
+from .errors import TPConfigError, TPOptionsError, TPWeightError
+from .options import OPTION_DOCS
+
+log = logging.getLogger("tp_backend")
+
+__all__ = ["parallelize_model", "check_transformers_version"]
+
+_TRANSFORMERS_MIN_VERSION = "4.20.0"
+
+
+def check_transformers_version() -> None:
+    """The reference design's minimum-transformers check (optimum/fx/utils.py).
+
+    Raises:
+        ImportError: transformers is older than 4.20.0.
+    """
+    from importlib_metadata import version
+    from packaging.version import Version
+
+    found = version("transformers")
+    if Version(found) < Version(_TRANSFORMERS_MIN_VERSION + ".dev0"):
+        raise ImportError(f"Found an incompatible version of transformers. Found version {found}, "
+                          f"but only {_TRANSFORMERS_MIN_VERSION} and above are supported.")
+
+
+def _model_class(config, directory):
+    import transformers
+
+    archs = getattr(config, "architectures", None)
+    if not archs:
+        raise TPConfigError(
+            f"the config in {directory} has no 'architectures' field, so the model class is "
+            "unknown. Add e.g. \"architectures\": [\"LlamaForCausalLM\"] to its config.json.")
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise TPConfigError(f"transformers has no model class {archs[0]!r} (named in "
+                            f"{directory}/config.json)")
+    return cls
+
+
+def _split_overrides(config, overrides: dict):
+    options, model_kwargs = {}, {}
+    for key, value in overrides.items():
+        if key in OPTION_DOCS and key != "tp_group":
+            options[key] = value
+        elif hasattr(config, key):
+            model_kwargs[key] = value
+        else:
+            raise TPOptionsError(
+                f"unknown parallelize_model argument {key!r}: it is neither a tp_auto option "
+                f"({', '.join(sorted(OPTION_DOCS))}) nor a field of {type(config).__name__}")
+    return options, model_kwargs
+
+
+def _placeholder(shape, dtype):
+    return torch.full((), float("nan") if dtype.is_floating_point else 0, dtype=dtype).expand(shape)
+
+
+def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str | None = None,
+                      cache_dir: str | None = None, local_files_only: bool = False,
+                      skip_load_weights: bool = False, dtype: torch.dtype | None = None,
+                      **overrides: Any):
+    """Build, shard and load a Hugging Face model for tensor parallelism.
+
+    Args:
+        model_name_or_path: a hub id or a local directory with ``config.json`` and
+            safetensors weights (``model.safetensors`` or an index and its shards).
+
+    Keyword Args:
+        tp_group (ProcessGroup): the tensor-parallel group (default: the default group).
+        revision, cache_dir, local_files_only: passed to huggingface_hub ``snapshot_download``
+            for a hub id (``HF_HUB_OFFLINE=1`` also forbids downloads).
+        skip_load_weights (bool): initialise parameters with the model's own init instead of
+            loading them (materialises the full model once per rank: for profiling).
+        dtype (torch.dtype): parameter dtype (default: the config's ``dtype``, else float32).
+        **overrides: ``tp_auto`` options (``compiler``) and config fields (e.g.
+            ``num_hidden_layers=2``); any other key raises ``ValueError``.
+
+    Returns:
+        the model compiled with ``tp_auto`` (call it like the model), weights loaded.
+
+    Raises:
+        TPConfigError: no config or no ``architectures`` in it.
+        TPWeightError: a missing or corrupt file, a missing tensor or a wrong shape (the
+            message names the file and the tensor).
+        TPOptionsError, TPProcessGroupError: bad arguments, no process group.
+    """
+    check_transformers_version()
+    from transformers import AutoConfig
+
+    directory = resolve_model_dir(model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only)
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        raise TPConfigError(f"{directory} has no config.json: it is not a transformers model "
+                            "directory")
+    config = AutoConfig.from_pretrained(directory)
+    options, model_kwargs = _split_overrides(config, overrides)
+    for key, value in model_kwargs.items():
+        setattr(config, key, value)
+    cls = _model_class(config, directory)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    options["tp_group"] = tp_group
+
+    if skip_load_weights:
+        model = cls._from_config(config, dtype=dtype).eval()
+    else:
+        index = CheckpointIndex(directory)
+        model = _build_on_meta(cls, config, dtype)
+        _attach_checkpoint(model, index, dtype)
+    compiled = torch.compile(model, backend="tp_auto", options=options)
+    _warm_up(compiled, config)
+    return compiled
+
+
+def _build_on_meta(cls, config, dtype):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype)
+    # Outside the context (which re-wraps every registered parameter): tied parameters
+    # become one Parameter again, so they get one shard and one read.
+    model.tie_weights()
+    return model.eval()
+
+
+def _attach_checkpoint(model, index: CheckpointIndex, dtype):
+    """Give each parameter a placeholder of its global shape and its ParameterMeta."""
+    from .backend import _PENDING
+
+    names: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), (p, []))[1].append(name)
+    replacement = {}
+    for pid, (p, fqns) in names.items():
+        source = next((n for n in fqns if n in index), None)
+        if source is None:
+            raise TPWeightError(f"tensor {fqns[0]!r} is not in the checkpoint {index.directory}"
+                                + (f" (nor its tied names {fqns[1:]})" if len(fqns) > 1 else ""))
+        shape = tuple(p.shape)
+        pdtype = p.dtype
+        new = torch.nn.Parameter(_placeholder(shape, pdtype), requires_grad=False)
+        _PENDING[new] = ParameterMeta(fqn=fqns[0], source=source, file=index.file_of(source),
+                                      global_shape=shape, dtype=pdtype, tied=tuple(fqns))
+        if tuple(index.shape_of(source)) != shape:
+            raise TPWeightError(f"tensor {source!r} in {index.file_of(source)} has shape "
+                                f"{list(index.shape_of(source))}, the model expects {list(shape)}")
+        replacement[pid] = new
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and id(p) in replacement:
+                module._parameters[key] = replacement[id(p)]
+
+
+def _warm_up(compiled, config):
+    """One short forward so the plan is solved and the weights are read now."""
+    vocab = getattr(config, "vocab_size", None) or 2
+    ids = torch.arange(8).remainder(vocab).unsqueeze(0)
+    with torch.no_grad():
+        try:
+            compiled(input_ids=ids, use_cache=False)
+        except TypeError:
+            compiled(input_ids=ids)
+

@@ -1,0 +1,170 @@
+"""Checkpoints: finding a model's files and reading this rank's slice of each weight.
+
+``resolve_model_dir`` turns a hub id into a local directory with huggingface_hub
+``snapshot_download`` (only config, safetensors and index files; honours ``revision``,
+``cache_dir``, ``local_files_only`` and ``HF_HUB_OFFLINE``); a local directory is used as
+is. :class:`CheckpointIndex` maps tensor names to files (``model.safetensors`` or the
+``weight_map`` of ``model.safetensors.index.json``). :func:`read_tensor` reads a whole
+tensor or one slice along a dim with safetensors ``safe_open(...).get_slice``, so a rank
+never materialises the rest of a sharded tensor.
+
+:class:`ParameterMeta` is the reference design's per-parameter record: global shape and
+dtype, which checkpoint tensor (file and name) the parameter comes from, and the other
+names a tied parameter is known by.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import TPWeightError
+
+__all__ = ["ParameterMeta", "CheckpointIndex", "read_tensor", "resolve_model_dir", "READS",
+           "NEEDED_FILES"]
+
+NEEDED_FILES = ["config.json", "generation_config.json", "*.safetensors",
+                "model.safetensors.index.json"]
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Every read: (tensor name, shape read, bytes). Tests use it to prove that a rank reads
+# only its slices; cleared with READS.clear().
+READS: list = []
+
+
+@dataclass(frozen=True)
+class ParameterMeta:
+    """Where one parameter's values live.
+
+    Attributes:
+        fqn: the parameter's name in the model (``model.embed_tokens.weight``).
+        source: the tensor's name in the checkpoint (differs from ``fqn`` for tied
+            parameters stored once, e.g. ``lm_head.weight`` -> ``model.embed_tokens.weight``).
+        file: the safetensors file holding it.
+        global_shape: the unsharded shape.
+        dtype: the dtype the parameter is loaded as.
+        tied: all names the parameter has in the model.
+    """
+
+    fqn: str
+    source: str
+    file: str
+    global_shape: tuple
+    dtype: torch.dtype
+    tied: tuple = field(default=())
+
+
+def resolve_model_dir(model_name_or_path: str, *, revision=None, cache_dir=None,
+                      local_files_only=False) -> str:
+    """A local directory holding the model's config and safetensors files."""
+    if os.path.isdir(model_name_or_path):
+        return model_name_or_path
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    return snapshot_download(model_name_or_path, revision=revision, cache_dir=cache_dir,
+                             local_files_only=local_files_only or offline,
+                             allow_patterns=NEEDED_FILES)
+
+
+class CheckpointIndex:
+    """Tensor name -> safetensors file of a checkpoint directory.
+
+    Raises:
+        TPWeightError: no safetensors weights in ``directory``, an index naming a missing
+            file, or a file whose header cannot be read (truncated or corrupt).
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index_path = os.path.join(directory, INDEX_FILE)
+        single = os.path.join(directory, SINGLE_FILE)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            self.weight_map = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+        elif os.path.exists(single):
+            self.weight_map = {k: single for k in _keys(single, "<any>")}
+        else:
+            raise TPWeightError(f"no safetensors weights in {directory}: expected {SINGLE_FILE} "
+                                f"or {INDEX_FILE} (only safetensors checkpoints are supported)")
+        self._shapes: dict = {}
+        for path in sorted(set(self.weight_map.values())):
+            if not os.path.exists(path):
+                names = [k for k, v in self.weight_map.items() if v == path]
+                raise TPWeightError(f"checkpoint file {path} is missing (it should hold "
+                                    f"{names[0]!r} and {len(names) - 1} more tensors)")
+            self._shapes.update(_shapes(path))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file_of(self, name: str) -> str:
+        if name not in self.weight_map:
+            raise TPWeightError(f"tensor {name!r} is not in the checkpoint {self.directory}")
+        return self.weight_map[name]
+
+    def shape_of(self, name: str) -> tuple:
+        path = self.file_of(name)
+        if name not in self._shapes:
+            raise TPWeightError(f"tensor {name!r} is listed for {path} but that file does not hold it")
+        return self._shapes[name]
+
+
+def _keys(path, tensor):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise TPWeightError(f"cannot read safetensors file {path} (while looking for "
+                            f"{tensor!r}): {e}") from e
+
+
+def _shapes(path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise TPWeightError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def read_tensor(meta: ParameterMeta, dim: int | None = None, start: int = 0,
+                length: int | None = None) -> torch.Tensor:
+    """The parameter's values, or rows ``[start, start + length)`` of dim ``dim`` only.
+
+    Returns a contiguous tensor of ``meta.dtype``. Raises :class:`TPWeightError` naming the
+    file and the tensor if the file is missing or corrupt or the shape is wrong.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(meta.file, framework="pt", device="cpu") as f:
+            sl = f.get_slice(meta.source)
+            shape = tuple(sl.get_shape())
+            if shape != tuple(meta.global_shape):
+                raise TPWeightError(f"tensor {meta.source!r} in {meta.file} has shape {list(shape)}, "
+                                    f"the model expects {list(meta.global_shape)} for {meta.fqn!r}")
+            if dim is None:
+                t = sl[:] if shape else f.get_tensor(meta.source)
+            else:
+                index = [slice(None)] * len(shape)
+                index[dim] = slice(start, start + length)
+                t = sl[tuple(index)]
+    except TPWeightError:
+        raise
+    except FileNotFoundError as e:
+        raise TPWeightError(f"checkpoint file {meta.file} is missing (needed for tensor "
+                            f"{meta.source!r})") from e
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise TPWeightError(f"cannot read tensor {meta.source!r} from {meta.file}: {e}") from e
+    t = t.to(meta.dtype).contiguous()
+    READS.append((meta.source, tuple(t.shape), t.nbytes))
+    return t
