@@ -73,3 +73,22 @@ def test_expand_patches_the_sharded_size():
     dec = check(lambda x: aten.expand(x, [2, 4, 3, 5, 2]), [r(2, 4, 1, 5, 2)], [Shard(1)],
                 expect=Shard(1))
     assert dec.args[1] == [2, 2, 3, 5, 2]
+
+
+def test_symbolic_leading_dims():
+    """Pins the dynamic-shape case: a symbolic sequence (and size-1 batch) before the
+    sharded features must not block the shard (it did: 5 all-gathers per layer)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x = mode.from_tensor(torch.empty(7, 3, 576), static_shapes=False)
+    s0, s1 = x.shape[0], x.shape[1]
+    assert isinstance(s0.node.expr, __import__("sympy").Symbol)
+    # [S, E] -> [1, S, E]
+    assert map_view_shard((s1, 576), (1, s1, 576), Shard(1), 3)[0] == Shard(2)
+    # [B, S, E] -> [B*S, E] (before a linear) and back
+    assert map_view_shard((s0, s1, 576), (s0 * s1, 576), Shard(2), 3)[0] == Shard(1)
+    assert map_view_shard((s0 * s1, 576), (s0, s1, 9, 64), Shard(1), 3)[0] == Shard(2)
+    # [B, H, S, D] -> [B*H, S, D] with symbolic B: a strided shard needs a static outer
+    assert map_view_shard((s0, 8, s1, 4), (s0 * 8, s1, 4), Shard(1), 2)[0] is None

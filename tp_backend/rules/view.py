@@ -24,12 +24,8 @@ from . import Decision, norm_dim, register, static_int
 aten = torch.ops.aten
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(a)
-        eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(b)
-        return ea == eb
-    return a == b
+def _expr(s):
+    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
 
 
 def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
@@ -37,42 +33,44 @@ def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
 
     Returns ``(Shard, None)`` on success, ``(None, reason)`` otherwise. ``reason`` is
     ``("indivisible", part, n)`` when the sharded features split into a leading part that
-    ``n`` does not divide (e.g. 9 heads over 2 ranks), else a string. Identical leading dims
-    (often a symbolic batch or sequence) are skipped; the sharded group must be static.
+    ``n`` does not divide (e.g. 9 heads over 2 ranks), else a string. Sizes before the
+    sharded factor may be symbolic (a dynamic batch or sequence): they are compared as
+    sympy expressions; the sharded factor and the output dim holding it must be static.
     """
     d, o = shard.dim, shard.outer
-    i = 0
-    while i < d and i < len(out_shape) and _same(in_shape[i], out_shape[i]):
-        i += 1
-    ins = [static_int(s) for s in in_shape[i : d + 1]]
-    if any(s is None for s in ins):
-        return None, "symbolic size in the sharded group"
-    f = ins[-1] // o
-    lead = o
-    for s in ins[:-1]:
-        lead *= s
-    before = 1
-    for k, s in enumerate(out_shape[i:]):
-        size = static_int(s)
-        if size is None:
-            return None, "symbolic size in the sharded group"
-        if before * size > lead:  # the sharded factor starts inside output dim k
-            if lead % before or size % (lead // before):
-                return None, "sharded features do not start at a dim boundary"
-            r = lead // before
-            avail = size // r
-            if avail >= f:
-                if avail % f:
-                    return None, "sharded features straddle a dim"
-                part = f
-            else:
-                if f % avail:
-                    return None, "sharded features straddle a dim"
-                part = avail
-            if part % n:
-                return None, ("indivisible", part, n)
-            return Shard(k + i, r), None
-        before *= size
+    size_d = static_int(in_shape[d])
+    if size_d is None:
+        return None, "sharded dim is symbolic"
+    f = size_d // o
+    lead = sympy.Integer(o)
+    for s in in_shape[:d]:
+        lead = lead * _expr(s)
+    before = sympy.Integer(1)
+    for k, s in enumerate(out_shape):
+        ratio = sympy.simplify(lead / before)
+        if ratio.is_Integer:
+            r = int(ratio)
+            size = static_int(s)
+            if size is None:
+                return None, "the sharded features land in a symbolic dim"
+            if size > r:  # the sharded factor starts inside output dim k, at offset r
+                if size % r:
+                    return None, "sharded features do not start at a dim boundary"
+                avail = size // r
+                if avail >= f:
+                    if avail % f:
+                        return None, "sharded features straddle a dim"
+                    part = f
+                else:
+                    if f % avail:
+                        return None, "sharded features straddle a dim"
+                    part = avail
+                if part % n:
+                    return None, ("indivisible", part, n)
+                return Shard(k, r), None
+        elif sympy.fraction(sympy.together(ratio))[1] != 1:
+            return None, "sharded features do not start at a dim boundary"
+        before = before * _expr(s)
     return None, "no output dim holds the sharded features"
 
 
