@@ -19,7 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
 from tp_backend.layers import local_shard, vocab_parallel_embedding
-from tp_backend.placement import REPLICATE, Placement
+from tp_backend.placement import REPLICATE, HeadGroup, Placement
 from tp_backend.rules import lookup
 
 
@@ -48,6 +48,12 @@ class StubCtx:
     def note(self, node, reason):
         self.notes.append(reason)
 
+    def prefer(self, value, dim, cuts):
+        self.prefs = sorted(cuts)
+
+    def preference(self, seed):
+        return getattr(self, "blocks", None)
+
     def describe(self, node):
         return node.name
 
@@ -67,6 +73,11 @@ def _gather(parts, p: Placement):
         for q in parts[1:]:
             torch.testing.assert_close(q, parts[0], rtol=0, atol=0)
         return parts[0]
+    if p.blocks is not None:  # per block: concatenate the ranks' chunks of it
+        n = len(parts)
+        pieces = [t.split([b // n for b in p.blocks], dim=p.dim) for t in parts]
+        return torch.cat([torch.cat([pc[i] for pc in pieces], dim=p.dim)
+                          for i in range(len(p.blocks))], dim=p.dim)
     d, o = p.dim, p.outer
     chunks = []
     for t in parts:
@@ -87,10 +98,13 @@ def _local(value, p: Placement, rank, n, gen):
         parts = [t.to(value.dtype) for t in parts]
         parts.append(value - sum(parts))
         return parts[rank]
-    return local_shard(value, p.dim, p.outer, rank, n)
+    if isinstance(p, HeadGroup):
+        return value.narrow(p.dim, p.local_index(rank, n), 1)
+    return local_shard(value, p.dim, p.outer, rank, n, p.blocks)
 
 
-def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, expect=None):
+def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, expect=None,
+          blocks=None):
     """Trace, decide and simulate; returns the decision (``None`` if the rule refuses).
 
     ``placements`` gives one placement per input; ``params`` the indices of inputs that are
@@ -100,6 +114,7 @@ def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, e
     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
     pl = dict(zip(ph, placements))
     ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed)
+    ctx.blocks = blocks
     dec = lookup(node.target)(ctx, node)
     if expect is not None:
         assert dec is not None, f"rule refused: {ctx.notes}"

@@ -168,3 +168,53 @@ def test_skip_load_weights_equals_seeded_init(tmp_path):
     make_config("llama", architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
     for err in run_distributed(_skip_load_entry, 2, str(tmp_path)):
         assert err <= ATOL, err
+
+
+def _from_hub_cache(rank, world_size, cache_dir):
+    import tp_backend
+
+    model = tp_backend.parallelize_model("tiny-org/tiny-llama", cache_dir=cache_dir)
+    ids = make_ids(seed=5)
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_hub_id_resolved_offline_from_hf_cache(checkpoint, tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub: a cache laid out as the hub lays it out
+    (models--org--name/snapshots/<commit>, refs/main) and HF_HUB_OFFLINE=1 (no network)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    outs = run_distributed(_from_hub_cache, 2, str(tmp_path / "hub"))
+    ref_model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        ref = ref_model(input_ids=make_ids(seed=5), use_cache=False).logits
+    for out in outs:
+        assert (out - ref).abs().max().item() <= ATOL
+
+
+def test_minimum_transformers_check(monkeypatch):
+    """The reference's version check and its message are kept."""
+    import importlib_metadata
+
+    from tp_backend.api import check_transformers_version
+
+    check_transformers_version()  # the installed version passes
+    monkeypatch.setattr(importlib_metadata, "version", lambda name: "4.19.2")
+    with pytest.raises(ImportError, match="Found an incompatible version of transformers. "
+                                          "Found version 4.19.2, but only 4.20.0 and above"):
+        check_transformers_version()
+
+
+def test_unknown_override_names_the_key(checkpoint):
+    import tp_backend
+
+    with pytest.raises(ValueError, match="'num_hidden_layerz'"):
+        tp_backend.parallelize_model(checkpoint, num_hidden_layerz=1)

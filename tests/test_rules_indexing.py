@@ -69,3 +69,31 @@ def test_index_with_unsharded_index_dims():
 def test_gather_other_dim():
     idx = torch.tensor([[0, 2], [1, 1], [2, 0], [0, 0]])
     check(lambda x, i: aten.gather(x, 1, i), [r(4, 3), idx], [Shard(0), R], expect=Shard(0))
+
+
+def test_fused_projection_split_into_its_blocks():
+    """Fused q|k|v (GQA: unequal blocks) and gate|up: a block shard splits into plain
+    shards, with local split sizes; a plain shard refuses and asks for the blocks."""
+    from tp_backend.placement import Shard as S
+
+    x = r(3, 32)  # q: 16, k: 8, v: 8 features, TP=2
+    dec = check(lambda t: aten.split_with_sizes(t, [16, 8, 8], 1), [x], [S(1, blocks=(16, 8, 8))],
+                expect=(S(1), S(1), S(1)))
+    assert dec.args[1] == [8, 4, 4]
+    check(lambda t: aten.slice(t, 1, 16, 24), [x], [S(1, blocks=(16, 8, 8))], expect=S(1))
+    check(lambda t: aten.split(t, 16, 1), [x], [S(1, outer=2)], expect=(S(1), S(1)))
+    from rule_harness import StubCtx, trace
+    from tp_backend.rules import lookup
+
+    gm, node = trace(lambda t: aten.slice(t, 1, 16, 24), [x])
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    ctx = StubCtx({ph: S(1)}, 2)
+    assert lookup(node.target)(ctx, node) is None and ctx.prefs == [16, 24]  # + 0, size
+
+
+def test_column_seed_takes_preferred_blocks():
+    from tp_backend.placement import Shard as S
+
+    dec = check(lambda a, b: aten.mm(a, b), [r(3, 8), r(8, 32)], [R, R], params=[1],
+                blocks=(16, 8, 8), expect=S(1, blocks=(16, 8, 8)))
+    assert dec.seed == "column"

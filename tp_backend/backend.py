@@ -57,6 +57,15 @@ class ShardInfo:
     tp_rank: int
     tp_size: int
     group_name: str
+    outer: int = 1
+    blocks: tuple | None = None  # see tp_backend.placement.Shard
+
+    def ranges(self) -> list:
+        """``(start, length)`` ranges of dim ``dim`` this rank holds, in local order."""
+        from .layers import shard_ranges
+
+        return shard_ranges(self.global_shape[self.dim], self.outer, self.tp_rank,
+                            self.tp_size, self.blocks)
 
 
 @dataclass
@@ -151,12 +160,12 @@ class _Runner:
             if tuple(t.shape) != info.global_shape:
                 raise TPError(f"parameter {info.fqn!r} has shape {list(t.shape)}; tp_auto "
                               f"expected {list(info.global_shape)}")
-            step = info.global_shape[info.dim] // info.tp_size
             with torch.no_grad():
                 # nn.Linear's weight is (out_features, in_features): a split on dim 0 is
                 # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table split
-                # on dim 0 is vocab-parallel.
-                local = t.detach().narrow(info.dim, info.tp_rank * step, step).clone()
+                # on dim 0 is vocab-parallel. A fused [q|k|v] weight is split per block.
+                local = torch.cat([t.detach().narrow(info.dim, start, length)
+                                   for start, length in info.ranges()], dim=info.dim).clone()
         st = _SHARDED[t] = _Sharded(info, local)
         with torch.no_grad():
             t.data = _freed_placeholder(t)
@@ -186,8 +195,9 @@ class _Runner:
                 with torch.no_grad():
                     t.data = read_tensor(meta)
             else:
-                step = info.global_shape[info.dim] // info.tp_size
-                self._shard(t, info, idx, read_tensor(meta, info.dim, info.tp_rank * step, step))
+                local = torch.cat([read_tensor(meta, info.dim, start, length)
+                                   for start, length in info.ranges()], dim=info.dim)
+                self._shard(t, info, idx, local)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -282,7 +292,7 @@ class TPAutoBackend:
             ph[i].meta["tp_module"] = name.rpartition(".")[0]
         pre = {}
         for i, info in presharded.items():
-            pre[ph[i]] = Shard(info.dim)
+            pre[ph[i]] = Shard(info.dim, info.outer, info.blocks)
             ph[i].meta["tp_role"] = info.layout
         sol = solve(aten_gm.graph, tp_size=opts.tp_size, params=param_nodes, presharded=pre)
         self.stats["solves"] += 1
@@ -301,7 +311,7 @@ class TPAutoBackend:
             if s is not None:
                 local[s.dim] //= opts.tp_size
                 info = ShardInfo(fqns[i], s.dim, sol.param_role[node], shape, opts.tp_rank,
-                                 opts.tp_size, opts.group_name)
+                                 opts.tp_size, opts.group_name, s.outer, s.blocks)
                 specs.append((i, info))
             plan.params[fqns[i]] = ParamPlan(
                 fqns[i], sol.param_role[node], s.dim if s is not None else None, shape,

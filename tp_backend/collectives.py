@@ -19,13 +19,17 @@ def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
-def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str) -> torch.Tensor:
-    """Inverse of a ``Shard(dim, outer)`` split: ``[..., o*L, ...]`` per rank ->
-    ``[..., o*N*L, ...]`` with rank ``r``'s chunk at ``[r*L, (r+1)*L)`` of each outer block."""
-    xt = x.movedim(dim, 0).contiguous()  # [o*L, *rest]
-    g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(xt, tp_size, group_name))  # [N*o*L, *rest]
-    if outer != 1:
+def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str,
+               blocks: tuple | None = None) -> torch.Tensor:
+    """Inverse of a ``Shard(dim, outer, blocks)`` split: each rank holds, for every block
+    (``outer`` equal blocks, or the given ``blocks``), its chunk of it; returns the whole
+    tensor on every rank."""
+    xt = x.movedim(dim, 0).contiguous()  # [L, *rest], L = sum of this rank's chunks
+    g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(xt, tp_size, group_name))  # [N*L, *rest]
+    if outer != 1 or blocks is not None:
         rest = xt.shape[1:]
-        local = xt.shape[0] // outer
-        g = g.view(tp_size, outer, local, *rest).transpose(0, 1).reshape(outer * tp_size * local, *rest)
+        local = xt.shape[0]
+        pieces = [b // tp_size for b in blocks] if blocks is not None else [local // outer] * outer
+        per_rank = g.view(tp_size, local, *rest).split(pieces, dim=1)  # per block: [N, b/N, *rest]
+        g = torch.cat([p.reshape(p.shape[0] * p.shape[1], *rest) for p in per_rank], dim=0)
     return g.movedim(0, dim).contiguous()

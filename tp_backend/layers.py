@@ -19,7 +19,7 @@ import torch
 
 from .collectives import all_reduce
 
-__all__ = ["row_parallel_linear", "vocab_parallel_embedding", "local_shard"]
+__all__ = ["row_parallel_linear", "vocab_parallel_embedding", "local_shard", "kv_head_slice"]
 
 aten = torch.ops.aten
 
@@ -43,16 +43,32 @@ def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_star
     return aten.masked_fill(out, outside.unsqueeze(-1), 0)
 
 
-def local_shard(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """Chunk ``tp_rank`` of ``tp_size`` of dim ``dim`` of a replicated ``x`` (read as
-    ``[outer, size/outer]`` and split on the second factor), as a contiguous tensor."""
-    size = x.shape[dim]
-    if outer == 1:
-        step = size // tp_size
-        return x.narrow(dim, tp_rank * step, step).contiguous()
-    inner = size // outer
-    step = inner // tp_size
-    shape = list(x.shape)
-    y = x.reshape(shape[:dim] + [outer, inner] + shape[dim + 1:])
-    y = y.narrow(dim + 1, tp_rank * step, step)
-    return y.reshape(shape[:dim] + [outer * step] + shape[dim + 1:]).contiguous()
+def shard_ranges(size: int, outer: int, tp_rank: int, tp_size: int,
+                 blocks: tuple | None = None) -> list[tuple[int, int]]:
+    """``(start, length)`` ranges of a dim of global ``size`` that rank ``tp_rank`` holds
+    under ``Shard(dim, outer, blocks)``, in local order."""
+    if blocks is None:
+        blocks = (size // outer,) * outer
+    out, off = [], 0
+    for b in blocks:
+        step = b // tp_size
+        out.append((off + tp_rank * step, step))
+        off += b
+    return out
+
+
+def local_shard(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
+                blocks: tuple | None = None) -> torch.Tensor:
+    """Chunk ``tp_rank`` of ``tp_size`` of dim ``dim`` of a replicated ``x`` under
+    ``Shard(dim, outer, blocks)`` (see :mod:`tp_backend.placement`), as a contiguous tensor."""
+    ranges = shard_ranges(x.shape[dim], outer, tp_rank, tp_size, blocks)
+    if len(ranges) == 1:
+        start, step = ranges[0]
+        return x.narrow(dim, start, step).contiguous()
+    return torch.cat([x.narrow(dim, start, step) for start, step in ranges], dim=dim)
+
+
+def kv_head_slice(x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
+    """KV-head replication: the one KV head (``x: [B, Hkv, S, D]`` -> ``[B, 1, S, D]``)
+    that this rank's query heads attend with (see :class:`~tp_backend.placement.HeadGroup`)."""
+    return x.narrow(dim, index, 1).contiguous()

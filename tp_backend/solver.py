@@ -79,9 +79,13 @@ class Solution:
 
 
 class _Ctx:
-    def __init__(self, tp_size, demoted, origin, placements, notes, reduced):
+    def __init__(self, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
+                 new_prefs):
         self.tp_size = tp_size
         self._reduced = reduced
+        self._prefs = prefs
+        self._taint = taint
+        self._new_prefs = new_prefs
         self._demoted = demoted
         self._origin = origin
         self._pl = placements
@@ -106,6 +110,28 @@ class _Ctx:
 
     def note(self, node, reason):
         self._notes.append((node, reason))
+
+    def prefer(self, value, dim, cuts):
+        """A consumer of ``value`` could use it if its seed split ``dim`` into the blocks
+        between ``cuts`` (offsets along the dim, 0 and the size included)."""
+        seeds = self._taint.get(value, ())
+        if len(seeds) != 1:
+            return
+        seed, = seeds
+        size = value.meta["val"].shape[dim]
+        if seed.meta["val"].shape[-1] != size:
+            return
+        cur = self._prefs.get(seed, frozenset())
+        new = frozenset(cur | set(cuts) | {0, int(size)})
+        if new != cur:
+            self._new_prefs[seed] = new
+
+    def preference(self, seed):
+        cuts = self._prefs.get(seed)
+        if not cuts:
+            return None
+        c = sorted(cuts)
+        return tuple(b - a for a, b in zip(c, c[1:]))
 
     def describe(self, node):
         return describe(node)
@@ -152,14 +178,15 @@ def _chain_map(node, perm):
     return list(perm)
 
 
-def _propagate(graph, tp_size, params, presharded, demoted, reduced):
+def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
     pl, taint, origin, decisions = {}, {}, {}, {}
     conversions, notes = [], []
     demands = defaultdict(list)  # param -> [(param_dim, outer, role)]
     r_used = set()
     conflicts = set()
     new_reduced = set()
-    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced)
+    new_prefs = {}
+    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -170,7 +197,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced):
             if want == have:
                 r_used.add(param)
             elif want.is_shard():
-                demands[param].append((perm[want.dim], want.outer, None))
+                demands[param].append((want.moved(perm[want.dim]), None))
         if want == have:
             return
         if have.is_shard() and taint.get(src) and not allow_gather:
@@ -236,14 +263,14 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced):
                 t.update(taint.get(a, empty))
         for a, role in dec.roles.items():
             if a in origin and demands[origin[a][0]]:
-                pd, outer, _ = demands[origin[a][0]][-1]
-                demands[origin[a][0]][-1] = (pd, outer, role)
+                want, _ = demands[origin[a][0]][-1]
+                demands[origin[a][0]][-1] = (want, role)
         if dec.seed:
             t.add(node)
         pl[node] = dec.out
         taint[node] = frozenset(t)
         decisions[node] = dec
-    return pl, decisions, conversions, demands, r_used, conflicts, notes, origin, new_reduced
+    return pl, decisions, conversions, demands, r_used, conflicts, notes, origin, new_reduced, new_prefs
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
@@ -266,19 +293,21 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     presharded = presharded or {}
     demoted: set = set()
     reduced: set = set()  # Partial values all-reduced right where they are made
+    prefs: dict = {}  # seed -> cut points its consumers split its output at
     rounds = 0
     while True:
         rounds += 1
-        pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red = _propagate(
-            graph, tp_size, params, presharded, demoted, reduced)
+        pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs = \
+            _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs)
         new = conflicts - demoted
         new_red = red - reduced
-        if not new and not new_red or rounds >= max_rounds:
+        if not new and not new_red and not new_prefs or rounds >= max_rounds:
             break
-        if new_red:
-            # Settle where partial sums are reduced first: conflicts seen before that may
-            # be artefacts of a partial sum that flowed too far.
+        if new_red or new_prefs:
+            # Settle where partial sums are reduced and how fused projections are split
+            # first: conflicts seen before that may be artefacts of either.
             reduced |= new_red
+            prefs.update(new_prefs)
             continue
         for seed in sorted(new, key=lambda n: n.name):
             log.debug("tp_auto: replicating %s (its shard reaches an op that needs it whole)",
@@ -292,13 +321,14 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
             sol.param_role[param] = param.meta.get("tp_role", "shard")
             continue
         uses = demands.get(param, [])
-        dims = {(d, o) for d, o, _ in uses}
-        roles = {r for _, _, r in uses if r}
+        wants = {w for w, _ in uses}
+        roles = {r for _, r in uses if r}
         size = param.meta["val"].shape
-        if uses and param not in r_used and len(dims) == 1:
-            (d, o), = dims
-            if o == 1 and divisible(size[d], tp_size):
-                sol.param_storage[param] = Shard(d)
+        if uses and param not in r_used and len(wants) == 1:
+            want, = wants
+            blocks = want.blocks or (int(size[want.dim]) // want.outer,) * want.outer
+            if all(divisible(b, tp_size) for b in blocks):
+                sol.param_storage[param] = want
                 # A tied embedding / LM head is vocab-parallel for the lookup and
                 # column-parallel for the head: the same split of the [V, E] table.
                 if roles == {"vocab", "column"}:
@@ -312,7 +342,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     for node, (param, perm) in origin.items():
         stored = sol.param_storage.get(param)
         if stored is not None:
-            pl[node] = Shard(perm.index(stored.dim))
+            pl[node] = stored.moved(perm.index(stored.dim))
             chain.add(node)
     kept = []
     for c in conversions:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..placement import REPLICATE, Shard
+from ..placement import REPLICATE, HeadGroup, Shard
 from . import Decision, divisible, register, static_int
 
 
@@ -33,9 +33,19 @@ def _sdpa(ctx, node):
     s, = shards
     if s.dim not in (0, 1) or s.outer != 1:
         return None
-    if not all(divisible(ctx.shape(t)[s.dim], ctx.tp_size) for t in qkv):
-        return None
     need = {t: s for t in qkv}
+    if not all(divisible(ctx.shape(t)[s.dim], ctx.tp_size) for t in qkv):
+        # Grouped-query attention with fewer KV heads than ranks: keep q split and give
+        # each rank the one KV head its query heads use (KV-head replication, as vLLM does).
+        enable_gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
+        hq = static_int(ctx.shape(q)[1])
+        hkv = static_int(ctx.shape(k)[1])
+        n = ctx.tp_size
+        if not (s.dim == 1 and enable_gqa and hq and hkv and divisible(hq, n) and hq % hkv == 0
+                and pls[1].is_replicate() and pls[2].is_replicate()
+                and (hq // hkv) % (hq // n) == 0):
+            return None
+        need[k] = need[v] = HeadGroup(1, hq, hkv)
     if isinstance(mask, torch.fx.Node):
         pm = ctx.placement(mask)
         mshape = ctx.shape(mask)

@@ -77,19 +77,19 @@ def _elementwise(ctx, node):
     shards = set()
     for a, p in pls.items():
         if p.is_shard():
-            shards.add((p.dim + out_nd - len(ctx.shape(a)), p.outer))
+            shards.add(p.moved(p.dim + out_nd - len(ctx.shape(a))))
     if not shards:
         return Decision(out=REPLICATE, inputs=need)
     if len(shards) > 1:
         return None  # operands sharded on different dims: no local evaluation
-    (d, outer), = shards
+    out, = shards
     for a, p in pls.items():
         if p.is_replicate():
             shape = ctx.shape(a)
-            k = d - (out_nd - len(shape))
+            k = out.dim - (out_nd - len(shape))
             if k >= 0 and static_int(shape[k]) != 1:
-                need[a] = Shard(k, outer)  # free local slice of a replicated operand
-    return Decision(out=Shard(d, outer), inputs=need)
+                need[a] = out.moved(k)  # free local slice of a replicated operand
+    return Decision(out=out, inputs=need)
 
 
 register(*UNARY_OR_BINARY, *COPIES)(_elementwise)

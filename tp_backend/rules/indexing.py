@@ -27,8 +27,28 @@ def _full_range(start, end, step, size) -> bool:
     return step in (None, 1) and start == 0 and size is not None and end is not None and end >= size
 
 
+def blocks_of(p: Shard, size: int):
+    """The blocks of a strided or block shard (``None`` for a plain shard)."""
+    if p.blocks is not None:
+        return tuple(p.blocks)
+    if p.outer > 1:
+        return (size // p.outer,) * p.outer
+    return None
+
+
+def _cuts(blocks):
+    out, off = {0}, 0
+    for b in blocks:
+        off += b
+        out.add(off)
+    return out
+
+
 @register(aten.slice)
 def _slice(ctx, node):
+    """A slice of the sharded dim is exact when it is exactly one block of a block shard
+    (one of q/k/v of a fused projection): locally it is the rank's chunk of that block.
+    Otherwise the slice's bounds are passed back to the seed as a preferred block layout."""
     x = node.args[0]
     p = ctx.placement(x)
     if not p.is_shard():
@@ -38,8 +58,24 @@ def _slice(ctx, node):
     if dim != p.dim:
         return Decision(out=p)
     args = list(node.args) + [None] * (5 - len(node.args))
-    if _full_range(args[2], args[3], args[4], ctx.shape(x)[dim]):
+    size = static_int(ctx.shape(x)[dim])
+    if _full_range(args[2], args[3], args[4], size):
         return Decision(out=p, args=(x, dim))
+    start = static_int(0 if args[2] is None else args[2])
+    end = static_int(size if args[3] is None else args[3])
+    if None in (start, end, size) or args[4] not in (None, 1):
+        return None
+    start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+    end = min(end, size)
+    blocks = blocks_of(p, size)
+    if blocks is not None:
+        off = 0
+        for b in blocks:
+            if (start, end) == (off, off + b):
+                n = ctx.tp_size
+                return Decision(out=Shard(dim), args=(x, dim, off // n, (off + b) // n))
+            off += b
+    ctx.prefer(x, dim, {start, end} | (_cuts(blocks) if blocks else set()))
     return None
 
 
@@ -52,7 +88,7 @@ def _select(ctx, node):
     dim = norm_dim(dim, len(ctx.shape(x)))
     if dim == p.dim:
         return None
-    return Decision(out=Shard(p.dim - (dim < p.dim), p.outer))
+    return Decision(out=p.moved(p.dim - (dim < p.dim)))
 
 
 def _common(ctx, tensors):
@@ -100,13 +136,16 @@ def _stack(ctx, node):
     if out is None:
         return None
     if out.is_shard():
-        need = {t: Shard(out.dim, out.outer) for t in tensors}
-        out = Shard(out.dim + (out.dim >= dim), out.outer)
+        need = {t: out for t in tensors}
+        out = out.moved(out.dim + (out.dim >= dim))
     return Decision(out=out, inputs=need)
 
 
-@register(aten.split_with_sizes, aten.split, aten.chunk, aten.unbind, aten.split_with_sizes_copy)
+@register(aten.split_with_sizes, aten.split, aten.unbind, aten.split_with_sizes_copy)
 def _split(ctx, node):
+    """Splitting the sharded dim is exact when the pieces are the blocks of a block shard
+    (``torch.split(qkv, [q, k, v])``, ``gate_up.chunk(2)``); otherwise the cut points are
+    passed back to the seed as a preferred block layout."""
     x = node.args[0]
     p = ctx.placement(x)
     n_out = len(node.meta["val"])
@@ -118,10 +157,31 @@ def _split(ctx, node):
     dim = norm_dim(dim, nd)
     if not p.is_shard():
         return Decision(out=tuple(p for _ in range(n_out)))
-    if dim == p.dim:
+    if dim != p.dim:
+        d = p.dim - (op is aten.unbind and dim < p.dim)
+        return Decision(out=tuple(p.moved(d) for _ in range(n_out)))
+    size = static_int(ctx.shape(x)[dim])
+    if op is aten.unbind or size is None:
         return None
-    d = p.dim - (op is aten.unbind and dim < p.dim)
-    return Decision(out=tuple(Shard(d, p.outer) for _ in range(n_out)))
+    if isinstance(node.args[1], int):
+        ss = node.args[1]
+        sizes = [ss] * (size // ss) + ([size % ss] if size % ss else [])
+    else:
+        sizes = [static_int(v) for v in node.args[1]]
+    blocks = blocks_of(p, size)
+    n = ctx.tp_size
+    if blocks is not None and list(blocks) == sizes:
+        if isinstance(node.args[1], int):
+            args = (x, node.args[1] // n, dim)
+        else:
+            args = (x, [b // n for b in sizes], dim)
+        return Decision(out=tuple(Shard(dim) for _ in range(n_out)), args=args)
+    cuts, off = {0}, 0
+    for v in sizes:
+        off += v
+        cuts.add(off)
+    ctx.prefer(x, dim, cuts)
+    return None
 
 
 @register(aten.index_select)
@@ -177,7 +237,7 @@ def _index(ctx, node):
         return None
     idx_nd = max(len(ctx.shape(i)) for i in idx_nodes)
     d = p.dim if p.dim < pos[0] else p.dim - len(pos) + idx_nd
-    return Decision(out=Shard(d, p.outer))
+    return Decision(out=p.moved(d))
 
 
 @register(aten.embedding)
@@ -202,7 +262,7 @@ def _embedding(ctx, node):
     if pw.is_shard(0):
         return Decision(out=PARTIAL, action="vocab_embedding")
     if pw.is_shard(1):
-        return Decision(out=Shard(nd_out - 1, pw.outer))
+        return Decision(out=pw.moved(nd_out - 1))
     return None
 
 

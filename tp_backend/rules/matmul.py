@@ -35,8 +35,13 @@ def _mm_decision(ctx, node, a, b):
     if pa.is_replicate() and pb.is_replicate():
         n = ctx.shape(b)[n_dim]
         if ctx.is_param(b) and ctx.can_seed(node) and divisible(n, ctx.tp_size):
-            return Decision(out=Shard(n_dim), inputs={b: Shard(n_dim)}, roles={b: "column"},
-                            seed="column")
+            # A fused projection whose output is later split (q|k|v, gate|up) shards each
+            # block separately: the consumers' cut points come back as a preference.
+            blocks = ctx.preference(node)
+            out = Shard(n_dim, blocks=blocks) if blocks else Shard(n_dim)
+            if blocks and not all(divisible(bl, ctx.tp_size) for bl in blocks):
+                return Decision(out=REPLICATE)
+            return Decision(out=out, inputs={b: out}, roles={b: "column"}, seed="column")
         return Decision(out=REPLICATE)
     if nd == 3:  # bmm: a shared batch shard stays a batch shard
         if pa.is_shard(0) or pb.is_shard(0):
@@ -48,10 +53,10 @@ def _mm_decision(ctx, node, a, b):
         return Decision(out=pa)
     if pa.is_replicate() and pb.is_shard(n_dim):
         return Decision(out=pb)
-    if pa.is_shard(k_a) and (pb.is_replicate() or pb == Shard(k_b, pa.outer)):
-        return Decision(out=PARTIAL, inputs={b: Shard(k_b, pa.outer)}, roles={b: "row"})
+    if pa.is_shard(k_a) and (pb.is_replicate() or pb == pa.moved(k_b)):
+        return Decision(out=PARTIAL, inputs={b: pa.moved(k_b)}, roles={b: "row"})
     if pb.is_shard(k_b) and pa.is_replicate():
-        return Decision(out=PARTIAL, inputs={a: Shard(k_a, pb.outer)})
+        return Decision(out=PARTIAL, inputs={a: pb.moved(k_a)})
     return None
 
 
@@ -81,7 +86,7 @@ def _addmm(ctx, node):
     bshape = ctx.shape(bias)
     k = dec.out.dim - (out_nd - len(bshape))
     if k >= 0 and static_int(bshape[k]) != 1:
-        dec.inputs[bias] = Shard(k, dec.out.outer)
+        dec.inputs[bias] = dec.out.moved(k)
         if dec.seed == "column":
             dec.roles[bias] = "column"
     elif pbias.is_shard():

@@ -69,7 +69,7 @@ def _reduce(ctx, node):
             return Decision(out=PARTIAL)
         return None
     d = p.dim if _keepdim(node) else p.dim - sum(1 for k in dims if k < p.dim)
-    return Decision(out=_wrap(node, Shard(d, p.outer)))
+    return Decision(out=_wrap(node, p.moved(d)))
 
 
 @register(aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax, aten.cumsum,

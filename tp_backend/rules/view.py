@@ -37,6 +37,12 @@ def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
     sharded factor may be symbolic (a dynamic batch or sequence): they are compared as
     sympy expressions; the sharded factor and the output dim holding it must be static.
     """
+    if shard.blocks is not None:
+        # Unequal blocks survive a view only if their dim passes through whole.
+        out, why = map_view_shard(in_shape, out_shape, Shard(shard.dim), n)
+        if out is None or out.outer != 1 or static_int(out_shape[out.dim]) != static_int(in_shape[shard.dim]):
+            return None, "a block-sharded dim must pass through a view whole"
+        return shard.moved(out.dim), None
     d, o = shard.dim, shard.outer
     size_d = static_int(in_shape[d])
     if size_d is None:
@@ -84,6 +90,11 @@ def _view(ctx, node):
     in_shape, out_shape = ctx.shape(x), ctx.shape(node)
     out, why = map_view_shard(in_shape, out_shape, p, ctx.tp_size)
     if out is None:
+        if isinstance(why, tuple) and why[1] < why[2]:
+            # Fewer groups (e.g. KV heads) than ranks: keep the projection whole instead;
+            # attention then gives each rank the KV head it needs.
+            ctx.note(node, f"{why[1]} heads cannot split over tp_size={why[2]}: replicated")
+            return None
         if isinstance(why, tuple):
             _, part, n = why
             raise TPDivisibilityError(
@@ -117,7 +128,7 @@ def _expand(ctx, node):
     sizes = list(node.args[1])
     if sizes[d] != -1:
         sizes[d] = static_int(ctx.shape(node)[d]) // ctx.tp_size
-    return Decision(out=Shard(d, p.outer), args=(x, sizes) + tuple(node.args[2:]))
+    return Decision(out=p.moved(d), args=(x, sizes) + tuple(node.args[2:]))
 
 
 def _remap(ctx, node, fn):
@@ -125,7 +136,7 @@ def _remap(ctx, node, fn):
     if not p.is_shard():
         return Decision(out=p)
     d = fn(p.dim)
-    return Decision(out=Shard(d, p.outer)) if d is not None else None
+    return Decision(out=p.moved(d)) if d is not None else None
 
 
 @register(aten.permute, aten.permute_copy)

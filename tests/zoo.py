@@ -1,0 +1,69 @@
+"""Tiny random configs of many transformers architectures (the coverage test's zoo).
+
+Every config is shrunk to 2 layers, hidden 64, 4 heads of 16, 4 KV heads, vocab 256, so
+TP = 2 and 4 divide every head count; the same seed builds the same weights in every
+process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2",
+            "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "stablelm",
+            "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere"]
+ENCODERS = ["bert", "roberta"]
+ALL = DECODERS + ENCODERS
+
+_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+
+_EXTRA = {
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=8, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "qwen3": dict(head_dim=16),
+    "gpt2": dict(n_inner=128, n_positions=64),
+    "gptj": dict(n_inner=128, rotary_dim=8, n_positions=64),
+    "gpt_bigcode": dict(n_inner=128, n_positions=64, multi_query=False),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=4, parallel_attn=True,
+                   bias=False),
+    "phi": dict(partial_rotary_factor=0.5),
+    "phi3": dict(pad_token_id=0),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, decoder_sparse_step=1),
+    "stablelm": dict(partial_rotary_factor=0.25),
+    "starcoder2": dict(sliding_window=None),
+    "qwen2": dict(use_sliding_window=False),
+    "bert": dict(type_vocab_size=2),
+    "roberta": dict(type_vocab_size=1, pad_token_id=1),
+}
+
+
+def make_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kw = dict(_BASE)
+    kw.update(_EXTRA.get(model_type, {}))
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def make_model(model_type: str, seed: int = 0, **overrides):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cfg = make_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    cls = AutoModel if model_type in ENCODERS else AutoModelForCausalLM
+    try:
+        return cls.from_config(cfg, attn_implementation="sdpa").eval()
+    except ValueError:  # no SDPA path in this architecture: its eager attention
+        torch.manual_seed(seed)
+        return cls.from_config(cfg, attn_implementation="eager").eval()
+
+
+def output_of(out):
+    """The tensor to compare: logits for LMs, last hidden state for encoders."""
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
