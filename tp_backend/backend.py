@@ -32,13 +32,12 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from .decompose import decompose, source_to_fqn
+from .decompose import source_to_fqn
 from .errors import TPError, TPShardedModuleError
 from .options import TPOptions, validate_options
 from .placement import Shard
-from .plan import CollectivePlan, ParamPlan, TPPlan
-from .rewrite import rewrite
-from .solver import describe, solve
+from .pipeline import run_pipeline
+from .plan import TPPlan
 
 log = logging.getLogger("tp_backend")
 
@@ -279,54 +278,21 @@ class TPAutoBackend:
         return _Runner(compiled, owners)
 
     def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts):
-        try:
-            aten_gm = decompose(gm, fakes, fake_mode)
-        except TPError:
-            raise
-        except Exception as e:
-            raise TPError(f"tp_auto: decomposing the captured graph failed: {e}") from e
-        ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-        param_nodes = {ph[i] for i in params}
-        for i, name in fqns.items():
-            ph[i].meta["tp_param_fqn"] = name
-            ph[i].meta["tp_module"] = name.rpartition(".")[0]
-        pre = {}
-        for i, info in presharded.items():
-            pre[ph[i]] = Shard(info.dim, info.outer, info.blocks)
-            ph[i].meta["tp_role"] = info.layout
-        sol = solve(aten_gm.graph, tp_size=opts.tp_size, params=param_nodes, presharded=pre)
+        pre = {i: Shard(info.dim, info.outer, info.blocks) for i, info in presharded.items()}
+        aten_gm, sol, plan = run_pipeline(gm, fakes, fake_mode, params=params, fqns=fqns,
+                                          presharded=pre, tp_size=opts.tp_size,
+                                          tp_rank=opts.tp_rank, group_name=opts.group_name)
         self.stats["solves"] += 1
-        plan = TPPlan(tp_size=opts.tp_size, tp_rank=opts.tp_rank, solve_seconds=sol.seconds,
-                      rounds=sol.rounds, num_nodes=len(aten_gm.graph.nodes))
-        specs = []
-        for i in sorted(params):
-            node = ph[i]
-            shape = tuple(node.meta["val"].shape)
-            s = sol.param_storage.get(node)
-            itemsize = node.meta["val"].element_size()
-            numel = 1
-            for d in shape:
-                numel *= d
-            local = list(shape)
-            if s is not None:
-                local[s.dim] //= opts.tp_size
-                info = ShardInfo(fqns[i], s.dim, sol.param_role[node], shape, opts.tp_rank,
-                                 opts.tp_size, opts.group_name, s.outer, s.blocks)
-                specs.append((i, info))
-            plan.params[fqns[i]] = ParamPlan(
-                fqns[i], sol.param_role[node], s.dim if s is not None else None, shape,
-                tuple(local), numel * itemsize,
-                numel * itemsize // (opts.tp_size if s is not None else 1))
-        plan.replicated_ops = [(describe(n), why) for n, why in sol.notes]
-        plan.demoted = [describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
-        for n, why in sol.notes:
-            log.info("tp_auto: replicated %s (%s)", describe(n), why)
-        t0 = time.perf_counter()
-        aten_gm, inserted = rewrite(aten_gm, sol, tp_rank=opts.tp_rank, tp_size=opts.tp_size,
-                                    group_name=opts.group_name)
-        plan.collectives = [CollectivePlan(**c) for c in inserted]
-        log.info("%s\n  rewrite: %.1f ms", plan.summary(), (time.perf_counter() - t0) * 1e3)
         self.plans.append(plan)
+        specs = []
+        for node, s in sol.param_storage.items():
+            i = node.meta["tp_index"]
+            if s is not None:
+                specs.append((i, ShardInfo(fqns[i], s.dim, sol.param_role[node],
+                                           tuple(int(d) for d in node.meta["val"].shape),
+                                           opts.tp_rank, opts.tp_size, opts.group_name,
+                                           s.outer, s.blocks)))
+        specs.sort(key=lambda x: x[0])
         sharded = {i for i, _ in specs}
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded])
 

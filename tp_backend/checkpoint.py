@@ -59,8 +59,9 @@ class ParameterMeta:
 
 
 def resolve_model_dir(model_name_or_path: str, *, revision=None, cache_dir=None,
-                      local_files_only=False) -> str:
-    """A local directory holding the model's config and safetensors files."""
+                      local_files_only=False, config_only: bool = False) -> str:
+    """A local directory holding the model's config and safetensors files (only the
+    config with ``config_only``)."""
     if os.path.isdir(model_name_or_path):
         return model_name_or_path
     from huggingface_hub import snapshot_download
@@ -68,7 +69,7 @@ def resolve_model_dir(model_name_or_path: str, *, revision=None, cache_dir=None,
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     return snapshot_download(model_name_or_path, revision=revision, cache_dir=cache_dir,
                              local_files_only=local_files_only or offline,
-                             allow_patterns=NEEDED_FILES)
+                             allow_patterns=["config.json"] if config_only else NEEDED_FILES)
 
 
 class CheckpointIndex:

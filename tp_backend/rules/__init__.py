@@ -27,9 +27,11 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..placement import Placement, Replicate, Shard, REPLICATE
 
-__all__ = ["Decision", "RuleContext", "register", "lookup", "RULES"]
+__all__ = ["Decision", "RuleContext", "register", "register_by_name", "lookup", "RULES"]
 
 RULES: dict[Any, Callable] = {}
+# Rules for ops of other libraries, by qualified name (the library may load after us).
+RULES_BY_NAME: dict[str, Callable] = {}
 
 
 @dataclass
@@ -81,11 +83,23 @@ def register(*ops) -> Callable:
     return deco
 
 
+def register_by_name(*names: str) -> Callable:
+    """Register ``fn`` for ops named ``"namespace::op"`` (any overload)."""
+
+    def deco(fn):
+        for name in names:
+            RULES_BY_NAME[name] = fn
+        return fn
+
+    return deco
+
+
 def lookup(target) -> Callable | None:
-    """The rule of an ATen overload: an overload-specific rule first, then its packet's."""
+    """The rule of an ATen overload: an overload-specific rule first, then its packet's,
+    then one registered by name."""
     rule = RULES.get(target)
     if rule is None and isinstance(target, torch._ops.OpOverload):
-        rule = RULES.get(target.overloadpacket)
+        rule = RULES.get(target.overloadpacket) or RULES_BY_NAME.get(target.name().split(".")[0])
     return rule
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..placement import PARTIAL, REPLICATE, Shard
-from . import Decision, divisible, register, static_int
+from . import Decision, divisible, register, register_by_name, static_int
 
 aten = torch.ops.aten
 
@@ -92,3 +92,32 @@ def _addmm(ctx, node):
     elif pbias.is_shard():
         return None
     return dec
+
+
+@register_by_name("transformers::grouped_mm_fallback", "aten::_grouped_mm")
+def _grouped_mm(ctx, node):
+    """Mixture-of-experts grouped matmul: ``x: [T, K]`` (tokens sorted by expert) times
+    ``w: [E, K, N]`` with per-expert token offsets. The experts' weights split like an MLP's:
+    column-parallel on ``N`` (a seed), or row-parallel on ``K`` (Partial output); the
+    router and the offsets stay replicated."""
+    x, w = node.args[0], node.args[1]
+    others = [a for a in node.all_input_nodes if a not in (x, w)]
+    if any(not ctx.placement(a).is_replicate() for a in others):
+        return None
+    px, pw = ctx.placement(x), ctx.placement(w)
+    if px.is_partial() and pw.is_replicate():
+        return Decision(out=PARTIAL)
+    if px.is_replicate() and pw.is_replicate():
+        n = ctx.shape(w)[2]
+        if ctx.is_param(w) and ctx.can_seed(node) and divisible(n, ctx.tp_size):
+            blocks = ctx.preference(node)
+            if blocks and not all(divisible(b, ctx.tp_size) for b in blocks):
+                return Decision(out=REPLICATE)
+            out = Shard(1, blocks=blocks) if blocks else Shard(1)
+            return Decision(out=out, inputs={w: out.moved(2)}, roles={w: "column"}, seed="column")
+        return Decision(out=REPLICATE)
+    if px.is_replicate() and pw.is_shard(2):
+        return Decision(out=pw.moved(1))
+    if px.is_shard(1) and (pw.is_replicate() or pw == px.moved(1)):
+        return Decision(out=PARTIAL, inputs={w: px.moved(1)}, roles={w: "row"})
+    return None

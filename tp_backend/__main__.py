@@ -1,0 +1,34 @@
+"""Command line: ``python -m tp_backend plan MODEL --tp N``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tp_backend")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="print the tensor-parallel plan of a model (meta device, "
+                       "no weights, no processes)")
+    p.add_argument("model", help="hub id or directory with a config.json")
+    p.add_argument("--tp", type=int, required=True, help="tensor-parallel size N")
+    p.add_argument("--seq", type=int, default=128, help="sequence length of the traced input")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    args = parser.parse_args(argv)
+
+    from .planning import format_plan, plan_model
+
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    t0 = time.perf_counter()
+    plans = plan_model(args.model, tp_size=args.tp, seq_len=args.seq, **overrides)
+    for i, plan in enumerate(plans):
+        title = f"{args.model} at tp_size={args.tp}" + (f" (graph {i + 1})" if len(plans) > 1 else "")
+        print(format_plan(plan, title))
+    print(f"planned in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
