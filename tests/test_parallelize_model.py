@@ -39,7 +39,7 @@ def _load_and_compare(rank, world_size, path):
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False).logits
         ref = ref_model(input_ids=ids, use_cache=False).logits
-    inner = model._orig_mod
+    inner = model
     emb, head = inner.model.embed_tokens.weight, inner.lm_head.weight
     plan = tp_backend.last_plan()
     return {

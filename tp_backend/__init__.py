@@ -5,7 +5,7 @@ across the ranks of ``group`` with no per-model code. See README.md.
 """
 
 from .backend import (ShardInfo, TPAutoBackend, local_parameter_bytes, local_shard,
-                      sharding_info, tp_auto)
+                      local_value, sharding_info, tp_auto)
 from .api import parallelize_model
 from .errors import (TPConfigError, TPDivisibilityError, TPError, TPOptionsError,
                      TPOptionsTypeError, TPProcessGroupError, TPShardedModuleError, TPWeightError)
@@ -14,7 +14,7 @@ from .plan import CollectivePlan, ParamPlan, TPPlan
 
 __all__ = [
     "tp_auto", "parallelize_model", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
-    "local_parameter_bytes", "last_plan", "TPPlan", "ParamPlan",
+    "local_parameter_bytes", "local_value", "last_plan", "TPPlan", "ParamPlan",
     "CollectivePlan", "Replicate", "Shard", "Partial", "TPError", "TPOptionsError",
     "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError", "TPWeightError", "TPConfigError",
 ]

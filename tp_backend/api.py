@@ -100,7 +100,8 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
             ``num_hidden_layers=2``); any other key raises ``ValueError``.
 
     Returns:
-        the model compiled with ``tp_auto`` (call it like the model), weights loaded.
+        the model, compiled in place with ``tp_auto`` (``model.compile``), weights loaded:
+        call it, or its ``generate``, as usual.
 
     Raises:
         TPConfigError: no config or no ``architectures`` in it.
@@ -133,9 +134,11 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
         index = CheckpointIndex(directory)
         model = _build_on_meta(cls, config, dtype)
         _attach_checkpoint(model, index, dtype)
-    compiled = torch.compile(model, backend="tp_auto", options=options)
-    _warm_up(compiled, config)
-    return compiled
+    # Compiled in place (nn.Module.compile), so model(...) and model.generate(...) both run
+    # the tensor-parallel graphs.
+    model.compile(backend="tp_auto", options=options)
+    _warm_up(model, config)
+    return model
 
 
 def _build_on_meta(cls, config, dtype):

@@ -42,7 +42,7 @@ from .plan import TPPlan
 log = logging.getLogger("tp_backend")
 
 __all__ = ["tp_auto", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
-           "local_parameter_bytes"]
+           "local_parameter_bytes", "local_value"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ _SHARDED = WeakTensorKeyDictionary()
 # Parameters built by parallelize_model whose values are still in the checkpoint ->
 # their ParameterMeta. The runner reads them (only this rank's slice) on first use.
 _PENDING = WeakTensorKeyDictionary()
+# Values a graph returned split over heads (key/value caches) -> (Shard, local tensor).
+# Python sees a one-element placeholder of the global shape (a DynamicCache holds it, and
+# its shape is right); the next graph that takes it as input gets the local tensor.
+_LOCAL_VALUES = WeakTensorKeyDictionary()
 _HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
@@ -107,6 +111,19 @@ def local_parameter_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def local_shard_of(t: torch.Tensor, shard: Shard, tp_rank: int, tp_size: int) -> torch.Tensor:
+    from .layers import local_shard as _slice
+
+    return _slice(t, shard.dim, shard.outer, tp_rank, tp_size, shard.blocks)
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor | None:
+    """The local part of a value a graph returned split over heads (a key/value cache
+    entry), or ``None`` for an ordinary tensor."""
+    held = _LOCAL_VALUES.get(t)
+    return held[1] if held is not None else None
+
+
 def _refuse_eager_call(module, args):
     if not torch.compiler.is_compiling():
         raise TPShardedModuleError(
@@ -121,6 +138,8 @@ class _Compiled:
     plan: TPPlan
     shard_specs: list  # [(input index, ShardInfo)]
     replicated_params: list  # input indices of parameters kept whole
+    local_inputs: dict  # input index -> Shard of values kept split by an earlier graph
+    local_outputs: dict  # output index -> Shard of values returned split (KV cache)
 
 
 def _freed_placeholder(t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +171,26 @@ class _Runner:
                 raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but this "
                               f"graph expects dim {info.dim}")
             args[idx] = st.local
-        return self.compiled.gm(*args)
+        c = self.compiled
+        for idx, shard in c.local_inputs.items():
+            t = args[idx]
+            held = _LOCAL_VALUES.get(t)
+            if held is not None:
+                args[idx] = held[1]
+            else:  # a whole tensor where a split one was expected: take this rank's part
+                args[idx] = local_shard_of(t, shard, c.plan.tp_rank, c.plan.tp_size)
+        outs = c.gm(*args)
+        if not c.local_outputs:
+            return outs
+        outs = list(outs)
+        for idx, shard in c.local_outputs.items():
+            local = outs[idx]
+            shape = list(local.shape)
+            shape[shard.dim] *= c.plan.tp_size
+            ph = torch.full((), float("nan"), dtype=local.dtype, device=local.device).expand(shape)
+            _LOCAL_VALUES[ph] = (shard, local)
+            outs[idx] = ph
+        return tuple(outs)
 
     def _shard(self, t, info, idx, local=None):
         if local is None:
@@ -240,7 +278,7 @@ class TPAutoBackend:
     # ------------------------------------------------------------------ compile
     def _compile(self, gm, example_inputs, opts: TPOptions):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        fakes, params, presharded, fqns, owners = [], set(), {}, {}, {}
+        fakes, params, presharded, fqns, owners, local_in = [], set(), {}, {}, {}, {}
         ex_fake = next(n.meta["example_value"] for n in placeholders
                        if isinstance(n.meta.get("example_value"), torch.Tensor))
         fake_mode = ex_fake.fake_mode
@@ -264,8 +302,12 @@ class TPAutoBackend:
                     presharded[i] = info
                     with fake_mode:
                         fake = torch.empty(info.global_shape, dtype=real.dtype, device=real.device)
+            elif isinstance(real, torch.Tensor) and real in _LOCAL_VALUES:
+                local_in[i] = _LOCAL_VALUES[real][0]
+                with fake_mode:  # the placeholder is expanded; trace a contiguous tensor
+                    fake = torch.empty(fake.shape, dtype=fake.dtype, device=fake.device)
             fakes.append(fake)
-        key = (gm.code, opts.group_name, opts.tp_rank,
+        key = (gm.code, opts.group_name, opts.tp_rank, tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
                      else str(f) for f in fakes), tuple(sorted(params)))
         compiled = self._cache.get(key)
@@ -273,15 +315,18 @@ class TPAutoBackend:
             self.stats["cache_hits"] += 1
             log.debug("tp_auto: graph %s found in the cache", gm.meta.get("dynamo_compile_id"))
             return _Runner(compiled, owners)
-        compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns, opts)
+        compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns, opts,
+                                           local_in)
         self._cache[key] = compiled
         return _Runner(compiled, owners)
 
-    def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts):
+    def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in):
         pre = {i: Shard(info.dim, info.outer, info.blocks) for i, info in presharded.items()}
+        pre.update(local_in)
         aten_gm, sol, plan = run_pipeline(gm, fakes, fake_mode, params=params, fqns=fqns,
                                           presharded=pre, tp_size=opts.tp_size,
-                                          tp_rank=opts.tp_rank, group_name=opts.group_name)
+                                          tp_rank=opts.tp_rank, group_name=opts.group_name,
+                                          roles={i: info.layout for i, info in presharded.items()})
         self.stats["solves"] += 1
         self.plans.append(plan)
         specs = []
@@ -294,7 +339,8 @@ class TPAutoBackend:
                                            s.outer, s.blocks)))
         specs.sort(key=lambda x: x[0])
         sharded = {i for i, _ in specs}
-        return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded])
+        return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
+                         dict(local_in), dict(sol.local_outputs))
 
 
 def _owner_module(source):

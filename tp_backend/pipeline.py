@@ -34,15 +34,17 @@ def _pass(name, fn, *args, **kwargs):
 
 
 def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqns: dict,
-                 presharded: dict, tp_size: int, tp_rank: int, group_name: str
-                 ) -> tuple[fx.GraphModule, Solution, TPPlan]:
+                 presharded: dict, tp_size: int, tp_rank: int, group_name: str,
+                 roles: dict | None = None) -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
 
     Args:
         params: indices of the placeholders that are parameters.
         fqns: index -> parameter FQN.
-        presharded: index -> ``Shard`` of parameters already sharded by an earlier graph.
+        presharded: index -> ``Shard`` of inputs already split by an earlier graph
+            (sharded parameters, a key/value cache kept split).
+        roles: index -> layout name of those presharded parameters.
 
     Returns:
         ``(local ATen graph module, solution, plan)``.
@@ -55,6 +57,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         ph[i].meta["tp_param_fqn"] = name
         ph[i].meta["tp_module"] = name.rpartition(".")[0]
     pre = {ph[i]: s for i, s in presharded.items()}
+    for i, role in (roles or {}).items():
+        ph[i].meta["tp_role"] = role
     sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size, params={ph[i] for i in params},
                 presharded=pre)
     plan = TPPlan(tp_size=tp_size, tp_rank=tp_rank, solve_seconds=sol.seconds, rounds=sol.rounds,

@@ -72,6 +72,7 @@ class Solution:
     conversions: list = field(default_factory=list)
     param_storage: dict = field(default_factory=dict)  # placeholder -> Shard | None
     param_role: dict = field(default_factory=dict)  # placeholder -> role str
+    local_outputs: dict = field(default_factory=dict)  # output index -> Shard (KV cache)
     demoted: set = field(default_factory=set)
     notes: list = field(default_factory=list)  # (node, reason) for replicated ops
     rounds: int = 0
@@ -178,6 +179,31 @@ def _chain_map(node, perm):
     return list(perm)
 
 
+_PASS_THROUGH = {aten.view, aten._unsafe_view, aten.expand, aten.unsqueeze, aten.clone,
+                 aten._to_copy, aten.permute, aten.transpose, aten.alias, aten.reshape,
+                 aten.slice}
+
+
+def _feeds_attention_kv(node: fx.Node, depth: int = 6) -> bool:
+    """Whether ``node`` reaches the key or value operand of an attention op through layout
+    ops only (``repeat_kv``'s expand/reshape, a dtype cast): a key/value cache."""
+    from .leaf_ops import sdpa  # noqa: F401 - ensures the op exists
+
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.op != "call_function":
+                    continue
+                if user.target is torch.ops.tp_backend.sdpa.default and n in user.args[1:3]:
+                    return True
+                if getattr(user.target, "overloadpacket", None) in _PASS_THROUGH:
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
     pl, taint, origin, decisions = {}, {}, {}, {}
     conversions, notes = [], []
@@ -186,6 +212,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
     conflicts = set()
     new_reduced = set()
     new_prefs = {}
+    local_outputs = {}
     ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs)
     empty = frozenset()
 
@@ -222,8 +249,14 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
             continue
         if node.op == "output":
             outs, _ = tree_flatten(node.args[0])
-            for o in outs:
+            for i, o in enumerate(outs):
                 if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor):
+                    p = pl.get(o)
+                    if isinstance(p, Shard) and p.plain and _feeds_attention_kv(o):
+                        # A key/value cache returned for the next step: it stays split
+                        # over heads, so each rank keeps 1/N of the cache.
+                        local_outputs[i] = p
+                        continue
                     convert(node, o, REPLICATE, allow_gather=True)
             continue
         if node.op != "call_function":
@@ -270,7 +303,8 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
         pl[node] = dec.out
         taint[node] = frozenset(t)
         decisions[node] = dec
-    return pl, decisions, conversions, demands, r_used, conflicts, notes, origin, new_reduced, new_prefs
+    return (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, new_reduced,
+            new_prefs, local_outputs)
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
@@ -297,8 +331,8 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     rounds = 0
     while True:
         rounds += 1
-        pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs = \
-            _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs)
+        (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs,
+         local_outputs) = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs)
         new = conflicts - demoted
         new_red = red - reduced
         if not new and not new_red and not new_prefs or rounds >= max_rounds:
@@ -314,7 +348,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
                       describe(seed))
         demoted |= new
     sol = Solution(tp_size=tp_size, placements=pl, decisions=decisions, demoted=demoted,
-                   notes=notes, rounds=rounds)
+                   notes=notes, rounds=rounds, local_outputs=local_outputs)
     for param in params:
         if param in presharded:
             sol.param_storage[param] = presharded[param]
