@@ -95,3 +95,29 @@ def test_llama_plan_is_megatron():
     assert params["model.layers.0.self_attn.q_proj.weight"][2] == (32, 64)
     assert res["all_reduce"] == {None: 1, 0: 2, 1: 2}
     assert res["all_gather"] == {None: 1}
+
+
+def _inductor(rank, world_size):
+    model = make_model("llama")
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="tp_auto", options={"compiler": "inductor"})
+        outs = [compiled(input_ids=make_ids(seq=s), use_cache=False).logits for s in (7, 9)]
+        refs = [model_ref(input_ids=make_ids(seq=s), use_cache=False).logits for s in (7, 9)]
+    return [(o - r).abs().max().item() for o, r in zip(outs, refs)]
+
+
+_REF = {}
+
+
+def model_ref(**kw):
+    if "m" not in _REF:
+        _REF["m"] = make_model("llama")
+    return _REF["m"](**kw)
+
+
+@pytest.mark.slow
+def test_inductor_after_rewrite():
+    """compiler='inductor': each rank's local graph (functional collectives included) is
+    compiled by Inductor; same logits within the fp32 tolerance, across two lengths."""
+    for errs in run_distributed(_inductor, 2):
+        assert max(errs) <= ATOL, errs

@@ -140,6 +140,24 @@ class _Compiled:
     replicated_params: list  # input indices of parameters kept whole
     local_inputs: dict  # input index -> Shard of values kept split by an earlier graph
     local_outputs: dict  # output index -> Shard of values returned split (KV cache)
+    compiler: str = "eager"
+    _fn: object = None
+
+    def run(self, *args):
+        """Run the local graph: with Inductor (compiled on first use, on the local shapes
+        this rank really has) or eagerly."""
+        if self._fn is None:
+            if self.compiler == "inductor":
+                from torch.fx._lazy_graph_module import _LazyGraphModule
+
+                if isinstance(self.gm, _LazyGraphModule):
+                    self.gm.real_recompile()  # Dynamo does not trace a lazy forward
+                # A nested torch.compile of the local graph: it follows the shapes this
+                # rank really sees (and recompiles or goes dynamic as usual).
+                self._fn = torch.compile(self.gm, backend="inductor", fullgraph=True)
+            else:
+                self._fn = self.gm
+        return self._fn(*args)
 
 
 def _freed_placeholder(t: torch.Tensor) -> torch.Tensor:
@@ -179,7 +197,7 @@ class _Runner:
                 args[idx] = held[1]
             else:  # a whole tensor where a split one was expected: take this rank's part
                 args[idx] = local_shard_of(t, shard, c.plan.tp_rank, c.plan.tp_size)
-        outs = c.gm(*args)
+        outs = c.run(*args)
         if not c.local_outputs:
             return outs
         outs = list(outs)
@@ -271,7 +289,11 @@ class TPAutoBackend:
                             "settings through torch.compile(..., options={...})")
         opts = validate_options(options)
         self.stats["graphs"] += 1
-        if opts.tp_size == 1:
+        if opts.tp_size == 1:  # nothing to split: exactly what plain torch.compile does
+            if opts.compiler == "inductor":
+                from torch._inductor.compile_fx import compile_fx
+
+                return compile_fx(gm, example_inputs)
             return gm.forward
         return self._compile(gm, list(example_inputs), opts)
 
@@ -340,7 +362,7 @@ class TPAutoBackend:
         specs.sort(key=lambda x: x[0])
         sharded = {i for i, _ in specs}
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
-                         dict(local_in), dict(sol.local_outputs))
+                         dict(local_in), dict(sol.local_outputs), opts.compiler)
 
 
 def _owner_module(source):

@@ -17,9 +17,10 @@ __all__ = ["TPOptions", "validate_options", "OPTION_DOCS"]
 OPTION_DOCS = {
     "tp_group": "torch.distributed.ProcessGroup of the tensor-parallel ranks "
                 "(default: the default group, if torch.distributed is initialised)",
-    "compiler": "what runs the rewritten graph: 'eager' (default)",
+    "compiler": "what runs the rewritten graph: 'eager' (default) or 'inductor' (a nested "
+                "torch.compile of each rank's local graph)",
 }
-_COMPILERS = ("eager",)
+_COMPILERS = ("eager", "inductor")
 
 
 @dataclass(frozen=True)
