@@ -1,4 +1,4 @@
-"""Coverage of the transformers zoo with no per-model code: 23 architectures (tiny random
+"""Coverage of the transformers zoo with no per-model code: 24 architectures (tiny random
 configs, tests/zoo.py) at TP=2 and TP=4, one worker group per TP size. For each: output
 equal to single-process eager, the fraction of parameter bytes sharded, all-reduces per
 layer, and where the solver fell back to replication. The table is printed; every model
@@ -24,11 +24,11 @@ def _run_zoo(rank, world_size, names):
         torch._dynamo.reset()
         model = zoo.make_model(name)
         ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
-        kwargs = {"use_cache": False} if name in zoo.DECODERS else {}
+        kwargs = zoo.model_inputs(name, ids)
         try:
             with torch.no_grad():
-                ref = zoo.output_of(model(input_ids=ids, **kwargs))
-                out = zoo.output_of(torch.compile(model, backend="tp_auto")(input_ids=ids, **kwargs))
+                ref = zoo.output_of(model(**kwargs))
+                out = zoo.output_of(torch.compile(model, backend="tp_auto")(**kwargs))
         except Exception as e:  # noqa: BLE001 - recorded in the table, fails the test
             rows[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
             continue
@@ -102,3 +102,32 @@ def test_kv_heads_fewer_than_ranks():
         assert err <= ATOL
         assert (k_layout, q_layout) == ("replicate", "column")
         assert per_layer == {None: 1, 0: 2, 1: 2}
+
+
+def _odd_vocab(rank, world_size):
+    import tp_backend
+
+    rows = {}
+    for name, kw in [("llama", dict(vocab_size=130, tie_word_embeddings=True)),
+                     ("gpt2", dict(vocab_size=130)), ("bert", dict(vocab_size=130))]:
+        torch._dynamo.reset()
+        model = zoo.make_model(name, **kw)
+        ids = torch.randint(3, 130, (2, 7), generator=torch.Generator().manual_seed(1))
+        extra = {"use_cache": False} if name in zoo.DECODERS else {}
+        with torch.no_grad():
+            ref = zoo.output_of(model(input_ids=ids, **extra))
+            out = zoo.output_of(torch.compile(model, backend="tp_auto")(input_ids=ids, **extra))
+        plan = tp_backend.last_plan()
+        table = next(p for k, p in plan.params.items() if p.layout == "vocab")
+        rows[name] = ((out - ref).abs().max().item(), table.local_shape)
+    return rows
+
+
+def test_vocabulary_not_divisible_is_padded():
+    """130 tokens at TP=4: the table is padded to 132 rows, 33 per rank (the last rank's
+    include 2 zero rows); lookups and tied LM heads stay exact (the padded logits are cut
+    off after the gather)."""
+    for rows in run_distributed(_odd_vocab, 4):
+        for name, (err, local) in rows.items():
+            assert err <= ATOL, (name, err)
+            assert local == (33, 64), (name, local)

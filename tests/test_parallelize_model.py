@@ -218,3 +218,23 @@ def test_unknown_override_names_the_key(checkpoint):
 
     with pytest.raises(ValueError, match="'num_hidden_layerz'"):
         tp_backend.parallelize_model(checkpoint, num_hidden_layerz=1)
+
+
+def _odd_vocab_load(rank, world_size, path):
+    import tp_backend
+    from transformers import AutoModelForCausalLM
+
+    model = tp_backend.parallelize_model(path)
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 131, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        err = (model(input_ids=ids, use_cache=False).logits
+               - ref(input_ids=ids, use_cache=False).logits).abs().max().item()
+    return err, tuple(tp_backend.local_shard(model.model.embed_tokens.weight).shape)
+
+
+def test_padded_vocabulary_loaded_from_checkpoint(tmp_path):
+    """131 tokens at TP=2: each rank reads its real rows and pads the last with zeros."""
+    make_model("llama", tie_word_embeddings=True, vocab_size=131).save_pretrained(tmp_path)
+    for err, shape in run_distributed(_odd_vocab_load, 2, str(tmp_path)):
+        assert err <= ATOL and shape == (66, 64), (err, shape)

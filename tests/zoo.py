@@ -13,7 +13,8 @@ DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi
             "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "stablelm",
             "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere"]
 ENCODERS = ["bert", "roberta"]
-ALL = DECODERS + ENCODERS
+ENCODER_DECODERS = ["t5"]  # relative attention bias per head
+ALL = DECODERS + ENCODERS + ENCODER_DECODERS
 
 _BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
@@ -38,6 +39,8 @@ _EXTRA = {
     "starcoder2": dict(sliding_window=None),
     "qwen2": dict(use_sliding_window=False),
     "bert": dict(type_vocab_size=2),
+    "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               decoder_start_token_id=0),
     "roberta": dict(type_vocab_size=1, pad_token_id=1),
 }
 
@@ -56,7 +59,10 @@ def make_model(model_type: str, seed: int = 0, **overrides):
 
     cfg = make_config(model_type, **overrides)
     torch.manual_seed(seed)
-    cls = AutoModel if model_type in ENCODERS else AutoModelForCausalLM
+    from transformers import AutoModelForSeq2SeqLM
+
+    cls = (AutoModel if model_type in ENCODERS else
+           AutoModelForSeq2SeqLM if model_type in ENCODER_DECODERS else AutoModelForCausalLM)
     try:
         return cls.from_config(cfg, attn_implementation="sdpa").eval()
     except ValueError:  # no SDPA path in this architecture: its eager attention
@@ -67,3 +73,12 @@ def make_model(model_type: str, seed: int = 0, **overrides):
 def output_of(out):
     """The tensor to compare: logits for LMs, last hidden state for encoders."""
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def model_inputs(model_type: str, ids):
+    """Forward kwargs for a model of ``model_type`` on token ids ``[B, S]``."""
+    if model_type in DECODERS:
+        return {"input_ids": ids, "use_cache": False}
+    if model_type in ENCODER_DECODERS:
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5], "use_cache": False}
+    return {"input_ids": ids}

@@ -58,13 +58,30 @@ class ShardInfo:
     group_name: str
     outer: int = 1
     blocks: tuple | None = None  # see tp_backend.placement.Shard
+    padded: int | None = None  # dim size after zero padding (a vocabulary, see padding.py)
 
     def ranges(self) -> list:
-        """``(start, length)`` ranges of dim ``dim`` this rank holds, in local order."""
+        """``(start, length)`` ranges of dim ``dim`` this rank holds, in local order
+        (of the padded dim: rows at or past the real size are zeros)."""
         from .layers import shard_ranges
 
-        return shard_ranges(self.global_shape[self.dim], self.outer, self.tp_rank,
-                            self.tp_size, self.blocks)
+        size = self.padded or self.global_shape[self.dim]
+        return shard_ranges(size, self.outer, self.tp_rank, self.tp_size, self.blocks)
+
+    def take(self, read, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's shard, from ``read(start, length)`` of the real rows (zero rows
+        stand for padding)."""
+        real = self.global_shape[self.dim]
+        parts = []
+        for start, length in self.ranges():
+            n_real = max(0, min(start + length, real) - start)
+            if n_real:
+                parts.append(read(start, n_real))
+            if n_real < length:
+                shape = list(self.global_shape)
+                shape[self.dim] = length - n_real
+                parts.append(torch.zeros(shape, dtype=dtype))
+        return torch.cat(parts, dim=self.dim) if len(parts) > 1 else parts[0]
 
 
 @dataclass
@@ -219,8 +236,8 @@ class _Runner:
                 # nn.Linear's weight is (out_features, in_features): a split on dim 0 is
                 # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table split
                 # on dim 0 is vocab-parallel. A fused [q|k|v] weight is split per block.
-                local = torch.cat([t.detach().narrow(info.dim, start, length)
-                                   for start, length in info.ranges()], dim=info.dim).clone()
+                src = t.detach()
+                local = info.take(lambda start, n: src.narrow(info.dim, start, n), src.dtype).clone()
         st = _SHARDED[t] = _Sharded(info, local)
         with torch.no_grad():
             t.data = _freed_placeholder(t)
@@ -250,8 +267,7 @@ class _Runner:
                 with torch.no_grad():
                     t.data = read_tensor(meta)
             else:
-                local = torch.cat([read_tensor(meta, info.dim, start, length)
-                                   for start, length in info.ranges()], dim=info.dim)
+                local = info.take(lambda start, n: read_tensor(meta, info.dim, start, n), meta.dtype)
                 self._shard(t, info, idx, local)
             if bar is not None:
                 bar.update(1)
@@ -358,7 +374,7 @@ class TPAutoBackend:
                 specs.append((i, ShardInfo(fqns[i], s.dim, sol.param_role[node],
                                            tuple(int(d) for d in node.meta["val"].shape),
                                            opts.tp_rank, opts.tp_size, opts.group_name,
-                                           s.outer, s.blocks)))
+                                           s.outer, s.blocks, sol.param_padding.get(node))))
         specs.sort(key=lambda x: x[0])
         sharded = {i for i, _ in specs}
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],

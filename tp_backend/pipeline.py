@@ -13,6 +13,7 @@ import time
 import torch.fx as fx
 
 from .decompose import decompose
+from .padding import pad_vocabularies
 from .errors import TPError
 from .placement import Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
@@ -56,11 +57,18 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     for i, name in fqns.items():
         ph[i].meta["tp_param_fqn"] = name
         ph[i].meta["tp_module"] = name.rpartition(".")[0]
-    pre = {ph[i]: s for i, s in presharded.items()}
+    pads = _pass("vocabulary padding", pad_vocabularies, aten_gm, [ph[i] for i in sorted(params)],
+                 tp_size, fake_mode)
+    stand_in = {n: pads.get(n, n) for n in ph}  # a padded parameter is solved as its pad
+    pre = {stand_in[ph[i]]: s for i, s in presharded.items()}
     for i, role in (roles or {}).items():
-        ph[i].meta["tp_role"] = role
-    sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size, params={ph[i] for i in params},
-                presharded=pre)
+        stand_in[ph[i]].meta["tp_role"] = role
+    sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
+                params={stand_in[ph[i]] for i in params}, presharded=pre)
+    for w, pad in pads.items():
+        sol.param_storage[w] = sol.param_storage.pop(pad)
+        sol.param_role[w] = sol.param_role.pop(pad)
+        sol.param_padding[w] = int(pad.meta["val"].shape[0])
     plan = TPPlan(tp_size=tp_size, tp_rank=tp_rank, solve_seconds=sol.seconds, rounds=sol.rounds,
                   num_nodes=len(aten_gm.graph.nodes))
     for i in sorted(params):
@@ -73,10 +81,13 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
             nbytes *= d
         local = list(shape)
         if s is not None:
-            local[s.dim] //= tp_size
+            local[s.dim] = sol.param_padding.get(node, local[s.dim]) // tp_size
+            nbytes_local = nbytes // shape[s.dim] * local[s.dim]
+        else:
+            nbytes_local = nbytes
         plan.params[fqns[i]] = ParamPlan(fqns[i], sol.param_role[node],
                                          s.dim if s is not None else None, shape, tuple(local),
-                                         nbytes, nbytes // (tp_size if s is not None else 1))
+                                         nbytes, nbytes_local)
     plan.replicated_ops = [(describe(n), why) for n, why in sol.notes]
     plan.demoted = [describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
     for n, why in sol.notes:
@@ -85,5 +96,13 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     aten_gm, inserted = _pass("rewrite", rewrite, aten_gm, sol, tp_rank=tp_rank, tp_size=tp_size,
                               group_name=group_name)
     plan.collectives = [CollectivePlan(**c) for c in inserted]
+    for w, pad in pads.items():
+        if sol.param_storage.get(w) is not None:
+            # The runner feeds the parameter's padded local shard: the pad is done.
+            pad.replace_all_uses_with(w)
+            aten_gm.graph.erase_node(pad)
+    if pads:
+        aten_gm.graph.lint()
+        aten_gm.recompile()
     log.info("%s\n  rewrite: %.1f ms", plan.summary(), (time.perf_counter() - t0) * 1e3)
     return aten_gm, sol, plan

@@ -73,6 +73,7 @@ class Solution:
     param_storage: dict = field(default_factory=dict)  # placeholder -> Shard | None
     param_role: dict = field(default_factory=dict)  # placeholder -> role str
     local_outputs: dict = field(default_factory=dict)  # output index -> Shard (KV cache)
+    param_padding: dict = field(default_factory=dict)  # placeholder -> padded size of dim 0
     demoted: set = field(default_factory=set)
     notes: list = field(default_factory=list)  # (node, reason) for replicated ops
     rounds: int = 0
@@ -237,7 +238,8 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
         conversions.append(Conversion(node, src, have, want, _classify(have, want)))
 
     for node in graph.nodes:
-        if node.op == "placeholder":
+        if node.op == "placeholder" or node in params:
+            # (a padded copy of a parameter, see tp_backend.padding, stands in for it)
             if node in presharded:
                 pl[node] = presharded[node]
             elif isinstance(node.meta.get("val"), torch.Tensor):

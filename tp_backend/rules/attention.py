@@ -47,13 +47,15 @@ def _sdpa(ctx, node):
             return None
         need[k] = need[v] = HeadGroup(1, hq, hkv)
     if isinstance(mask, torch.fx.Node):
+        # The mask / additive bias (e.g. T5's relative position bias, per head) follows the
+        # heads split if it has a heads dim; a partial sum is all-reduced first.
         pm = ctx.placement(mask)
         mshape = ctx.shape(mask)
         k_dim = s.dim - (4 - len(mshape))
-        if pm.is_partial():
-            return None
         if k_dim >= 0 and static_int(mshape[k_dim]) != 1:
             need[mask] = Shard(k_dim)
+        elif pm.is_partial():
+            need[mask] = REPLICATE
         elif not pm.is_replicate():
             return None
     return Decision(out=s, inputs=need)

@@ -57,6 +57,10 @@ def _slice(ctx, node):
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
     if dim != p.dim:
         return Decision(out=p)
+    if node.meta.get("tp_unpad"):
+        # Cutting a padded vocabulary back to size (tp_backend.padding): gather, then cut,
+        # as an LM head gathers its logits anyway.
+        return Decision(out=REPLICATE, inputs={x: REPLICATE}, allow_gather=True)
     args = list(node.args) + [None] * (5 - len(node.args))
     size = static_int(ctx.shape(x)[dim])
     if _full_range(args[2], args[3], args[4], size):
