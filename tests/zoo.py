@@ -11,7 +11,7 @@ import torch
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2",
             "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "stablelm",
-            "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere"]
+            "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere", "codegen"]
 ENCODERS = ["bert", "roberta"]
 ENCODER_DECODERS = ["t5"]  # relative attention bias per head
 ALL = DECODERS + ENCODERS + ENCODER_DECODERS
@@ -26,6 +26,7 @@ _EXTRA = {
     "qwen3": dict(head_dim=16),
     "gpt2": dict(n_inner=128, n_positions=64),
     "gptj": dict(n_inner=128, rotary_dim=8, n_positions=64),
+    "codegen": dict(n_inner=128, rotary_dim=8, n_positions=64),
     "gpt_bigcode": dict(n_inner=128, n_positions=64, multi_query=False),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=4, parallel_attn=True,
