@@ -160,6 +160,10 @@ class _Compiled:
     compiler: str = "eager"
     _fn: object = None
 
+    @property
+    def sharded_inputs(self) -> set:
+        return {i for i, _ in self.shard_specs}
+
     def run(self, *args):
         """Run the local graph: with Inductor (compiled on first use, on the local shapes
         this rank really has) or eagerly."""
@@ -208,6 +212,8 @@ class _Runner:
             args[idx] = st.local
         c = self.compiled
         for idx, shard in c.local_inputs.items():
+            if idx in c.sharded_inputs:
+                continue  # stored split as state: already substituted above
             t = args[idx]
             held = _LOCAL_VALUES.get(t)
             if held is not None:
@@ -228,6 +234,9 @@ class _Runner:
         return tuple(outs)
 
     def _shard(self, t, info, idx, local=None):
+        held = _LOCAL_VALUES.pop(t, None)
+        if local is None and held is not None:  # returned split by an earlier graph
+            local = held[1]
         if local is None:
             if tuple(t.shape) != info.global_shape:
                 raise TPError(f"parameter {info.fqn!r} has shape {list(t.shape)}; tp_auto "
@@ -340,6 +349,14 @@ class TPAutoBackend:
                     presharded[i] = info
                     with fake_mode:
                         fake = torch.empty(info.global_shape, dtype=real.dtype, device=real.device)
+            elif isinstance(real, torch.Tensor) and real in _SHARDED:
+                # State (a static KV cache) that an earlier graph stored split.
+                info = _SHARDED[real].info
+                presharded[i] = info
+                fqns[i] = info.fqn
+                params.add(i)
+                with fake_mode:
+                    fake = torch.empty(info.global_shape, dtype=real.dtype, device=real.device)
             elif isinstance(real, torch.Tensor) and real in _LOCAL_VALUES:
                 local_in[i] = _LOCAL_VALUES[real][0]
                 with fake_mode:  # the placeholder is expanded; trace a contiguous tensor
@@ -361,22 +378,27 @@ class TPAutoBackend:
     def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in):
         pre = {i: Shard(info.dim, info.outer, info.blocks) for i, info in presharded.items()}
         pre.update(local_in)
+        names = {i: (n.meta["grapharg"].source.name if n.meta.get("grapharg") else n.name)
+                 for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
         aten_gm, sol, plan = run_pipeline(gm, fakes, fake_mode, params=params, fqns=fqns,
                                           presharded=pre, tp_size=opts.tp_size,
                                           tp_rank=opts.tp_rank, group_name=opts.group_name,
-                                          roles={i: info.layout for i, info in presharded.items()})
+                                          roles={i: info.layout for i, info in presharded.items()},
+                                          stateful_names=names)
         self.stats["solves"] += 1
         self.plans.append(plan)
         specs = []
         for node, s in sol.param_storage.items():
             i = node.meta["tp_index"]
             if s is not None:
-                specs.append((i, ShardInfo(fqns[i], s.dim, sol.param_role[node],
+                specs.append((i, ShardInfo(sol.stateful.get(i, node.name), s.dim,
+                                           sol.param_role[node],
                                            tuple(int(d) for d in node.meta["val"].shape),
                                            opts.tp_rank, opts.tp_size, opts.group_name,
                                            s.outer, s.blocks, sol.param_padding.get(node))))
         specs.sort(key=lambda x: x[0])
         sharded = {i for i, _ in specs}
+        params = set(params) | set(sol.stateful)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
                          dict(local_in), dict(sol.local_outputs), opts.compiler)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
 import torch.fx as fx
 
 from .decompose import decompose
@@ -36,7 +37,8 @@ def _pass(name, fn, *args, **kwargs):
 
 def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqns: dict,
                  presharded: dict, tp_size: int, tp_rank: int, group_name: str,
-                 roles: dict | None = None) -> tuple[fx.GraphModule, Solution, TPPlan]:
+                 roles: dict | None = None, stateful_names: dict | None = None
+                 ) -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
 
@@ -46,10 +48,14 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         presharded: index -> ``Shard`` of inputs already split by an earlier graph
             (sharded parameters, a key/value cache kept split).
         roles: index -> layout name of those presharded parameters.
+        stateful_names: index -> name of inputs that are not parameters (used if the graph
+            writes into them, e.g. a static KV cache).
 
     Returns:
         ``(local ATen graph module, solution, plan)``.
     """
+    stateful_names = stateful_names or {}
+    fqns = dict(fqns)
     aten_gm = _pass("decomposition", decompose, gm, fakes, fake_mode)
     ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(ph):
@@ -57,6 +63,17 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     for i, name in fqns.items():
         ph[i].meta["tp_param_fqn"] = name
         ph[i].meta["tp_module"] = name.rpartition(".")[0]
+    # Inputs the graph writes back into (a static KV cache: functionalisation ends the graph
+    # with copy_(input, new value)) are state, like parameters: they may be stored split.
+    params = set(params)
+    for n in aten_gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default \
+                and n.args[0].op == "placeholder":
+            i = n.args[0].meta["tp_index"]
+            if i not in params:
+                params.add(i)
+                fqns[i] = stateful_names.get(i, n.args[0].name)
+                n.args[0].meta["tp_param_fqn"] = fqns[i]
     pads = _pass("vocabulary padding", pad_vocabularies, aten_gm, [ph[i] for i in sorted(params)],
                  tp_size, fake_mode)
     stand_in = {n: pads.get(n, n) for n in ph}  # a padded parameter is solved as its pad
@@ -71,6 +88,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         sol.param_padding[w] = int(pad.meta["val"].shape[0])
     plan = TPPlan(tp_size=tp_size, tp_rank=tp_rank, solve_seconds=sol.seconds, rounds=sol.rounds,
                   num_nodes=len(aten_gm.graph.nodes))
+    sol.stateful = {i: fqns[i] for i in params}
     for i in sorted(params):
         node = ph[i]
         val = node.meta["val"]

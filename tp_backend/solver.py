@@ -74,6 +74,7 @@ class Solution:
     param_role: dict = field(default_factory=dict)  # placeholder -> role str
     local_outputs: dict = field(default_factory=dict)  # output index -> Shard (KV cache)
     param_padding: dict = field(default_factory=dict)  # placeholder -> padded size of dim 0
+    stateful: dict = field(default_factory=dict)  # input index -> name of stored inputs
     demoted: set = field(default_factory=set)
     notes: list = field(default_factory=list)  # (node, reason) for replicated ops
     rounds: int = 0
@@ -82,12 +83,13 @@ class Solution:
 
 class _Ctx:
     def __init__(self, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
-                 new_prefs):
+                 new_prefs, forced):
         self.tp_size = tp_size
         self._reduced = reduced
         self._prefs = prefs
         self._taint = taint
         self._new_prefs = new_prefs
+        self._forced = forced
         self._demoted = demoted
         self._origin = origin
         self._pl = placements
@@ -127,6 +129,9 @@ class _Ctx:
         new = frozenset(cur | set(cuts) | {0, int(size)})
         if new != cur:
             self._new_prefs[seed] = new
+
+    def forced_whole(self, node):
+        return node in self._forced
 
     def preference(self, seed):
         cuts = self._prefs.get(seed)
@@ -205,7 +210,7 @@ def _feeds_attention_kv(node: fx.Node, depth: int = 6) -> bool:
     return False
 
 
-def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
+def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced):
     pl, taint, origin, decisions = {}, {}, {}, {}
     conversions, notes = [], []
     demands = defaultdict(list)  # param -> [(param_dim, outer, role)]
@@ -214,7 +219,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
     new_reduced = set()
     new_prefs = {}
     local_outputs = {}
-    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs)
+    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs, forced)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -311,6 +316,26 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs):
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
           max_rounds: int = 64) -> Solution:
+    """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
+    that every write-back into graph state (``copy_``) that wants a split destination got
+    one, else solve again with those writes kept whole (so state is never written through
+    a local copy)."""
+    forced: set = set()
+    t0 = time.perf_counter()
+    while True:
+        sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
+                          max_rounds=max_rounds, forced=forced)
+        bad = {n for n, d in sol.decisions.items()
+               if n.target is aten.copy_.default and isinstance(d.out, Shard)
+               and sol.param_storage.get(n.args[0], presharded and presharded.get(n.args[0])) != d.out}
+        if not bad - forced:
+            sol.seconds = time.perf_counter() - t0
+            return sol
+        forced |= bad
+
+
+def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
+                max_rounds: int = 64, forced: set = frozenset()) -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -334,7 +359,8 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     while True:
         rounds += 1
         (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs,
-         local_outputs) = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs)
+         local_outputs) = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs,
+                                     forced)
         new = conflicts - demoted
         new_red = red - reduced
         if not new and not new_red and not new_prefs or rounds >= max_rounds:

@@ -288,3 +288,33 @@ def _factory(ctx, node):
     if node.target.overloadpacket in (aten._assert_tensor_metadata, aten._assert_async):
         return Decision(out=REPLICATE)
     return Decision(out=REPLICATE, inputs={})
+
+
+@register(aten.index_put)
+def _index_put(ctx, node):
+    """``x[indices] = values`` (a static KV cache update: ``cache[:, :, pos] = k``): a shard
+    on a dim that is not indexed stays, with ``values`` split the same way."""
+    x, indices, values = node.args[:3]
+    p, pv = ctx.placement(x), ctx.placement(values)
+    idx_nodes = [i for i in indices if isinstance(i, torch.fx.Node)]
+    if any(not ctx.placement(i).is_replicate() for i in idx_nodes) or p.is_partial() \
+            or pv.is_partial():
+        return None
+    s = p if p.is_shard() else pv if pv.is_shard() else None
+    if s is None:
+        return Decision(out=REPLICATE)
+    pos = [k for k, i in enumerate(indices) if i is not None]
+    if len(ctx.shape(values)) != len(ctx.shape(x)) or s.dim in pos or not s.plain:
+        return None
+    return Decision(out=s, inputs={x: s, values: s})
+
+
+@register(aten.copy_)
+def _copy_(ctx, node):
+    """The write-back that ends a functionalised graph: ``copy_(state, new)``. A split
+    new value asks for the state itself to be stored split (see the solver)."""
+    dst, src = node.args[:2]
+    pd, ps = ctx.placement(dst), ctx.placement(src)
+    if ps.is_shard() and ps.plain and not ctx.forced_whole(node) and (pd.is_replicate() or pd == ps):
+        return Decision(out=ps, inputs={dst: ps}, roles={dst: "shard"})
+    return Decision(out=REPLICATE, inputs={dst: REPLICATE, src: REPLICATE})
