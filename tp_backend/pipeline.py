@@ -56,7 +56,9 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     """
     stateful_names = stateful_names or {}
     fqns = dict(fqns)
+    t_start = time.perf_counter()
     aten_gm = _pass("decomposition", decompose, gm, fakes, fake_mode)
+    t_decomposed = time.perf_counter()
     ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(ph):
         n.meta["tp_index"] = i
@@ -88,6 +90,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         sol.param_padding[w] = int(pad.meta["val"].shape[0])
     plan = TPPlan(tp_size=tp_size, tp_rank=tp_rank, solve_seconds=sol.seconds, rounds=sol.rounds,
                   num_nodes=len(aten_gm.graph.nodes))
+    plan.timings["decompose_s"] = t_decomposed - t_start
+    plan.timings["solve_s"] = sol.seconds
     sol.stateful = {i: fqns[i] for i in params}
     for i in sorted(params):
         node = ph[i]
@@ -114,6 +118,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     aten_gm, inserted = _pass("rewrite", rewrite, aten_gm, sol, tp_rank=tp_rank, tp_size=tp_size,
                               group_name=group_name)
     plan.collectives = [CollectivePlan(**c) for c in inserted]
+    plan.timings["rewrite_s"] = time.perf_counter() - t0
     for w, pad in pads.items():
         if sol.param_storage.get(w) is not None:
             # The runner feeds the parameter's padded local shard: the pad is done.
