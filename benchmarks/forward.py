@@ -51,8 +51,9 @@ def checkpoint() -> str:
     return path
 
 
-def _time(fn, reps=3):
-    fn()
+def _time(fn, reps=3, warmups=1):
+    for _ in range(warmups):
+        fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -100,7 +101,8 @@ def run_one(impl: str, threads: int) -> dict:
         def decode():
             model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
 
-        res["decode_tok_s"] = 16 / _time(decode, reps=2)
+        # Two warm-ups: a compiled decode settles after its shapes go dynamic.
+        res["decode_tok_s"] = 16 / _time(decode, reps=2, warmups=2)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if impl.startswith("tp_auto"):
         import tp_backend

@@ -23,13 +23,23 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
                blocks: tuple | None = None) -> torch.Tensor:
     """Inverse of a ``Shard(dim, outer, blocks)`` split: each rank holds, for every block
     (``outer`` equal blocks, or the given ``blocks``), its chunk of it; returns the whole
-    tensor on every rank."""
-    xt = x.movedim(dim, 0).contiguous()  # [L, *rest], L = sum of this rank's chunks
-    g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(xt, tp_size, group_name))  # [N*L, *rest]
-    if outer != 1 or blocks is not None:
-        rest = xt.shape[1:]
-        local = xt.shape[0]
-        pieces = [b // tp_size for b in blocks] if blocks is not None else [local // outer] * outer
-        per_rank = g.view(tp_size, local, *rest).split(pieces, dim=1)  # per block: [N, b/N, *rest]
-        g = torch.cat([p.reshape(p.shape[0] * p.shape[1], *rest) for p in per_rank], dim=0)
-    return g.movedim(0, dim).contiguous()
+    tensor on every rank.
+
+    The ranks' tensors are gathered as they are (``[N, *local]``, no transpose before the
+    collective); one copy then moves the rank axis next to ``dim``, moving contiguous runs
+    of the trailing dims rather than transposing element by element.
+    """
+    x = x.contiguous()
+    g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x, tp_size, group_name))  # [N*d0, ...]
+    g = g.view(tp_size, *x.shape)  # [N, *local]
+    shape = list(x.shape)
+    if outer == 1 and blocks is None:
+        g = g.movedim(0, dim)  # [..., N, L, ...]
+        return g.reshape(shape[:dim] + [tp_size * shape[dim]] + shape[dim + 1:])
+    pieces = [b // tp_size for b in blocks] if blocks is not None else [shape[dim] // outer] * outer
+    parts = []
+    for p in g.split(pieces, dim=dim + 1):  # per block: [N, ..., b/N, ...]
+        p = p.movedim(0, dim)
+        s = list(p.shape)
+        parts.append(p.reshape(s[:dim] + [s[dim] * s[dim + 1]] + s[dim + 2:]))
+    return torch.cat(parts, dim=dim)
