@@ -24,7 +24,6 @@ clears the cache.
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from dataclasses import dataclass
 

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from .placement import PARTIAL, REPLICATE, Placement, Replicate, Shard
+from .placement import REPLICATE, Placement, Shard
 from .rules import Decision, divisible, lookup, replicate_all, tensor_inputs
 
 log = logging.getLogger(__name__)

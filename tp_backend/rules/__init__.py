@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ..placement import Placement, Replicate, Shard, REPLICATE
+from ..placement import REPLICATE, Placement
 
 __all__ = ["Decision", "RuleContext", "register", "register_by_name", "lookup", "RULES"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..placement import PARTIAL, REPLICATE, Shard
+from ..placement import PARTIAL, REPLICATE
 from . import Decision, register, static_int, tensor_inputs
 
 aten = torch.ops.aten

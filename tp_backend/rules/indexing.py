@@ -10,7 +10,6 @@ output.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..placement import PARTIAL, REPLICATE, Shard
+from ..placement import PARTIAL, REPLICATE
 from . import Decision, norm_dim, register
 
 aten = torch.ops.aten
