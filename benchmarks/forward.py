@@ -26,11 +26,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+
+from _common import run_child, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
@@ -146,13 +146,7 @@ def main():
                ("tp_auto+inductor", "tp_auto+inductor", 1, 2), ("hf_tp", "hf_tp", 1, 2)]
     rows = {}
     for name, impl, threads, tp in configs:
-        cmd = [sys.executable, __file__, "--impl", impl, "--threads", str(threads)]
-        if tp > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp)] + cmd[1:]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        rows[name] = json.loads(line[-1][7:]) if line else {
-            "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        rows[name] = run_child(__file__, ["--impl", impl, "--threads", str(threads)], tp)
         print(name, "done", flush=True)
     base = rows["eager x1"]
     print(f"\n{'config':18s} {'TP':>2s} {'thr':>3s} {'prefill128 ms':>13s} {'prefill512 ms':>13s} "
@@ -172,10 +166,7 @@ def main():
             print(f"{name}: passes {r['pass_s']}, all-reduces/forward {r['all_reduce_per_forward']} "
                   f"(Megatron minimum {2 * CONFIG['num_hidden_layers']} + 1 embedding), "
                   f"all-gathers {r['all_gather_per_forward']}, stats {r['stats']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(rows, args.out)
 
 
 if __name__ == "__main__":

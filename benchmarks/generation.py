@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
+
+from _common import run_child, write_json
 
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 32
@@ -98,14 +98,8 @@ def main():
         return
     rows = {}
     for impl in ("eager", "compile", "tp_auto", "hf_tp"):
-        cmd = [sys.executable, __file__, "--impl", impl]
-        if impl in ("tp_auto", "hf_tp"):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                   str(args.tp)] + cmd[1:]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        rows[impl] = json.loads(line[-1][7:]) if line else {
-            "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        rows[impl] = run_child(__file__, ["--impl", impl],
+                               args.tp if impl in ("tp_auto", "hf_tp") else 1)
     ref = rows["eager"].get("tokens")
     print(f"{'impl':8s} {'TP':>3s} {'thr/rank':>8s} {'prefill ms':>10s} {'decode tok/s':>12s} "
           f"{'tokens = eager':>14s}")
@@ -115,10 +109,7 @@ def main():
             continue
         print(f"{impl:8s} {r['tp']:3d} {r['threads_per_rank']:8d} {1e3 * r['prefill_s']:10.1f} "
               f"{r['decode_tok_s']:12.2f} {str(r['tokens'] == ref):>14s}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(rows, args.out)
 
 
 if __name__ == "__main__":

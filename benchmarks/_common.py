@@ -1,0 +1,30 @@
+"""Shared by the benchmark scripts: run one configuration in a child process (so each
+gets a fresh process, thread setting and process group) and save the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run_child(script: str, args: list, tp: int = 1) -> dict:
+    """Run ``script args`` (under torchrun with ``tp`` processes if ``tp > 1``) and return
+    the JSON it printed after ``RESULT`` (rank 0), or ``{"error": last stderr line}``."""
+    cmd = [sys.executable, script, *args]
+    if tp > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp),
+               script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if line:
+        return json.loads(line[-1][len("RESULT "):])
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+
+
+def write_json(rows: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"wrote {path}")
