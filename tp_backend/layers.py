@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .collectives import all_reduce
+from .placement import Shard
 
 __all__ = ["row_parallel_linear", "vocab_parallel_embedding", "local_shard", "kv_head_slice"]
 
@@ -47,10 +48,8 @@ def shard_ranges(size: int, outer: int, tp_rank: int, tp_size: int,
                  blocks: tuple | None = None) -> list[tuple[int, int]]:
     """``(start, length)`` ranges of a dim of global ``size`` that rank ``tp_rank`` holds
     under ``Shard(dim, outer, blocks)``, in local order."""
-    if blocks is None:
-        blocks = (size // outer,) * outer
     out, off = [], 0
-    for b in blocks:
+    for b in Shard(0, outer, blocks).block_sizes(size):
         step = b // tp_size
         out.append((off + tp_rank * step, step))
         off += b

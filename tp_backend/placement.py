@@ -66,6 +66,13 @@ class Shard(Placement):
     def plain(self) -> bool:
         return self.outer == 1 and self.blocks is None
 
+    def block_sizes(self, size: int) -> tuple:
+        """The consecutive blocks of a dim of global ``size``, each split ``N`` ways: the
+        given ``blocks``, ``outer`` equal blocks, or the whole dim for a plain shard."""
+        if self.blocks is not None:
+            return tuple(self.blocks)
+        return (size // self.outer,) * self.outer
+
     def __repr__(self) -> str:
         if self.blocks is not None:
             return f"S({self.dim},blocks={list(self.blocks)})"

@@ -388,8 +388,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
         size = param.meta["val"].shape
         if uses and param not in r_used and len(wants) == 1:
             want, = wants
-            blocks = want.blocks or (int(size[want.dim]) // want.outer,) * want.outer
-            if all(divisible(b, tp_size) for b in blocks):
+            if all(divisible(b, tp_size) for b in want.block_sizes(int(size[want.dim]))):
                 sol.param_storage[param] = want
                 # A tied embedding / LM head is vocab-parallel for the lookup and
                 # column-parallel for the head: the same split of the [V, E] table.

@@ -26,18 +26,10 @@ def _full_range(start, end, step, size) -> bool:
     return step in (None, 1) and start == 0 and size is not None and end is not None and end >= size
 
 
-def blocks_of(p: Shard, size: int):
-    """The blocks of a strided or block shard (``None`` for a plain shard)."""
-    if p.blocks is not None:
-        return tuple(p.blocks)
-    if p.outer > 1:
-        return (size // p.outer,) * p.outer
-    return None
-
-
-def _cuts(blocks):
+def _cuts(sizes):
+    """Offsets where consecutive pieces of ``sizes`` start and end."""
     out, off = {0}, 0
-    for b in blocks:
+    for b in sizes:
         off += b
         out.add(off)
     return out
@@ -70,7 +62,7 @@ def _slice(ctx, node):
         return None
     start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
     end = min(end, size)
-    blocks = blocks_of(p, size)
+    blocks = None if p.plain else p.block_sizes(size)
     if blocks is not None:
         off = 0
         for b in blocks:
@@ -171,19 +163,14 @@ def _split(ctx, node):
         sizes = [ss] * (size // ss) + ([size % ss] if size % ss else [])
     else:
         sizes = [static_int(v) for v in node.args[1]]
-    blocks = blocks_of(p, size)
     n = ctx.tp_size
-    if blocks is not None and list(blocks) == sizes:
+    if not p.plain and list(p.block_sizes(size)) == sizes:
         if isinstance(node.args[1], int):
             args = (x, node.args[1] // n, dim)
         else:
             args = (x, [b // n for b in sizes], dim)
         return Decision(out=tuple(Shard(dim) for _ in range(n_out)), args=args)
-    cuts, off = {0}, 0
-    for v in sizes:
-        off += v
-        cuts.add(off)
-    ctx.prefer(x, dim, cuts)
+    ctx.prefer(x, dim, _cuts(sizes))
     return None
 
 
