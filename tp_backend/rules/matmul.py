@@ -23,6 +23,23 @@ from . import Decision, divisible, register, register_by_name, static_int
 aten = torch.ops.aten
 
 
+def _column_seed(ctx, node, weight, n_features: int, out_dim: int, weight_dim: int):
+    """Column-parallel decision for a product of a replicated input with ``weight`` (a
+    parameter) whose ``n_features`` output features are on ``weight_dim``; the output's
+    features are on ``out_dim``. ``None`` if no seed is allowed here.
+
+    A fused projection whose output is later split (q|k|v, gate|up) shards each block
+    separately: the consumers' cut points come back as a preference (see the solver)."""
+    if not (ctx.is_param(weight) and ctx.can_seed(node) and divisible(n_features, ctx.tp_size)):
+        return None
+    blocks = ctx.preference(node)
+    if blocks and not all(divisible(bl, ctx.tp_size) for bl in blocks):
+        return None
+    out = Shard(out_dim, blocks=blocks) if blocks else Shard(out_dim)
+    return Decision(out=out, inputs={weight: out.moved(weight_dim)}, roles={weight: "column"},
+                    seed="column")
+
+
 def _mm_decision(ctx, node, a, b):
     """Placements for ``a @ b`` over the last two dims; batch dims (bmm) are dim 0."""
     pa, pb = ctx.placement(a), ctx.placement(b)
@@ -33,16 +50,8 @@ def _mm_decision(ctx, node, a, b):
             return Decision(out=PARTIAL)
         return None
     if pa.is_replicate() and pb.is_replicate():
-        n = ctx.shape(b)[n_dim]
-        if ctx.is_param(b) and ctx.can_seed(node) and divisible(n, ctx.tp_size):
-            # A fused projection whose output is later split (q|k|v, gate|up) shards each
-            # block separately: the consumers' cut points come back as a preference.
-            blocks = ctx.preference(node)
-            out = Shard(n_dim, blocks=blocks) if blocks else Shard(n_dim)
-            if blocks and not all(divisible(bl, ctx.tp_size) for bl in blocks):
-                return Decision(out=REPLICATE)
-            return Decision(out=out, inputs={b: out}, roles={b: "column"}, seed="column")
-        return Decision(out=REPLICATE)
+        seed = _column_seed(ctx, node, b, ctx.shape(b)[n_dim], n_dim, n_dim)
+        return seed or Decision(out=REPLICATE)
     if nd == 3:  # bmm: a shared batch shard stays a batch shard
         if pa.is_shard(0) or pb.is_shard(0):
             p = pa if pa.is_shard(0) else pb
@@ -108,14 +117,8 @@ def _grouped_mm(ctx, node):
     if px.is_partial() and pw.is_replicate():
         return Decision(out=PARTIAL)
     if px.is_replicate() and pw.is_replicate():
-        n = ctx.shape(w)[2]
-        if ctx.is_param(w) and ctx.can_seed(node) and divisible(n, ctx.tp_size):
-            blocks = ctx.preference(node)
-            if blocks and not all(divisible(b, ctx.tp_size) for b in blocks):
-                return Decision(out=REPLICATE)
-            out = Shard(1, blocks=blocks) if blocks else Shard(1)
-            return Decision(out=out, inputs={w: out.moved(2)}, roles={w: "column"}, seed="column")
-        return Decision(out=REPLICATE)
+        seed = _column_seed(ctx, node, w, ctx.shape(w)[2], 1, 2)
+        return seed or Decision(out=REPLICATE)
     if px.is_replicate() and pw.is_shard(2):
         return Decision(out=pw.moved(1))
     if px.is_shard(1) and (pw.is_replicate() or pw == px.moved(1)):
