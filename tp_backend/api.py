@@ -75,10 +75,6 @@ def _split_overrides(config, overrides: dict):
     return options, model_kwargs
 
 
-def _placeholder(shape, dtype):
-    return torch.full((), float("nan") if dtype.is_floating_point else 0, dtype=dtype).expand(shape)
-
-
 def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str | None = None,
                       cache_dir: str | None = None, local_files_only: bool = False,
                       skip_load_weights: bool = False, dtype: torch.dtype | None = None,
@@ -133,7 +129,7 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
     else:
         index = CheckpointIndex(directory)
         model = _build_on_meta(cls, config, dtype)
-        _attach_checkpoint(model, index, dtype)
+        _attach_checkpoint(model, index)
     # Compiled in place (nn.Module.compile), so model(...) and model.generate(...) both run
     # the tensor-parallel graphs.
     model.compile(backend="tp_auto", options=options)
@@ -152,9 +148,9 @@ def _build_on_meta(cls, config, dtype):
     return model.eval()
 
 
-def _attach_checkpoint(model, index: CheckpointIndex, dtype):
+def _attach_checkpoint(model, index: CheckpointIndex):
     """Give each parameter a placeholder of its global shape and its ParameterMeta."""
-    from .backend import _PENDING
+    from .backend import _PENDING, placeholder
 
     names: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -165,14 +161,13 @@ def _attach_checkpoint(model, index: CheckpointIndex, dtype):
         if source is None:
             raise TPWeightError(f"tensor {fqns[0]!r} is not in the checkpoint {index.directory}"
                                 + (f" (nor its tied names {fqns[1:]})" if len(fqns) > 1 else ""))
-        shape = tuple(p.shape)
-        pdtype = p.dtype
-        new = torch.nn.Parameter(_placeholder(shape, pdtype), requires_grad=False)
-        _PENDING[new] = ParameterMeta(fqn=fqns[0], source=source, file=index.file_of(source),
-                                      global_shape=shape, dtype=pdtype, tied=tuple(fqns))
+        shape, file = tuple(p.shape), index.file_of(source)
         if tuple(index.shape_of(source)) != shape:
-            raise TPWeightError(f"tensor {source!r} in {index.file_of(source)} has shape "
+            raise TPWeightError(f"tensor {source!r} in {file} has shape "
                                 f"{list(index.shape_of(source))}, the model expects {list(shape)}")
+        new = torch.nn.Parameter(placeholder(shape, p.dtype), requires_grad=False)
+        _PENDING[new] = ParameterMeta(fqn=fqns[0], source=source, file=file,
+                                      global_shape=shape, dtype=p.dtype, tied=tuple(fqns))
         replacement[pid] = new
     for module in model.modules():
         for key, p in list(module._parameters.items()):

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from . import layers
 from .decompose import source_to_fqn
 from .errors import TPError, TPShardedModuleError
 from .options import TPOptions, validate_options
@@ -127,12 +128,6 @@ def local_parameter_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def local_shard_of(t: torch.Tensor, shard: Shard, tp_rank: int, tp_size: int) -> torch.Tensor:
-    from .layers import local_shard as _slice
-
-    return _slice(t, shard.dim, shard.outer, tp_rank, tp_size, shard.blocks)
-
-
 def local_value(t: torch.Tensor) -> torch.Tensor | None:
     """The local part of a value a graph returned split over heads (a key/value cache
     entry), or ``None`` for an ordinary tensor."""
@@ -155,13 +150,10 @@ class _Compiled:
     shard_specs: list  # [(input index, ShardInfo)]
     replicated_params: list  # input indices of parameters kept whole
     local_inputs: dict  # input index -> Shard of values kept split by an earlier graph
+    #                     (except those stored split as state: those are in shard_specs)
     local_outputs: dict  # output index -> Shard of values returned split (KV cache)
     compiler: str = "eager"
     _fn: object = None
-
-    @property
-    def sharded_inputs(self) -> set:
-        return {i for i, _ in self.shard_specs}
 
     def run(self, *args):
         """Run the local graph: with Inductor (compiled on first use, on the local shapes
@@ -180,9 +172,17 @@ class _Compiled:
         return self._fn(*args)
 
 
-def _freed_placeholder(t: torch.Tensor) -> torch.Tensor:
-    fill = float("nan") if t.dtype.is_floating_point or t.dtype.is_complex else 0
-    return torch.full((), fill, dtype=t.dtype, device=t.device).expand(t.shape)
+def placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """A one-element tensor expanded to ``shape``: what Python holds in place of data kept
+    elsewhere (a parameter's local shard, a split KV cache, a weight not yet read). NaN (0
+    for integers), so an accidental eager use gives NaN rather than plausible numbers."""
+    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+    return torch.full((), fill, dtype=dtype, device=device).expand(shape)
+
+
+def _contiguous_fake(fake_mode, shape, like: torch.Tensor) -> torch.Tensor:
+    with fake_mode:
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
 
 
 class _Runner:
@@ -196,6 +196,8 @@ class _Runner:
 
     def __call__(self, *args):
         args = list(args)
+        # Checked on every call: Dynamo may share one compiled graph between several model
+        # instances (torch.compile(model.forward) on two models), whose weights load apart.
         pending = [i for i, _ in self.compiled.shard_specs if args[i] in _PENDING] + \
                   [i for i in self.compiled.replicated_params if args[i] in _PENDING]
         if pending:
@@ -211,14 +213,13 @@ class _Runner:
             args[idx] = st.local
         c = self.compiled
         for idx, shard in c.local_inputs.items():
-            if idx in c.sharded_inputs:
-                continue  # stored split as state: already substituted above
             t = args[idx]
             held = _LOCAL_VALUES.get(t)
             if held is not None:
                 args[idx] = held[1]
             else:  # a whole tensor where a split one was expected: take this rank's part
-                args[idx] = local_shard_of(t, shard, c.plan.tp_rank, c.plan.tp_size)
+                args[idx] = layers.local_shard(t, shard.dim, shard.outer, c.plan.tp_rank,
+                                               c.plan.tp_size, shard.blocks)
         outs = c.run(*args)
         if not c.local_outputs:
             return outs
@@ -227,7 +228,7 @@ class _Runner:
             local = outs[idx]
             shape = list(local.shape)
             shape[shard.dim] *= c.plan.tp_size
-            ph = torch.full((), float("nan"), dtype=local.dtype, device=local.device).expand(shape)
+            ph = placeholder(shape, local.dtype, local.device)
             _LOCAL_VALUES[ph] = (shard, local)
             outs[idx] = ph
         return tuple(outs)
@@ -248,7 +249,7 @@ class _Runner:
                 local = info.take(lambda start, n: src.narrow(info.dim, start, n), src.dtype).clone()
         st = _SHARDED[t] = _Sharded(info, local)
         with torch.no_grad():
-            t.data = _freed_placeholder(t)
+            t.data = placeholder(t.shape, t.dtype, t.device)
         owner = self._owners.get(idx)
         if owner is not None and owner not in _HOOKED:
             owner.register_forward_pre_hook(_refuse_eager_call)
@@ -335,31 +336,23 @@ class TPAutoBackend:
                 fqns[i] = source_to_fqn(source.name) if source is not None else n.name
                 params.add(i)
                 owners[i] = _owner_module(source)
-                st = _SHARDED.get(real)
-                info = st.info if st is not None else None
-                if info is None and real in _PENDING:
-                    # Not loaded yet: its data is a placeholder; trace a contiguous tensor.
-                    with fake_mode:
-                        fake = torch.empty(tuple(real.shape), dtype=real.dtype, device=real.device)
-                if info is not None:
-                    if info.group_name != opts.group_name:
-                        raise TPError(f"parameter {fqns[i]!r} was sharded for another "
-                                      f"tensor-parallel group ({info.group_name})")
-                    presharded[i] = info
-                    with fake_mode:
-                        fake = torch.empty(info.global_shape, dtype=real.dtype, device=real.device)
-            elif isinstance(real, torch.Tensor) and real in _SHARDED:
-                # State (a static KV cache) that an earlier graph stored split.
-                info = _SHARDED[real].info
+            # Inputs whose data is a placeholder are traced as contiguous tensors of their
+            # global shape.
+            st = _SHARDED.get(real) if isinstance(real, torch.Tensor) else None
+            if st is not None:  # a parameter, or state, that an earlier graph stored split
+                info = st.info
+                if info.group_name != opts.group_name:
+                    raise TPError(f"{info.fqn!r} was sharded for another tensor-parallel group "
+                                  f"({info.group_name})")
                 presharded[i] = info
-                fqns[i] = info.fqn
+                fqns.setdefault(i, info.fqn)
                 params.add(i)
-                with fake_mode:
-                    fake = torch.empty(info.global_shape, dtype=real.dtype, device=real.device)
+                fake = _contiguous_fake(fake_mode, info.global_shape, real)
+            elif isinstance(real, torch.Tensor) and real in _PENDING:  # not loaded yet
+                fake = _contiguous_fake(fake_mode, real.shape, real)
             elif isinstance(real, torch.Tensor) and real in _LOCAL_VALUES:
                 local_in[i] = _LOCAL_VALUES[real][0]
-                with fake_mode:  # the placeholder is expanded; trace a contiguous tensor
-                    fake = torch.empty(fake.shape, dtype=fake.dtype, device=fake.device)
+                fake = _contiguous_fake(fake_mode, fake.shape, fake)
             fakes.append(fake)
         key = (gm.code, opts.group_name, opts.tp_rank, tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
@@ -390,16 +383,17 @@ class TPAutoBackend:
         for node, s in sol.param_storage.items():
             i = node.meta["tp_index"]
             if s is not None:
-                specs.append((i, ShardInfo(sol.stateful.get(i, node.name), s.dim,
+                specs.append((i, ShardInfo(sol.stored_inputs.get(i, node.name), s.dim,
                                            sol.param_role[node],
                                            tuple(int(d) for d in node.meta["val"].shape),
                                            opts.tp_rank, opts.tp_size, opts.group_name,
                                            s.outer, s.blocks, sol.param_padding.get(node))))
         specs.sort(key=lambda x: x[0])
         sharded = {i for i, _ in specs}
-        params = set(params) | set(sol.stateful)
+        params = set(params) | set(sol.stored_inputs)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
-                         dict(local_in), dict(sol.local_outputs), opts.compiler)
+                         {i: s for i, s in local_in.items() if i not in sharded},
+                         dict(sol.local_outputs), opts.compiler)
 
 
 def _owner_module(source):

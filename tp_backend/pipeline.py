@@ -92,7 +92,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                   num_nodes=len(aten_gm.graph.nodes))
     plan.timings["decompose_s"] = t_decomposed - t_start
     plan.timings["solve_s"] = sol.seconds
-    sol.stateful = {i: fqns[i] for i in params}
+    sol.stored_inputs = {i: fqns[i] for i in params}
     for i in sorted(params):
         node = ph[i]
         val = node.meta["val"]

@@ -74,7 +74,9 @@ class Solution:
     param_role: dict = field(default_factory=dict)  # placeholder -> role str
     local_outputs: dict = field(default_factory=dict)  # output index -> Shard (KV cache)
     param_padding: dict = field(default_factory=dict)  # placeholder -> padded size of dim 0
-    stateful: dict = field(default_factory=dict)  # input index -> name of stored inputs
+    # input index -> name of every input that may be stored split: parameters, and state
+    # the graph writes back into (a static KV cache)
+    stored_inputs: dict = field(default_factory=dict)
     demoted: set = field(default_factory=set)
     notes: list = field(default_factory=list)  # (node, reason) for replicated ops
     rounds: int = 0
