@@ -84,16 +84,18 @@ class CheckpointIndex:
         self.directory = directory
         index_path = os.path.join(directory, INDEX_FILE)
         single = os.path.join(directory, SINGLE_FILE)
+        self._shapes: dict = {}
         if os.path.exists(index_path):
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
             self.weight_map = {k: os.path.join(directory, v) for k, v in weight_map.items()}
         elif os.path.exists(single):
-            self.weight_map = {k: single for k in _keys(single, "<any>")}
+            self._shapes = _shapes(single)  # one read of the header gives names and shapes
+            self.weight_map = {k: single for k in self._shapes}
+            return
         else:
             raise TPWeightError(f"no safetensors weights in {directory}: expected {SINGLE_FILE} "
                                 f"or {INDEX_FILE} (only safetensors checkpoints are supported)")
-        self._shapes: dict = {}
         for path in sorted(set(self.weight_map.values())):
             if not os.path.exists(path):
                 names = [k for k, v in self.weight_map.items() if v == path]
@@ -116,24 +118,13 @@ class CheckpointIndex:
         return self._shapes[name]
 
 
-def _keys(path, tensor):
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return list(f.keys())
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types
-        raise TPWeightError(f"cannot read safetensors file {path} (while looking for "
-                            f"{tensor!r}): {e}") from e
-
-
 def _shapes(path):
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
         raise TPWeightError(f"cannot read safetensors file {path}: {e}") from e
 
 
