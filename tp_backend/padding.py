@@ -70,11 +70,9 @@ def pad_vocabularies(gm: fx.GraphModule, param_nodes: list, tp_size: int, fake_m
         with graph.inserting_after(w):
             pad = graph.call_function(aten.constant_pad_nd.default,
                                       (w, [0, 0, 0, padded - rows], 0.0))
-        with fake_mode:
-            pad.meta["val"] = aten.constant_pad_nd.default(val, [0, 0, 0, padded - rows], 0.0)
+        _refresh(pad, fake_mode)
         pad.meta.update({k: w.meta[k] for k in ("tp_source", "tp_module", "tp_param_fqn")
                          if k in w.meta})
-        pad.meta["tp_padded_from"] = rows
         w.replace_all_uses_with(pad, delete_user_cb=lambda u: u is not pad)
         changed = {pad}
         for node in graph.nodes:  # shapes between the pad and the matmuls change
@@ -86,8 +84,7 @@ def pad_vocabularies(gm: fx.GraphModule, param_nodes: list, tp_size: int, fake_m
         for mm in mms:
             with graph.inserting_after(mm):
                 cut = graph.call_function(aten.slice.Tensor, (mm, 1, 0, rows))
-            with fake_mode:
-                cut.meta["val"] = aten.slice.Tensor(mm.meta["val"], 1, 0, rows)
+            _refresh(cut, fake_mode)
             cut.meta.update({k: mm.meta[k] for k in ("tp_source", "tp_module") if k in mm.meta})
             cut.meta["tp_unpad"] = True
             mm.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
@@ -99,6 +96,7 @@ def pad_vocabularies(gm: fx.GraphModule, param_nodes: list, tp_size: int, fake_m
 
 
 def _refresh(node, fake_mode):
+    """Recompute ``node.meta["val"]`` from its inputs' fake values."""
     args = fx.node.map_arg(node.args, lambda a: a.meta["val"])
     kwargs = fx.node.map_arg(node.kwargs, lambda a: a.meta["val"])
     with fake_mode:
