@@ -1,34 +1,24 @@
-"""Tiny random Hugging Face models for the tests (deterministic: the same seed gives the
-same weights in every process)."""
+"""Tiny random Hugging Face models for the backend and loading tests: the zoo's configs
+(tests/zoo.py) with 8 query heads and a 128-token vocabulary (deterministic: the same seed
+gives the same weights in every process)."""
 
 from __future__ import annotations
 
 import torch
 
-# Head counts divide 1, 2 and 4 so every model runs at TP = 1, 2, 4.
-_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
+import zoo
+
+# 8 query and 4 KV heads divide TP = 1, 2, 4; Gemma keeps head_dim 16 (8 x 16 = 128 !=
+# hidden 64: head_dim unrelated to hidden).
+_OVERRIDES = dict(vocab_size=128, num_attention_heads=8, num_key_value_heads=4)
 
 
 def make_config(name: str, **overrides):
-    from transformers import AutoConfig
-
-    kw = dict(_COMMON)
-    if name == "gemma":
-        kw["head_dim"] = 16  # 8 heads x 16 = 128 != hidden 64: head_dim unrelated to hidden
-    if name == "qwen2":
-        kw["use_sliding_window"] = False
-    kw.update(overrides)
-    return AutoConfig.for_model(name, **kw)
+    return zoo.make_config(name, **{**_OVERRIDES, **overrides})
 
 
 def make_model(name: str, seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(name, **overrides),
-                                             attn_implementation="sdpa")
-    return model.eval()
+    return zoo.make_model(name, seed, **{**_OVERRIDES, **overrides})
 
 
 def make_ids(batch=2, seq=7, vocab=128, seed=1):
