@@ -7,16 +7,29 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 
-def run_child(script: str, args: list, tp: int = 1) -> dict:
-    """Run ``script args`` (under torchrun with ``tp`` processes if ``tp > 1``) and return
-    the JSON it printed after ``RESULT`` (rank 0), or ``{"error": last stderr line}``."""
+def run_child(script: str, args: list, tp: int = 1, fresh_inductor_cache: bool = False,
+              torchrun: bool | None = None) -> dict:
+    """Run ``script args`` (under torchrun with ``tp`` processes if ``tp > 1`` or
+    ``torchrun``) and return
+    the JSON it printed after ``RESULT`` (rank 0), or ``{"error": last stderr line}``.
+    ``fresh_inductor_cache``: an empty ``TORCHINDUCTOR_CACHE_DIR`` (cold compiles)."""
+    env = dict(os.environ)
+    tmp = None
+    if fresh_inductor_cache:
+        tmp = tempfile.TemporaryDirectory(prefix="inductor-cache-")
+        env["TORCHINDUCTOR_CACHE_DIR"] = tmp.name
     cmd = [sys.executable, script, *args]
-    if tp > 1:
+    if torchrun or (torchrun is None and tp > 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp),
                script, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if line:
         return json.loads(line[-1][len("RESULT "):])

@@ -1,22 +1,36 @@
-"""Forward benchmark: prefill latency, decode tokens/s, compile time, memory and
-communication of a random ~160M-parameter Llama under tensor parallelism.
+"""Inference benchmark: prefill latency, decode tokens/s, first-call compile time, memory
+and communication, single process vs ``tp_auto`` vs transformers' ``tp_plan="auto"``.
 
-    python benchmarks/forward.py [--out benchmarks/results/forward.json]
+    python benchmarks/forward.py [--model llama smollm2] [--out benchmarks/results/forward.json]
 
-The model: hidden 1024, 16 heads, 8 KV heads (both divide 2 and 4), 8 layers,
-intermediate 2816, vocab 32000, untied (157M parameters, fp32), saved once as a checkpoint.
-Configurations, run one after another in one invocation:
+Each configuration runs in its own child process (TP ones under torchrun), one after another,
+with a fresh Inductor cache (so "first call" is a cold compile everywhere). Models:
 
-* ``eager x1`` / ``eager x2`` -- one process, 1 or 2 threads;
-* ``inductor x2``           -- one process, ``torch.compile`` (Inductor), 2 threads;
-* ``tp_auto``               -- TP=2 under torchrun, 1 thread per rank, ``parallelize_model``
-  with the rewritten graph run eagerly;
-* ``tp_auto+inductor``      -- the same, each rank's graph compiled by Inductor;
-* ``hf_tp``                 -- TP=2, transformers' ``from_pretrained(tp_plan="auto")``.
+* ``llama`` -- a random Llama of 258M parameters (fp32): hidden 1536, 24 heads, 12 KV
+  heads, intermediate 4224, vocab 32064 (Phi-3's), 6 layers, untied. Every split dim
+  divides 2, 3 and 4, so TP=2 and TP=3 both run on it.
+* ``smollm2`` -- SmolLM2-135M-Instruct (9 heads, 3 KV heads: TP=3; at TP=2 the heads do
+  not divide and tp_auto refuses, as transformers does).
 
-So every TP=2 row uses the same 2 cores as ``eager x2``; ``eager x1`` is the one-thread
-baseline the TP=2 speed-up is measured against (the Megatron comparison: one device ->
-two devices). Prints a table and writes JSON.
+Measured per configuration:
+
+* ``prefill S`` -- the forward ``generate`` runs on a prompt of S tokens: KV cache on,
+  logits of the last position only (``logits_to_keep=1``); median of 3 after warm-up;
+* ``fwd512 all`` -- a plain forward at S=512 returning all logits (``use_cache=False``):
+  under TP this adds the all-gather of the ``[1, 512, V]`` logits;
+* ``decode`` -- tokens/s of greedy ``generate`` (32 new tokens after a 32-token prompt),
+  prefill time excluded;
+* first-call time, and for ``tp_auto`` its split: decomposition, solve, rewrite,
+  downstream (Inductor) compile, summed over the graphs the first call compiled;
+* parameter MiB per rank, peak RSS per rank (max over ranks);
+* collectives in one prefill-512 forward and their payload bytes per token, counted with
+  ``torch.profiler`` (``c10d::`` ops and their input shapes), for ``tp_auto`` and
+  transformers alike; the Megatron minimum is 2 all-reduces of ``B*S*E`` per layer.
+
+Threads: torchrun gives each rank 1 thread. The speed-up column compares with one process
+on 1 thread (Megatron's one-device -> N-devices comparison); ``eager x2`` is one process
+on the same 2 cores that TP=2 uses. This machine has 2 cores, so TP=3 (3 threads)
+oversubscribes it: those rows show correctness and overhead under load, not speed-up.
 """
 
 from __future__ import annotations
@@ -33,25 +47,40 @@ import torch
 from _common import run_child, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
-              num_key_value_heads=8, num_hidden_layers=8, vocab_size=32000,
-              max_position_embeddings=2048, tie_word_embeddings=False)
+LLAMA = dict(hidden_size=1536, intermediate_size=4224, num_attention_heads=24,
+             num_key_value_heads=12, num_hidden_layers=6, vocab_size=32064,
+             max_position_embeddings=2048, tie_word_embeddings=False)
 SEQS = (128, 512)
+NEW_TOKENS = 32
+# (row name, implementation, threads per rank, ranks)
+CONFIGS = {
+    "llama": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
+              ("inductor x1", "inductor", 1, 1), ("inductor x2", "inductor", 2, 1),
+              ("tp_auto TP=1", "tp_auto", 1, 1),
+              ("tp_auto TP=2", "tp_auto", 1, 2), ("tp_auto/eager TP=2", "tp_auto_eager", 1, 2),
+              ("hf_tp TP=2", "hf_tp", 1, 2),
+              ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
+    "smollm2": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
+                ("inductor x1", "inductor", 1, 1),
+                ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
+}
 
 
-def checkpoint() -> str:
+def checkpoint(model: str) -> str:
+    from tp_backend.models import cache_root, smollm2_checkpoint
+
+    if model == "smollm2":
+        return smollm2_checkpoint()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tp_backend.models import cache_root
-
-    path = os.path.join(cache_root(), "bench-llama-157m")
+    path = os.path.join(cache_root(), "bench-llama-258m")
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(path)
+        LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(path)
     return path
 
 
-def _time(fn, reps=3, warmups=1):
+def _median_time(fn, reps=3, warmups=1):
     for _ in range(warmups):
         fn()
     ts = []
@@ -62,14 +91,38 @@ def _time(fn, reps=3, warmups=1):
     return statistics.median(ts)
 
 
-def run_one(impl: str, threads: int) -> dict:
-    from transformers import AutoModelForCausalLM
+def _count_collectives(fn, tokens: int) -> dict:
+    """Collectives one call of ``fn`` runs, and their payload bytes per token (each
+    collective's input, as the profiler records it)."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        fn()
+    counts, nbytes = {}, 0
+    for ev in prof.events():
+        if not ev.name.startswith("c10d::") or "barrier" in ev.name:
+            continue
+        kind = ev.name[len("c10d::"):].strip("_")
+        counts[kind] = counts.get(kind, 0) + 1
+        shape = ev.input_shapes[0] if ev.input_shapes else []
+        while shape and isinstance(shape[0], list):  # a list of tensors: the first one
+            shape = shape[0]
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes += 4 * n
+    return {"collectives": counts, "collective_bytes_per_token": nbytes / tokens}
+
+
+def run_one(model_name: str, impl: str, threads: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoConfig
 
     torch.set_num_threads(threads)
-    path = checkpoint()
+    path = checkpoint(model_name)
+    cfg = AutoConfig.from_pretrained(path)
     res = {"impl": impl, "threads_per_rank": threads}
-    t0 = time.perf_counter()
     rank, tp = 0, 1
+    t0 = time.perf_counter()
     if impl in ("eager", "inductor"):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         if impl == "inductor":
@@ -82,91 +135,133 @@ def run_one(impl: str, threads: int) -> dict:
         if impl.startswith("tp_auto"):
             import tp_backend
 
-            compiler = "inductor" if impl.endswith("inductor") else "eager"
+            compiler = "eager" if impl == "tp_auto_eager" else "inductor"
             model = tp_backend.parallelize_model(path, compiler=compiler)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()
     res["load_s"] = time.perf_counter() - t0
     res["tp"] = tp
     gen = torch.Generator().manual_seed(0)
+    ids = {s: torch.randint(0, cfg.vocab_size, (1, s), generator=gen) for s in SEQS}
+    prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=gen)
+    n_plans = 0
     with torch.no_grad():
-        for seq in SEQS:
-            ids = torch.randint(0, CONFIG["vocab_size"], (1, seq), generator=gen)
+        for s in SEQS:
+            def prefill(s=s):
+                model(input_ids=ids[s], logits_to_keep=1)
+
             t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=False)
-            res[f"first_call_s_{seq}"] = time.perf_counter() - t0
-            res[f"prefill_ms_{seq}"] = 1e3 * _time(lambda: model(input_ids=ids, use_cache=False))
-        prompt = torch.randint(0, CONFIG["vocab_size"], (1, 32), generator=gen)
+            prefill()
+            res[f"first_call_s_{s}"] = time.perf_counter() - t0
+            if impl.startswith("tp_auto") and s == SEQS[0]:
+                import tp_backend
 
-        def decode():
-            model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+                plans = tp_backend.tp_auto.plans
+                n_plans = len(plans)
+                split = {}
+                for p in plans:
+                    for k, v in p.timings.items():
+                        split[k] = split.get(k, 0.0) + v
+                res["first_call_split_s"] = {k: round(v, 3) for k, v in split.items()}
+            res[f"prefill_ms_{s}"] = 1e3 * _median_time(prefill, warmups=2)
+        full = lambda: model(input_ids=ids[512], use_cache=False)  # noqa: E731
+        res["fwd512_all_logits_ms"] = 1e3 * _median_time(full)
 
-        # Two warm-ups: a compiled decode settles after its shapes go dynamic.
-        res["decode_tok_s"] = 16 / _time(decode, reps=2, warmups=2)
-    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        def generate(n):
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        generate(4)  # compile the decode graphs (a compiled decode settles once shapes go dynamic)
+        generate(4)
+        t_one = _median_time(lambda: generate(1), reps=2, warmups=0)
+        t_all = _median_time(lambda: generate(NEW_TOKENS), reps=2, warmups=0)
+        res["decode_tok_s"] = (NEW_TOKENS - 1) / max(t_all - t_one, 1e-9)
+        if tp > 1:
+            res.update(_count_collectives(lambda: model(input_ids=ids[512], logits_to_keep=1), 512))
+    res["megatron_min_all_reduces"] = 2 * cfg.num_hidden_layers
+    res["megatron_min_bytes_per_token"] = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4
     if impl.startswith("tp_auto"):
         import tp_backend
 
-        plans = [p for p in tp_backend.tp_auto.plans if p.num_nodes]
-        plan = max(plans, key=lambda p: p.num_nodes)
-        local, full = plan.param_bytes()
-        res["param_mib_per_rank"] = local / 2**20
-        res["param_mib_full"] = full / 2**20
-        res["all_reduce_per_forward"] = sum(plan.collectives_per_layer("all_reduce").values())
-        res["all_gather_per_forward"] = sum(plan.collectives_per_layer("all_gather").values())
-        res["pass_s"] = {k: round(v, 3) for k, v in plan.timings.items()}
+        res["param_mib_per_rank"] = tp_backend.local_parameter_bytes(model) / 2**20
         res["stats"] = dict(tp_backend.tp_auto.stats)
-        # Megatron minimum: 2 all-reduces of B*S*E per layer (fp32); bytes per token.
-        per_tok_min = 2 * CONFIG["num_hidden_layers"] * CONFIG["hidden_size"] * 4
-        res["megatron_min_bytes_per_token"] = per_tok_min
+        res["graphs_in_first_call"] = n_plans
     else:
         local = [getattr(p, "_local_tensor", p) for p in model.parameters()]  # DTensor: local
         res["param_mib_per_rank"] = sum(t.numel() * t.element_size() for t in local) / 2**20
-    if tp > 1:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if impl not in ("eager", "inductor"):
         import torch.distributed as dist
 
+        all_rss = [None] * tp
+        dist.all_gather_object(all_rss, rss)
+        rss = max(all_rss)
         dist.destroy_process_group()
+    res["peak_rss_mib_per_rank"] = rss
     return res if rank == 0 else {}
+
+
+def _fmt(v, width: int, prec: int = 2) -> str:
+    return f"{v:{width}.{prec}f}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+
+
+def print_table(model: str, rows: dict) -> None:
+    base1 = rows.get("eager x1", {}).get("prefill_ms_512")
+    base2 = rows.get("eager x2", {}).get("prefill_ms_512")
+    print(f"\n{model}: prefill = KV cache + last-token logits (what generate runs); "
+          "speed-ups are prefill-512 vs one process")
+    head = (f"{'config':20s} {'TP':>2s} {'thr':>3s} {'prefill128':>10s} {'prefill512':>10s} "
+            f"{'vs x1':>5s} {'vs x2':>5s} {'fwd512 all':>10s} {'decode':>6s} {'1st call':>8s} "
+            f"{'MiB/rank':>8s} {'RSS MiB':>7s} {'coll/fwd':>8s} {'B/token':>8s}")
+    print(head)
+    print(f"{'':20s} {'':2s} {'':3s} {'ms':>10s} {'ms':>10s} {'':5s} {'':5s} {'ms':>10s} "
+          f"{'tok/s':>6s} {'s':>8s}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:20s} error: {r['error']}")
+            continue
+        p512 = r["prefill_ms_512"]
+        coll = sum(r["collectives"].values()) if "collectives" in r else "-"
+        print(f"{name:20s} {r['tp']:2d} {r['threads_per_rank']:3d} {r['prefill_ms_128']:10.1f} "
+              f"{p512:10.1f} {_fmt(base1 / p512 if base1 else None, 5)} "
+              f"{_fmt(base2 / p512 if base2 else None, 5)} {r['fwd512_all_logits_ms']:10.1f} "
+              f"{r['decode_tok_s']:6.1f} {r['first_call_s_128']:8.1f} {r['param_mib_per_rank']:8.1f} "
+              f"{r['peak_rss_mib_per_rank']:7.0f} {str(coll):>8s} "
+              f"{_fmt(r.get('collective_bytes_per_token'), 8, 0)}")
+    any_row = next((r for r in rows.values() if "megatron_min_all_reduces" in r), None)
+    if any_row:
+        print(f"Megatron minimum per forward: {any_row['megatron_min_all_reduces']} all-reduces, "
+              f"{any_row['megatron_min_bytes_per_token']} B/token (fp32)")
+    for name, r in rows.items():
+        if "collectives" in r:
+            print(f"  {name}: collectives {r['collectives']}")
+        if "first_call_split_s" in r:
+            print(f"  {name}: first call {r['first_call_s_128']:.1f} s over {r['graphs_in_first_call']} "
+                  f"graph(s): {r['first_call_split_s']}")
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", nargs="+", default=["llama", "smollm2"], choices=sorted(CONFIGS))
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "forward.json"))
     args = ap.parse_args()
-    if args.impl:
-        res = run_one(args.impl, args.threads)
+    if args.impl:  # a child run
+        res = run_one(args.model[0], args.impl, args.threads)
         if res:
             print("RESULT " + json.dumps(res))
         return
-    checkpoint()
-    configs = [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
-               ("inductor x2", "inductor", 2, 1), ("tp_auto", "tp_auto", 1, 2),
-               ("tp_auto+inductor", "tp_auto+inductor", 1, 2), ("hf_tp", "hf_tp", 1, 2)]
-    rows = {}
-    for name, impl, threads, tp in configs:
-        rows[name] = run_child(__file__, ["--impl", impl, "--threads", str(threads)], tp)
-        print(name, "done", flush=True)
-    base = rows["eager x1"]
-    print(f"\n{'config':18s} {'TP':>2s} {'thr':>3s} {'prefill128 ms':>13s} {'prefill512 ms':>13s} "
-          f"{'speedup512 vs x1':>16s} {'decode tok/s':>12s} {'1st call s':>10s} {'param MiB/rank':>14s} "
-          f"{'peak RSS MiB':>12s}")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:18s} error: {r['error']}")
-            continue
-        print(f"{name:18s} {r['tp']:2d} {r['threads_per_rank']:3d} {r['prefill_ms_128']:13.1f} "
-              f"{r['prefill_ms_512']:13.1f} {base['prefill_ms_512'] / r['prefill_ms_512']:16.2f} "
-              f"{r['decode_tok_s']:12.2f} {r['first_call_s_128']:10.1f} {r['param_mib_per_rank']:14.1f} "
-              f"{r['peak_rss_mib']:12.0f}")
-    for name in ("tp_auto", "tp_auto+inductor"):
-        r = rows.get(name, {})
-        if "pass_s" in r:
-            print(f"{name}: passes {r['pass_s']}, all-reduces/forward {r['all_reduce_per_forward']} "
-                  f"(Megatron minimum {2 * CONFIG['num_hidden_layers']} + 1 embedding), "
-                  f"all-gathers {r['all_gather_per_forward']}, stats {r['stats']}")
-    write_json(rows, args.out)
+    results = {}
+    for model in args.model:
+        checkpoint(model)
+        rows = results[model] = {}
+        for name, impl, threads, tp in CONFIGS[model]:
+            rows[name] = run_child(__file__, ["--model", model, "--impl", impl,
+                                              "--threads", str(threads)], tp, fresh_inductor_cache=True,
+                                   torchrun=impl not in ("eager", "inductor"))
+            print(f"{model} / {name} done", flush=True)
+        print_table(model, rows)
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ clears the cache.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -152,24 +153,25 @@ class _Compiled:
     local_inputs: dict  # input index -> Shard of values kept split by an earlier graph
     #                     (except those stored split as state: those are in shard_specs)
     local_outputs: dict  # output index -> Shard of values returned split (KV cache)
-    compiler: str = "eager"
-    _fn: object = None
+    run: object = None  # the local graph, compiled by the downstream compiler (or gm itself)
 
-    def run(self, *args):
-        """Run the local graph: with Inductor (compiled on first use, on the local shapes
-        this rank really has) or eagerly."""
-        if self._fn is None:
-            if self.compiler == "inductor":
-                from torch.fx._lazy_graph_module import _LazyGraphModule
 
-                if isinstance(self.gm, _LazyGraphModule):
-                    self.gm.real_recompile()  # Dynamo does not trace a lazy forward
-                # A nested torch.compile of the local graph: it follows the shapes this
-                # rank really sees (and recompiles or goes dynamic as usual).
-                self._fn = torch.compile(self.gm, backend="inductor", fullgraph=True)
-            else:
-                self._fn = self.gm
-        return self._fn(*args)
+def _downstream_compile(gm: fx.GraphModule, local_fakes: list, compiler: str, plan: TPPlan):
+    """Hand this rank's local ATen graph to the downstream compiler.
+
+    ``local_fakes``: fake tensors of the shapes this rank really feeds (local shards), in
+    Dynamo's fake mode, so Inductor shares Dynamo's symbolic shapes and guards -- exactly
+    what ``backend="inductor"`` does with a captured graph. The functional collectives in
+    the graph are lowered by Inductor (``_c10d_functional``). ``"eager"`` runs the graph
+    as it is (for debugging)."""
+    if compiler != "inductor":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    t0 = time.perf_counter()
+    fn = compile_fx(gm, local_fakes)
+    plan.timings["downstream_compile_s"] = time.perf_counter() - t0
+    return fn
 
 
 def placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -216,7 +218,9 @@ class _Runner:
             t = args[idx]
             held = _LOCAL_VALUES.get(t)
             if held is not None:
-                args[idx] = held[1]
+                # The local graph was compiled for a contiguous input (a prefill returns
+                # its keys transposed; later steps return contiguous ones).
+                args[idx] = held[1].contiguous()
             else:  # a whole tensor where a split one was expected: take this rank's part
                 args[idx] = layers.local_shard(t, shard.dim, shard.outer, c.plan.tp_rank,
                                                c.plan.tp_size, shard.blocks)
@@ -391,9 +395,34 @@ class TPAutoBackend:
         specs.sort(key=lambda x: x[0])
         sharded = {i for i, _ in specs}
         params = set(params) | set(sol.stored_inputs)
+        local_in = {i: s for i, s in local_in.items() if i not in sharded}
+        local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size)
+        run = _downstream_compile(aten_gm, local_fakes, opts.compiler, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
-                         {i: s for i, s in local_in.items() if i not in sharded},
-                         dict(sol.local_outputs), opts.compiler)
+                         local_in, dict(sol.local_outputs), run)
+
+
+def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: int) -> list:
+    """Fake inputs of the local graph: a sharded parameter or stored state has its local
+    shard's shape (the padded size / N on the split dim), a value kept split its local
+    part's; other inputs are as Dynamo traced them. Detached: the local graph is an
+    inference graph (training is not supported)."""
+    out = []
+    for i, f in enumerate(fakes):
+        if not isinstance(f, torch.Tensor):
+            out.append(f)
+            continue
+        shape = list(f.shape)
+        if i in specs:
+            info = specs[i]
+            shape[info.dim] = (info.padded or info.global_shape[info.dim]) // tp_size
+        elif i in local_in:
+            shape[local_in[i].dim] = shape[local_in[i].dim] // tp_size
+        else:
+            out.append(f.detach())
+            continue
+        out.append(_contiguous_fake(fake_mode, shape, f))
+    return out
 
 
 def _owner_module(source):

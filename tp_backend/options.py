@@ -17,8 +17,8 @@ __all__ = ["TPOptions", "validate_options", "OPTION_DOCS"]
 OPTION_DOCS = {
     "tp_group": "torch.distributed.ProcessGroup of the tensor-parallel ranks "
                 "(default: the default group, if torch.distributed is initialised)",
-    "compiler": "what runs the rewritten graph: 'eager' (default) or 'inductor' (a nested "
-                "torch.compile of each rank's local graph)",
+    "compiler": "downstream compiler of each rank's rewritten graph: 'inductor' (default) or "
+                "'eager' (run the graph as it is, for debugging)",
 }
 _COMPILERS = ("eager", "inductor")
 
@@ -37,7 +37,7 @@ class TPOptions:
     tp_group: Any
     tp_rank: int
     tp_size: int
-    compiler: str = "eager"
+    compiler: str = "inductor"
 
     @property
     def group_name(self) -> str:
@@ -73,7 +73,7 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
         raise TPOptionsTypeError(
             f"tp_auto option 'tp_group' must be a torch.distributed.ProcessGroup, got "
             f"{type(group).__name__}")
-    compiler = options.get("compiler", "eager")
+    compiler = options.get("compiler", "inductor")
     if compiler not in _COMPILERS:
         raise TPOptionsError(f"tp_auto option 'compiler' must be one of {_COMPILERS}, got {compiler!r}")
     return TPOptions(tp_group=group, tp_rank=dist.get_rank(group), tp_size=dist.get_world_size(group),
