@@ -43,6 +43,23 @@ def test_unknown_option_names_the_key():
     assert isinstance(err, tp_backend.TPOptionsError) and "'tp_grop'" in str(err)
 
 
+def _compiler_options(rank, world_size):
+    from tp_backend.options import validate_options
+
+    default = validate_options({}).compiler
+    try:
+        validate_options({"compiler": "cudagraphs"})
+    except tp_backend.TPOptionsError as e:
+        return default, str(e)
+    return default, None
+
+
+def test_default_compiler_is_inductor_and_unknown_one_named():
+    [(default, err)] = run_distributed(_compiler_options, 1)
+    assert default == "inductor"
+    assert err is not None and "'cudagraphs'" in err and "inductor" in err
+
+
 def test_tp_group_of_wrong_type():
     with pytest.raises(Exception) as info:
         _call({"tp_group": 2})

@@ -10,7 +10,9 @@ captures, the backend
 3. solves a placement for every value (:mod:`tp_backend.solver`) and records the plan
    (:mod:`tp_backend.plan`);
 4. rewrites the ATen graph for this rank (:mod:`tp_backend.rewrite`);
-5. returns a runner that, on its first call, shards the parameters in place
+5. hands the local graph to the downstream compiler (Inductor by default, on fake inputs
+   of this rank's local shapes in Dynamo's fake mode; ``compiler="eager"`` runs it as is);
+6. returns a runner that, on its first call, shards the parameters in place
    (``param.data`` becomes this rank's slice; the full tensor is freed) and from then on
    runs the local graph.
 
@@ -293,7 +295,8 @@ class TPAutoBackend:
 
     Keyword Args:
         options (dict): ``tp_group`` (a ``ProcessGroup``; default: the default group),
-            ``compiler`` (``"eager"``). Unknown keys raise ``ValueError``.
+            ``compiler`` (``"inductor"``, the default, or ``"eager"``). Unknown keys raise
+            ``ValueError``.
 
     Attributes:
         stats: counters -- ``graphs`` (backend calls), ``solves``, ``cache_hits``.
