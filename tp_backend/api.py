@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import CheckpointIndex, ParameterMeta, resolve_model_dir
 from .errors import TPConfigError, TPOptionsError, TPWeightError
-from .options import OPTION_DOCS
+from .options import OPTION_DOCS, validate_options
 
 log = logging.getLogger("tp_backend")
 
@@ -124,12 +124,15 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
             dtype = getattr(torch, dtype)
     options["tp_group"] = tp_group
 
+    tp_size = validate_options(options).tp_size  # also: no process group -> a clear error
     if skip_load_weights:
         model = cls._from_config(config, dtype=dtype).eval()
     else:
         index = CheckpointIndex(directory)
         model = _build_on_meta(cls, config, dtype)
         _attach_checkpoint(model, index)
+        if tp_size == 1:  # nothing to split: read every tensor whole, now
+            _read_all(model)
     # Compiled in place (nn.Module.compile), so model(...) and model.generate(...) both run
     # the tensor-parallel graphs.
     model.compile(backend="tp_auto", options=options)
@@ -173,6 +176,18 @@ def _attach_checkpoint(model, index: CheckpointIndex):
         for key, p in list(module._parameters.items()):
             if p is not None and id(p) in replacement:
                 module._parameters[key] = replacement[id(p)]
+
+
+def _read_all(model):
+    """Replace every placeholder parameter by its tensor read from the checkpoint."""
+    from .backend import _PENDING
+    from .checkpoint import read_tensor
+
+    with torch.no_grad():
+        for p in model.parameters():
+            meta = _PENDING.pop(p, None)
+            if meta is not None:
+                p.data = read_tensor(meta)
 
 
 def _warm_up(compiled, config):
