@@ -20,12 +20,14 @@ Measured per configuration:
   under TP this adds the all-gather of the ``[1, 512, V]`` logits;
 * ``decode`` -- tokens/s of greedy ``generate`` (32 new tokens after a 32-token prompt),
   prefill time excluded;
-* first-call time, and for ``tp_auto`` its split: decomposition, solve, rewrite,
-  downstream (Inductor) compile, summed over the graphs the first call compiled;
+* ``1st out`` -- seconds from the start (load included) to the first prefill's output;
+  ``parallelize_model`` solves and reads the weights in a warm-up call (run eagerly), so
+  for ``tp_auto`` it also gives the split: decomposition, solve, rewrite, downstream
+  (Inductor) compile, summed over the graphs compiled until then;
 * parameter MiB per rank, peak RSS per rank (max over ranks);
-* collectives in one prefill-512 forward and their payload bytes per token, counted with
-  ``torch.profiler`` (``c10d::`` ops and their input shapes), for ``tp_auto`` and
-  transformers alike; the Megatron minimum is 2 all-reduces of ``B*S*E`` per layer.
+* collectives in one prefill-512 forward (``torch.profiler``, for ``tp_auto`` and
+  transformers alike) and, where the profiler shows their shapes, their payload bytes per
+  token; the Megatron minimum is 2 all-reduces of ``B*S*E`` per layer.
 
 Threads: torchrun gives each rank 1 thread. The speed-up column compares with one process
 on 1 thread (Megatron's one-device -> N-devices comparison); ``eager x2`` is one process
@@ -92,26 +94,30 @@ def _median_time(fn, reps=3, warmups=1):
 
 
 def _count_collectives(fn, tokens: int) -> dict:
-    """Collectives one call of ``fn`` runs, and their payload bytes per token (each
-    collective's input, as the profiler records it)."""
+    """Collectives one call of ``fn`` runs (``c10d::`` events of ``torch.profiler``) and
+    their payload bytes per token (fp32: the tensor each rank contributes). The profiler
+    records no shapes for ``c10d::allreduce_``'s tensor list, so bytes are read from the
+    functional collective that issued it (``_c10d_functional::``: all of ``tp_auto``'s);
+    ``None`` if some collective was issued otherwise (transformers calls
+    ``dist.all_reduce`` directly)."""
     from torch.profiler import profile
 
     with profile(record_shapes=True) as prof:
         fn()
-    counts, nbytes = {}, 0
+    counts, nbytes, functional = {}, 0, 0
     for ev in prof.events():
-        if not ev.name.startswith("c10d::") or "barrier" in ev.name:
-            continue
-        kind = ev.name[len("c10d::"):].strip("_")
-        counts[kind] = counts.get(kind, 0) + 1
-        shape = ev.input_shapes[0] if ev.input_shapes else []
-        while shape and isinstance(shape[0], list):  # a list of tensors: the first one
-            shape = shape[0]
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes += 4 * n
-    return {"collectives": counts, "collective_bytes_per_token": nbytes / tokens}
+        if ev.name.startswith("c10d::") and "barrier" not in ev.name:
+            kind = ev.name[len("c10d::"):].strip("_")
+            counts[kind] = counts.get(kind, 0) + 1
+        elif ev.name.startswith("_c10d_functional::") and "wait" not in ev.name:
+            functional += 1
+            n = 1
+            for d in (ev.input_shapes[0] if ev.input_shapes else []):
+                n *= d
+            nbytes += 4 * n
+    complete = functional == sum(counts.values())
+    return {"collectives": counts,
+            "collective_bytes_per_token": nbytes / tokens if complete else None}
 
 
 def run_one(model_name: str, impl: str, threads: int) -> dict:
@@ -153,6 +159,8 @@ def run_one(model_name: str, impl: str, threads: int) -> dict:
             t0 = time.perf_counter()
             prefill()
             res[f"first_call_s_{s}"] = time.perf_counter() - t0
+            if s == SEQS[0]:
+                res["time_to_first_prefill_s"] = res["load_s"] + res[f"first_call_s_{s}"]
             if impl.startswith("tp_auto") and s == SEQS[0]:
                 import tp_backend
 
@@ -163,7 +171,7 @@ def run_one(model_name: str, impl: str, threads: int) -> dict:
                     for k, v in p.timings.items():
                         split[k] = split.get(k, 0.0) + v
                 res["first_call_split_s"] = {k: round(v, 3) for k, v in split.items()}
-            res[f"prefill_ms_{s}"] = 1e3 * _median_time(prefill, warmups=2)
+            res[f"prefill_ms_{s}"] = 1e3 * _median_time(prefill, reps=5, warmups=2)
         full = lambda: model(input_ids=ids[512], use_cache=False)  # noqa: E731
         res["fwd512_all_logits_ms"] = 1e3 * _median_time(full)
 
@@ -172,8 +180,8 @@ def run_one(model_name: str, impl: str, threads: int) -> dict:
 
         generate(4)  # compile the decode graphs (a compiled decode settles once shapes go dynamic)
         generate(4)
-        t_one = _median_time(lambda: generate(1), reps=2, warmups=0)
-        t_all = _median_time(lambda: generate(NEW_TOKENS), reps=2, warmups=0)
+        t_one = _median_time(lambda: generate(1), reps=3, warmups=0)
+        t_all = _median_time(lambda: generate(NEW_TOKENS), reps=3, warmups=0)
         res["decode_tok_s"] = (NEW_TOKENS - 1) / max(t_all - t_one, 1e-9)
         if tp > 1:
             res.update(_count_collectives(lambda: model(input_ids=ids[512], logits_to_keep=1), 512))
@@ -210,7 +218,7 @@ def print_table(model: str, rows: dict) -> None:
     print(f"\n{model}: prefill = KV cache + last-token logits (what generate runs); "
           "speed-ups are prefill-512 vs one process")
     head = (f"{'config':20s} {'TP':>2s} {'thr':>3s} {'prefill128':>10s} {'prefill512':>10s} "
-            f"{'vs x1':>5s} {'vs x2':>5s} {'fwd512 all':>10s} {'decode':>6s} {'1st call':>8s} "
+            f"{'vs x1':>5s} {'vs x2':>5s} {'fwd512 all':>10s} {'decode':>6s} {'1st out':>8s} "
             f"{'MiB/rank':>8s} {'RSS MiB':>7s} {'coll/fwd':>8s} {'B/token':>8s}")
     print(head)
     print(f"{'':20s} {'':2s} {'':3s} {'ms':>10s} {'ms':>10s} {'':5s} {'':5s} {'ms':>10s} "
@@ -224,7 +232,7 @@ def print_table(model: str, rows: dict) -> None:
         print(f"{name:20s} {r['tp']:2d} {r['threads_per_rank']:3d} {r['prefill_ms_128']:10.1f} "
               f"{p512:10.1f} {_fmt(base1 / p512 if base1 else None, 5)} "
               f"{_fmt(base2 / p512 if base2 else None, 5)} {r['fwd512_all_logits_ms']:10.1f} "
-              f"{r['decode_tok_s']:6.1f} {r['first_call_s_128']:8.1f} {r['param_mib_per_rank']:8.1f} "
+              f"{r['decode_tok_s']:6.1f} {r['time_to_first_prefill_s']:8.1f} {r['param_mib_per_rank']:8.1f} "
               f"{r['peak_rss_mib_per_rank']:7.0f} {str(coll):>8s} "
               f"{_fmt(r.get('collective_bytes_per_token'), 8, 0)}")
     any_row = next((r for r in rows.values() if "megatron_min_all_reduces" in r), None)
@@ -235,13 +243,15 @@ def print_table(model: str, rows: dict) -> None:
         if "collectives" in r:
             print(f"  {name}: collectives {r['collectives']}")
         if "first_call_split_s" in r:
-            print(f"  {name}: first call {r['first_call_s_128']:.1f} s over {r['graphs_in_first_call']} "
-                  f"graph(s): {r['first_call_split_s']}")
+            print(f"  {name}: first output after {r['time_to_first_prefill_s']:.1f} s, "
+                  f"{r['graphs_in_first_call']} graph(s) compiled: {r['first_call_split_s']}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", nargs="+", default=["llama", "smollm2"], choices=sorted(CONFIGS))
+    ap.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                    help="run only these rows (names as in the table, e.g. 'eager x1' 'tp_auto TP=2')")
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "forward.json"))
@@ -256,6 +266,8 @@ def main():
         checkpoint(model)
         rows = results[model] = {}
         for name, impl, threads, tp in CONFIGS[model]:
+            if args.only and name not in args.only:
+                continue
             rows[name] = run_child(__file__, ["--model", model, "--impl", impl,
                                               "--threads", str(threads)], tp, fresh_inductor_cache=True,
                                    torchrun=impl not in ("eager", "inductor"))

@@ -191,10 +191,13 @@ def _read_all(model):
 
 
 def _warm_up(compiled, config):
-    """One short forward so the plan is solved and the weights are read now."""
+    """One short forward so the plan is solved and the weights are read now (errors in
+    the checkpoint surface here); its graph runs eagerly (see ``eager_warm_up``)."""
+    from .backend import eager_warm_up
+
     vocab = getattr(config, "vocab_size", None) or 2
     ids = torch.arange(8).remainder(vocab).unsqueeze(0)
-    with torch.no_grad():
+    with torch.no_grad(), eager_warm_up():
         try:
             compiled(input_ids=ids, use_cache=False)
         except TypeError:

@@ -25,7 +25,10 @@ clears the cache.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -107,6 +110,26 @@ _PENDING = WeakTensorKeyDictionary()
 # its shape is right); the next graph that takes it as input gets the local tensor.
 _LOCAL_VALUES = WeakTensorKeyDictionary()
 _HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+class _WarmUpFlag(threading.local):
+    active = False
+
+
+_EAGER_WARM_UP = _WarmUpFlag()
+
+
+@contextlib.contextmanager
+def eager_warm_up():
+    """Within this context, graphs the backend compiles run eagerly (no downstream
+    compile): ``parallelize_model``'s warm-up call solves the plan and reads the weights
+    without paying an Inductor compile for a graph (8 tokens, no cache) that later calls
+    do not use."""
+    _EAGER_WARM_UP.active = True
+    try:
+        yield
+    finally:
+        _EAGER_WARM_UP.active = False
 
 
 def sharding_info(param: torch.Tensor) -> ShardInfo | None:
@@ -320,6 +343,8 @@ class TPAutoBackend:
             raise TypeError(f"tp_auto got unexpected arguments {sorted(kwargs)}; pass "
                             "settings through torch.compile(..., options={...})")
         opts = validate_options(options)
+        if _EAGER_WARM_UP.active:
+            opts = dataclasses.replace(opts, compiler="eager")
         self.stats["graphs"] += 1
         if opts.tp_size == 1:  # nothing to split: exactly what plain torch.compile does
             if opts.compiler == "inductor":
@@ -361,7 +386,8 @@ class TPAutoBackend:
                 local_in[i] = _LOCAL_VALUES[real][0]
                 fake = _contiguous_fake(fake_mode, fake.shape, fake)
             fakes.append(fake)
-        key = (gm.code, opts.group_name, opts.tp_rank, tuple(sorted(local_in.items(), key=str)),
+        key = (gm.code, opts.compiler, opts.group_name, opts.tp_rank,
+               tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
                      else str(f) for f in fakes), tuple(sorted(params)))
         compiled = self._cache.get(key)
