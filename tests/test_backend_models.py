@@ -13,8 +13,8 @@ MODELS = ["llama", "mistral", "qwen2", "gemma"]
 
 # fp32 logits. TP changes the order of additions only: a row-parallel matmul sums N partial
 # dot products (each over K/N terms) instead of one over K terms, and Inductor (the default
-# downstream compiler) fuses and vectorises reductions such as RMSNorm's mean differently. With |activations| ~ 1 and
-# K <= 128 the rounding differs by a few ulps of the accumulated values, ~1e-6 here
+# downstream compiler) fuses and vectorises reductions such as RMSNorm's mean differently.
+# With |activations| ~ 1 and K <= 128 the rounding differs by a few ulps of the accumulated values, ~1e-6 here
 # (observed <= 3e-7); 1e-5 absolute leaves room while still catching any real error, which
 # shows up at ~1e-2 or more.
 ATOL, RTOL = 1e-5, 1e-5

@@ -223,12 +223,14 @@ class _Runner:
 
     def __call__(self, *args):
         args = list(args)
-        # Checked on every call: Dynamo may share one compiled graph between several model
-        # instances (torch.compile(model.forward) on two models), whose weights load apart.
-        pending = [i for i, _ in self.compiled.shard_specs if args[i] in _PENDING] + \
-                  [i for i in self.compiled.replicated_params if args[i] in _PENDING]
-        if pending:
-            self._load(args, pending)
+        # Checked on every call while weights wait to be read: Dynamo may share one compiled
+        # graph between several model instances (torch.compile(model.forward) on two
+        # models), whose weights load apart. Once all are read, the check is skipped.
+        if len(_PENDING):
+            pending = [i for i, _ in self.compiled.shard_specs if args[i] in _PENDING] + \
+                      [i for i in self.compiled.replicated_params if args[i] in _PENDING]
+            if pending:
+                self._load(args, pending)
         for idx, info in self.compiled.shard_specs:
             t = args[idx]
             st = _SHARDED.get(t)

@@ -55,18 +55,6 @@ class TPPlan:
     num_nodes: int = 0
     timings: dict = field(default_factory=dict)  # seconds per pass (decompose, solve, rewrite)
 
-    def collective_bytes(self, kind: str = "all_reduce", itemsize: int = 4) -> int:
-        """Elements x ``itemsize`` of every collective of ``kind`` in one forward (the
-        payload each rank contributes; shapes are global and may be symbolic)."""
-        total = 0
-        for c in self.collectives:
-            if c.kind == kind and c.shape is not None:
-                n = 1
-                for d in c.shape:
-                    n *= int(d)
-                total += n * itemsize
-        return total
-
     def layouts(self) -> dict:
         """``{layout: [fqn, ...]}``."""
         out: dict = {}
