@@ -29,6 +29,11 @@ Measured per configuration:
   transformers alike) and, where the profiler shows their shapes, their payload bytes per
   token; the Megatron minimum is 2 all-reduces of ``B*S*E`` per layer.
 
+Rows: ``tp_auto`` uses the defaults (Inductor, fp32 matmuls on oneDNN: see
+``tp_backend/cpu_matmul.py``); ``tp_auto/aten`` computes matmuls with ATen's kernel (MKL),
+as eager, Inductor and transformers do, so it isolates the split from the kernel choice;
+``tp_auto/eager`` runs the rewritten graph without Inductor.
+
 Threads: torchrun gives each rank 1 thread. The speed-up column compares with one process
 on 1 thread (Megatron's one-device -> N-devices comparison); ``eager x2`` is one process
 on the same 2 cores that TP=2 uses. This machine has 2 cores, so TP=3 (3 threads)
@@ -59,7 +64,8 @@ CONFIGS = {
     "llama": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
               ("inductor x1", "inductor", 1, 1), ("inductor x2", "inductor", 2, 1),
               ("tp_auto TP=1", "tp_auto", 1, 1),
-              ("tp_auto TP=2", "tp_auto", 1, 2), ("tp_auto/eager TP=2", "tp_auto_eager", 1, 2),
+              ("tp_auto TP=2", "tp_auto", 1, 2), ("tp_auto/aten TP=2", "tp_auto_aten", 1, 2),
+              ("tp_auto/eager TP=2", "tp_auto_eager", 1, 2),
               ("hf_tp TP=2", "hf_tp", 1, 2),
               ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
     "smollm2": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
@@ -142,7 +148,8 @@ def run_one(model_name: str, impl: str, threads: int) -> dict:
             import tp_backend
 
             compiler = "eager" if impl == "tp_auto_eager" else "inductor"
-            model = tp_backend.parallelize_model(path, compiler=compiler)
+            kernel = "aten" if impl == "tp_auto_aten" else "onednn"
+            model = tp_backend.parallelize_model(path, compiler=compiler, cpu_matmul=kernel)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()
     res["load_s"] = time.perf_counter() - t0

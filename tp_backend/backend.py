@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import layers
+from . import cpu_matmul, layers
 from .decompose import source_to_fqn
 from .errors import TPError, TPShardedModuleError
 from .options import TPOptions, validate_options
@@ -181,21 +181,24 @@ class _Compiled:
     run: object = None  # the local graph, compiled by the downstream compiler (or gm itself)
 
 
-def _downstream_compile(gm: fx.GraphModule, local_fakes: list, compiler: str, plan: TPPlan):
+def _downstream_compile(gm: fx.GraphModule, local_fakes: list, opts: TPOptions,
+                        plan: TPPlan | None = None):
     """Hand this rank's local ATen graph to the downstream compiler.
 
     ``local_fakes``: fake tensors of the shapes this rank really feeds (local shards), in
     Dynamo's fake mode, so Inductor shares Dynamo's symbolic shapes and guards -- exactly
     what ``backend="inductor"`` does with a captured graph. The functional collectives in
-    the graph are lowered by Inductor (``_c10d_functional``). ``"eager"`` runs the graph
-    as it is (for debugging)."""
-    if compiler != "inductor":
+    the graph are lowered by Inductor (``_c10d_functional``); float32 CPU matmuls go to the
+    kernel ``opts.cpu_matmul`` names (:mod:`tp_backend.cpu_matmul`). ``"eager"`` runs the
+    graph as it is (for debugging)."""
+    if opts.compiler != "inductor":
         return gm
     from torch._inductor.compile_fx import compile_fx
 
     t0 = time.perf_counter()
-    fn = compile_fx(gm, local_fakes)
-    plan.timings["downstream_compile_s"] = time.perf_counter() - t0
+    fn = compile_fx(gm, local_fakes, decompositions=cpu_matmul.decompositions(opts.cpu_matmul))
+    if plan is not None:
+        plan.timings["downstream_compile_s"] = time.perf_counter() - t0
     return fn
 
 
@@ -320,8 +323,8 @@ class TPAutoBackend:
 
     Keyword Args:
         options (dict): ``tp_group`` (a ``ProcessGroup``; default: the default group),
-            ``compiler`` (``"inductor"``, the default, or ``"eager"``). Unknown keys raise
-            ``ValueError``.
+            ``compiler`` (``"inductor"``, the default, or ``"eager"``), ``cpu_matmul``
+            (``"onednn"``, the default, or ``"aten"``). Unknown keys raise ``ValueError``.
 
     Attributes:
         stats: counters -- ``graphs`` (backend calls), ``solves``, ``cache_hits``.
@@ -348,11 +351,9 @@ class TPAutoBackend:
         if _EAGER_WARM_UP.active:
             opts = dataclasses.replace(opts, compiler="eager")
         self.stats["graphs"] += 1
-        if opts.tp_size == 1:  # nothing to split: exactly what plain torch.compile does
+        if opts.tp_size == 1:  # nothing to split: the graph goes to the downstream compiler
             if opts.compiler == "inductor":
-                from torch._inductor.compile_fx import compile_fx
-
-                return compile_fx(gm, example_inputs)
+                return _downstream_compile(gm, list(example_inputs), opts)
             return gm.forward
         return self._compile(gm, list(example_inputs), opts)
 
@@ -388,7 +389,7 @@ class TPAutoBackend:
                 local_in[i] = _LOCAL_VALUES[real][0]
                 fake = _contiguous_fake(fake_mode, fake.shape, fake)
             fakes.append(fake)
-        key = (gm.code, opts.compiler, opts.group_name, opts.tp_rank,
+        key = (gm.code, opts.compiler, opts.cpu_matmul, opts.group_name, opts.tp_rank,
                tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
                      else str(f) for f in fakes), tuple(sorted(params)))
@@ -428,7 +429,7 @@ class TPAutoBackend:
         params = set(params) | set(sol.stored_inputs)
         local_in = {i: s for i, s in local_in.items() if i not in sharded}
         local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size)
-        run = _downstream_compile(aten_gm, local_fakes, opts.compiler, plan)
+        run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
                          local_in, dict(sol.local_outputs), run)
 

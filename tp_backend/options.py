@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import torch.distributed as dist
 
+from .cpu_matmul import CPU_MATMUL_KERNELS
 from .errors import TPOptionsError, TPOptionsTypeError, TPProcessGroupError
 
 __all__ = ["TPOptions", "validate_options", "OPTION_DOCS"]
@@ -19,6 +20,9 @@ OPTION_DOCS = {
                 "(default: the default group, if torch.distributed is initialised)",
     "compiler": "downstream compiler of each rank's rewritten graph: 'inductor' (default) or "
                 "'eager' (run the graph as it is, for debugging)",
+    "cpu_matmul": "kernel of float32 matmuls on CPU in the Inductor-compiled graph: 'onednn' "
+                  "(default) or 'aten' (ATen's choice, MKL: exactly what backend='inductor' "
+                  "runs); see tp_backend.cpu_matmul",
 }
 _COMPILERS = ("eager", "inductor")
 
@@ -32,12 +36,15 @@ class TPOptions:
         tp_rank: this process's rank in ``tp_group``.
         tp_size: number of ranks in ``tp_group`` (``N``).
         compiler: what runs the rewritten graph.
+        cpu_matmul: which kernel computes float32 CPU matmuls under Inductor
+            (:mod:`tp_backend.cpu_matmul`).
     """
 
     tp_group: Any
     tp_rank: int
     tp_size: int
     compiler: str = "inductor"
+    cpu_matmul: str = "onednn"
 
     @property
     def group_name(self) -> str:
@@ -76,5 +83,9 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
     compiler = options.get("compiler", "inductor")
     if compiler not in _COMPILERS:
         raise TPOptionsError(f"tp_auto option 'compiler' must be one of {_COMPILERS}, got {compiler!r}")
+    cpu_matmul = options.get("cpu_matmul", "onednn")
+    if cpu_matmul not in CPU_MATMUL_KERNELS:
+        raise TPOptionsError(f"tp_auto option 'cpu_matmul' must be one of {CPU_MATMUL_KERNELS}, "
+                             f"got {cpu_matmul!r}")
     return TPOptions(tp_group=group, tp_rank=dist.get_rank(group), tp_size=dist.get_world_size(group),
-                     compiler=compiler)
+                     compiler=compiler, cpu_matmul=cpu_matmul)

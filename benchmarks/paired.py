@@ -1,0 +1,182 @@
+"""Side-by-side speed-up: single process, ``tp_auto`` and transformers' ``tp_plan="auto"``
+measured in alternating rounds of one torchrun job, so every ratio compares timings taken
+moments apart under the same machine load.
+
+    torchrun --nproc-per-node 2 benchmarks/paired.py [--model llama] [--rounds 7]
+        [--out benchmarks/results/paired-llama-tp2.json]
+
+``benchmarks/forward.py`` runs each configuration in its own process, one after another;
+on a shared machine the load drifts between those runs by more than the effects measured
+(its single-process baseline moved 15 % between two runs). Here every rank holds all the
+models, and each round times, in turn:
+
+* ``eager x1`` -- the unsharded model, eager, on rank 0 with 1 thread (the other ranks
+  wait in a barrier, which uses no CPU): the baseline of the speed-up target;
+* ``eager xN`` -- the same on rank 0 with ``N = tp_size`` threads: one process on as many
+  cores as the TP job uses;
+* ``tp_auto x1`` -- ``parallelize_model`` on a one-rank group, rank 0, 1 thread: the same
+  downstream compile (Inductor, fp32 matmuls on oneDNN) without the split, so ``tp_auto``
+  against it is the parallel efficiency with the kernels held equal;
+* ``tp_auto`` -- ``parallelize_model`` (Inductor, oneDNN matmuls: the defaults), 1 thread
+  per rank;
+* ``tp_auto/aten`` -- the same with ``cpu_matmul="aten"`` (ATen's matmul, MKL, as eager
+  and transformers use): isolates the split from the kernel choice;
+* ``hf_tp`` -- transformers ``from_pretrained(..., tp_plan="auto")``, 1 thread per rank.
+
+Workloads (the ones ``forward.py`` defines): prefill at S=128 and S=512 (KV cache on,
+last-token logits, which is what ``generate`` runs), and greedy decode tokens/s (32 new
+tokens after a 32-token prompt, minus a 1-token run, so the prefill is excluded). A
+barrier before and after each timing keeps the ranks in step.
+
+Reported per workload: the median and minimum time of each implementation over the
+rounds, the median over rounds of the per-round speed-up against ``eager x1`` (prefill:
+time ratio; decode: tokens/s ratio), and the median per-round ratio of each ``tp_auto``
+row vs ``hf_tp``. Each round uses fresh timings of every implementation, so a slow spell of the
+machine moves both sides of a ratio together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from _common import write_json
+from forward import NEW_TOKENS, SEQS, checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _timed(fn, rank: int, only_rank0: bool) -> float | None:
+    """Wall seconds of ``fn()`` on this rank (``None`` where it did not run), between
+    barriers so every rank starts together and no rank runs ahead into the next timing."""
+    dist.barrier()
+    t = None
+    if not only_rank0 or rank == 0:
+        t0 = time.perf_counter()
+        fn()
+        t = time.perf_counter() - t0
+    dist.barrier()
+    return t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama", choices=("llama", "smollm2"))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import tp_backend
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        path = checkpoint(args.model)  # creates the random Llama once
+    dist.barrier()
+    path = checkpoint(args.model)
+    cfg = AutoConfig.from_pretrained(path)
+    # Five compiled instances of one forward (several graphs each) exceed Dynamo's default
+    # recompile limit of 8 per code object, past which it would silently run eagerly.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 512
+    models = {"tp_auto": tp_backend.parallelize_model(path),
+              "tp_auto/aten": tp_backend.parallelize_model(path, cpu_matmul="aten"),
+              "hf_tp": AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()}
+    solo = dist.new_group([0])  # collective: every rank calls it
+    if rank == 0:
+        models["eager x1"] = models[f"eager x{tp}"] = AutoModelForCausalLM.from_pretrained(path).eval()
+        models["tp_auto x1"] = tp_backend.parallelize_model(path, tp_group=solo)
+    impls = ("eager x1", f"eager x{tp}", "tp_auto x1", "tp_auto", "tp_auto/aten", "hf_tp")
+    threads = {impl: 1 for impl in impls}
+    threads[f"eager x{tp}"] = tp
+    on_rank0 = {"eager x1", f"eager x{tp}", "tp_auto x1"}
+
+    gen = torch.Generator().manual_seed(0)
+    ids = {s: torch.randint(0, cfg.vocab_size, (1, s), generator=gen) for s in SEQS}
+    prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=gen)
+
+    def workloads(model):
+        def prefill(s):
+            return lambda: model(input_ids=ids[s], logits_to_keep=1)
+
+        def generate(n):
+            return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n,
+                                          do_sample=False)
+        return {**{f"prefill {s}": prefill(s) for s in SEQS},
+                "decode 1": generate(1), f"decode {NEW_TOKENS}": generate(NEW_TOKENS)}
+
+    times = {impl: {} for impl in impls}
+    with torch.no_grad():
+        for rnd in range(-1, args.rounds):  # round -1 warms up (compiles every graph)
+            for impl in impls:
+                only0 = impl in on_rank0
+                torch.set_num_threads(threads[impl])
+                for name, fn in workloads(models.get(impl)).items():
+                    reps = 2 if rnd < 0 else 1
+                    for _ in range(reps):
+                        t = _timed(fn, rank, only0)
+                    if rnd >= 0 and t is not None:
+                        times[impl].setdefault(name, []).append(t)
+                torch.set_num_threads(1)
+            if rank == 0:
+                print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+    if rank == 0:
+        report(args, tp, times)
+    dist.destroy_process_group()
+
+
+def report(args, tp: int, times: dict) -> None:
+    decode = f"decode {NEW_TOKENS}"
+    impls = list(times)
+    for impl in impls:  # decode seconds per new token, prefill excluded, per round
+        t = times[impl]
+        t["decode per token"] = [(a - b) / (NEW_TOKENS - 1) for a, b in zip(t[decode], t["decode 1"])]
+    work = [f"prefill {s}" for s in SEQS] + ["decode per token"]
+    res = {"model": args.model, "tp": tp, "rounds": args.rounds, "threads_per_rank": 1,
+           "times_s": times, "summary": {}}
+    print(f"\n{args.model}, TP={tp}, {args.rounds} alternating rounds, 1 thread per TP rank "
+          f"(eager x{tp}: 1 process, {tp} threads). Ratios are medians over rounds of "
+          "per-round ratios (timings taken moments apart); 'vs eager x1' = eager x1 time / time; "
+          "'vs x1 same kernels' = parallel efficiency x N (tp_auto against tp_auto x1, "
+          "tp_auto/aten and hf_tp against eager x1); 'vs hf_tp' = hf_tp time / time.")
+    print(f"{'workload':16s} {'impl':12s} {'median':>9s} {'min':>9s} {'vs eager x1':>11s} "
+          f"{'range':>11s} {'vs x1 same kernels':>18s} {'vs hf_tp':>18s}")
+
+    def ratio(num: list, den: list) -> tuple:
+        r = [a / b for a, b in zip(num, den)]
+        return statistics.median(r), [min(r), max(r)]
+
+    same_kernel_base = {"tp_auto": "tp_auto x1", "tp_auto/aten": "eager x1", "hf_tp": "eager x1"}
+    for w in work:
+        for impl in impls:
+            ts = times[impl][w]
+            row = {"median_s": statistics.median(ts), "min_s": min(ts)}
+            row["speedup_vs_eager_x1"], row["speedup_range"] = ratio(times["eager x1"][w], ts)
+            cols = ["", ""]
+            if impl in same_kernel_base and same_kernel_base[impl] in times:
+                row["speedup_same_kernels"], rng = ratio(times[same_kernel_base[impl]][w], ts)
+                cols[0] = f"{row['speedup_same_kernels']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
+            if impl in ("tp_auto", "tp_auto/aten"):
+                row["vs_hf_tp"], row["vs_hf_tp_range"] = ratio(times["hf_tp"][w], ts)
+                rng = row["vs_hf_tp_range"]
+                cols[1] = f"{row['vs_hf_tp']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
+            res["summary"].setdefault(w, {})[impl] = row
+            lo, hi = row["speedup_range"]
+            print(f"{w:16s} {impl:12s} {1e3 * row['median_s']:7.1f}ms "
+                  f"{1e3 * row['min_s']:7.1f}ms {row['speedup_vs_eager_x1']:10.2f}x "
+                  f"{lo:5.2f}-{hi:<5.2f} {cols[0]:>18s} {cols[1]:>18s}")
+    out = args.out or os.path.join(HERE, "results", f"paired-{args.model}-tp{tp}.json")
+    write_json(res, out)
+    print("RESULT " + json.dumps(res["summary"]))
+
+
+if __name__ == "__main__":
+    main()
