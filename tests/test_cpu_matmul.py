@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-import tp_backend
 from tp_backend.cpu_matmul import decompositions, onednn_linear
 from dist_utils import run_distributed
 from models import make_ids, make_model
@@ -69,24 +68,6 @@ def test_routing_rule():
     scaled = _targets(lambda b, x, wt: torch.addmm(b, x, wt, beta=0.5), torch.randn(64),
                       torch.randn(8, 32), w.t())
     assert ONEDNN not in scaled
-
-
-def _cpu_matmul_option(rank, world_size):
-    from tp_backend.options import validate_options
-
-    default = validate_options({}).cpu_matmul
-    try:
-        validate_options({"cpu_matmul": "mkl"})
-    except tp_backend.TPOptionsError as e:
-        return default, str(e)
-    return default, None
-
-
-def test_cpu_matmul_option_default_and_bad_value():
-    """The default is oneDNN; a bad value raises TPOptionsError naming the key and value."""
-    [(default, err)] = run_distributed(_cpu_matmul_option, 1)
-    assert default == "onednn"
-    assert err is not None and "'cpu_matmul'" in err and "'mkl'" in err
 
 
 def _kernel_use(rank, world_size):

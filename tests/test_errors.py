@@ -43,21 +43,25 @@ def test_unknown_option_names_the_key():
     assert isinstance(err, tp_backend.TPOptionsError) and "'tp_grop'" in str(err)
 
 
-def _compiler_options(rank, world_size):
+def _option_default_and_error(rank, world_size, key, bad):
     from tp_backend.options import validate_options
 
-    default = validate_options({}).compiler
+    default = getattr(validate_options({}), key)
     try:
-        validate_options({"compiler": "cudagraphs"})
+        validate_options({key: bad})
     except tp_backend.TPOptionsError as e:
         return default, str(e)
     return default, None
 
 
-def test_default_compiler_is_inductor_and_unknown_one_named():
-    [(default, err)] = run_distributed(_compiler_options, 1)
-    assert default == "inductor"
-    assert err is not None and "'cudagraphs'" in err and "inductor" in err
+@pytest.mark.parametrize("key,default,bad", [("compiler", "inductor", "cudagraphs"),
+                                             ("cpu_matmul", "onednn", "mkl")])
+def test_option_default_and_bad_value_named(key, default, bad):
+    """Pins the defaults (Inductor downstream, oneDNN CPU matmuls); a bad value raises
+    TPOptionsError naming the key, the value and the valid choices."""
+    [(got, err)] = run_distributed(_option_default_and_error, 1, key, bad)
+    assert got == default
+    assert err is not None and f"'{key}'" in err and f"'{bad}'" in err and default in err
 
 
 def test_tp_group_of_wrong_type():

@@ -92,7 +92,7 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
         skip_load_weights (bool): initialise parameters with the model's own init instead of
             loading them (materialises the full model once per rank: for profiling).
         dtype (torch.dtype): parameter dtype (default: the config's ``dtype``, else float32).
-        **overrides: ``tp_auto`` options (``compiler``) and config fields (e.g.
+        **overrides: ``tp_auto`` options (``compiler``, ``cpu_matmul``) and config fields (e.g.
             ``num_hidden_layers=2``); any other key raises ``ValueError``.
 
     Returns:
