@@ -10,13 +10,14 @@ changes nothing, and bf16/fp16 matmuls on CPU already run on oneDNN inside ATen.
 
 Why: ATen computes fp32 ``mm`` on CPU with MKL's sgemm. On AMD CPUs MKL runs its AVX2
 code (it dispatches AVX-512 only on Intel; no MKL environment variable changes that), while
-oneDNN, which PyTorch ships and which Inductor already uses for linears when
-``freezing=True``, runs AVX-512 code. Measured on this project's CI machine (AMD EPYC,
-Zen 5, 1 thread, fp32): ``[512, 1536] @ [1536, 2112]`` at 95 GFLOP/s with MKL and 206 with
-oneDNN; a SmolLM2-shaped 258M Llama's 512-token prefill 1.80x faster in eager. Inductor's
-own oneDNN path needs the weights as frozen constants, and here they are graph inputs (each
-rank's shard, fed by the runner), so the kernel is wrapped as a custom op that Inductor
-calls as an opaque kernel, like :mod:`tp_backend.leaf_ops`.
+oneDNN, which PyTorch ships, runs AVX-512 code. Measured on this project's CI machine (AMD
+EPYC, Zen 5, 1 thread, fp32): ``[512, 1536] @ [1536, 2112]`` at 95 GFLOP/s with MKL and 206
+with oneDNN; the 512-token prefill of ``benchmarks/forward.py``'s 258M Llama 1.80x faster
+in eager. Inductor's own oneDNN linear (``mkldnn._linear_pointwise``, used with
+``freezing=True`` for bf16/fp16 weights or a dynamic batch; frozen fp32 linears otherwise go
+to MKL's packed GEMM) needs the weights as frozen constants, and here they are graph inputs
+(each rank's shard, fed by the runner), so the kernel is wrapped as a custom op that
+Inductor calls as an opaque kernel, like :mod:`tp_backend.leaf_ops`.
 
 Numerics: the same fp32 products, summed in another order (no reduced precision; oneDNN's
 ``fp32_precision`` is left at its default). Against a float64 reference both kernels err by
@@ -68,9 +69,8 @@ def use_onednn(x: torch.Tensor, w_t: torch.Tensor) -> bool:
     operands, and either at least 4 rows (or a row count not known while tracing, e.g. a
     dynamic sequence length) or a weight of at least 8M elements. Decided while tracing,
     without adding guards."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or w_t.dtype != torch.float32:
-        return False
-    if x.dim() != 2 or w_t.dim() != 2:
+    # mm's operands are 2-D and of one dtype (the op checks both).
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if statically_known_true(x.shape[0] < _MIN_ROWS):
         return statically_known_true(w_t.shape[0] * w_t.shape[1] >= _MIN_WEIGHT_NUMEL_FEW_ROWS)
@@ -102,8 +102,8 @@ def decompositions(kernel: str) -> dict:
         return inductor_mm(x, w_t) if inductor_mm is not None else NotImplemented
 
     def addmm(bias, x, w_t, *, beta=1, alpha=1):
-        if beta == 1 and alpha == 1 and bias.dim() == 1 and bias.dtype == torch.float32 \
-                and use_onednn(x, w_t) and statically_known_true(bias.shape[0] == w_t.shape[1]):
+        if beta == 1 and alpha == 1 and bias.dim() == 1 and use_onednn(x, w_t) \
+                and statically_known_true(bias.shape[0] == w_t.shape[1]):
             return torch.ops.tp_backend.onednn_linear(x, w_t.t(), bias)
         if inductor_addmm is not None:
             return inductor_addmm(bias, x, w_t, beta=beta, alpha=alpha)
