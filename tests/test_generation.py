@@ -11,6 +11,13 @@ from dist_utils import run_distributed
 NEW_TOKENS = 32
 
 
+def _cache(output):
+    """The KV cache a ``generate`` output returns: the ``cache`` field from transformers
+    5.24 on (``past_key_values`` is deprecated there and warns), ``past_key_values``
+    before."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def _prompt(batch=1, seq=6, seed=3):
     return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -33,9 +40,9 @@ def _greedy_identity(rank, world_size, names):
             got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
                                  return_dict_in_generate=True)
             # Cache bytes: this rank's local key/value tensors vs the single-process cache.
-            local = sum(tp_backend.local_value(t).nbytes for layer in got.past_key_values.layers
+            local = sum(tp_backend.local_value(t).nbytes for layer in _cache(got).layers
                         for t in (layer.keys, layer.values))
-            full = sum(t.nbytes for layer in ref.past_key_values.layers
+            full = sum(t.nbytes for layer in _cache(ref).layers
                        for t in (layer.keys, layer.values))
             out[(name, style)] = {"same": torch.equal(got.sequences, ref.sequences),
                                   "cache_ratio": local / full,
@@ -120,8 +127,8 @@ def _static_cache(rank, world_size):
     ref = ref_model.generate(_prompt(), **kw)
     model.compile(backend="tp_auto")
     got = model.generate(_prompt(), **kw)
-    layer = got.past_key_values.layers[0]
-    full = ref.past_key_values.layers[0]
+    layer = _cache(got).layers[0]
+    full = _cache(ref).layers[0]
     return (torch.equal(got.sequences, ref.sequences),
             tp_backend.local_shard(layer.keys).nbytes / full.keys.nbytes,
             tp_backend.local_shard(layer.values).nbytes / full.values.nbytes)

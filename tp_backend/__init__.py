@@ -4,6 +4,10 @@
 across the ranks of ``group`` with no per-model code. See README.md.
 """
 
+from .versions import check_versions as _check_versions
+
+_check_versions()  # a clear ImportError for a torch/transformers outside the tested range
+
 from .backend import (ShardInfo, TPAutoBackend, local_parameter_bytes, local_shard,
                       local_value, sharding_info, tp_auto)
 from .api import parallelize_model

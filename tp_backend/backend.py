@@ -38,10 +38,10 @@ import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import cpu_matmul, layers
-from .decompose import source_to_fqn
 from .errors import TPError, TPShardedModuleError
 from .options import TPOptions, validate_options
 from .placement import Shard
+from .naming import NameIndex, roots_of_compiling_frame
 from .pipeline import run_pipeline
 from .plan import TPPlan
 
@@ -219,10 +219,13 @@ class _Runner:
     """What Dynamo calls: shards parameters on first use, then runs the local graph with
     each sharded parameter's local slice in place of the parameter."""
 
-    def __init__(self, compiled: _Compiled, owners: dict):
+    def __init__(self, compiled: _Compiled, names: NameIndex):
         self.compiled = compiled
         self.plan = compiled.plan
-        self._owners = owners  # input index -> owning nn.Module (for the eager-call guard)
+        # Names by identity at shard time: Dynamo may run one compiled graph for several
+        # modules of the same code (every layer of a model with a graph break inside its
+        # layers), so the name and the owner come from the tensor, not from the graph.
+        self._names = names
 
     def __call__(self, *args):
         args = list(args)
@@ -281,10 +284,13 @@ class _Runner:
                 # on dim 0 is vocab-parallel. A fused [q|k|v] weight is split per block.
                 src = t.detach()
                 local = info.take(lambda start, n: src.narrow(info.dim, start, n), src.dtype).clone()
+        found = self._names.tensor(t)
+        if found is not None and found.name != info.fqn:
+            info = dataclasses.replace(info, fqn=found.name)
         st = _SHARDED[t] = _Sharded(info, local)
         with torch.no_grad():
             t.data = placeholder(t.shape, t.dtype, t.device)
-        owner = self._owners.get(idx)
+        owner = found.owner if found is not None else None
         if owner is not None and owner not in _HOOKED:
             owner.register_forward_pre_hook(_refuse_eager_call)
             _HOOKED.add(owner)
@@ -360,17 +366,25 @@ class TPAutoBackend:
     # ------------------------------------------------------------------ compile
     def _compile(self, gm, example_inputs, opts: TPOptions):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        fakes, params, presharded, fqns, owners, local_in = [], set(), {}, {}, {}, {}
+        fakes, params, presharded, local_in = [], set(), {}, {}
+        fqns, buffer_names, aliases = {}, {}, {}
         ex_fake = next(n.meta["example_value"] for n in placeholders
                        if isinstance(n.meta.get("example_value"), torch.Tensor))
         fake_mode = ex_fake.fake_mode
+        # Names by identity: the example inputs are the model's own tensors.
+        names = NameIndex(*roots_of_compiling_frame())
+        names.use([t for t in example_inputs if isinstance(t, torch.Tensor)])
         for i, (n, real) in enumerate(zip(placeholders, example_inputs)):
             fake = n.meta.get("example_value")
+            found = names.tensor(real) if isinstance(real, torch.Tensor) else None
+            if found is not None:
+                buffer_names[i], aliases[i] = found.name, found.aliases
             if isinstance(real, torch.nn.Parameter):
-                source = n.meta.get("grapharg").source if n.meta.get("grapharg") else None
-                fqns[i] = source_to_fqn(source.name) if source is not None else n.name
                 params.add(i)
-                owners[i] = _owner_module(source)
+                if found is None:
+                    log.warning("tp_auto: no module reachable from the compiled frame holds "
+                                "parameter input %s; it is named after the graph input", n.name)
+                fqns[i] = buffer_names.pop(i, n.name)
             # Inputs whose data is a placeholder are traced as contiguous tensors of their
             # global shape.
             st = _SHARDED.get(real) if isinstance(real, torch.Tensor) else None
@@ -397,22 +411,28 @@ class TPAutoBackend:
         if compiled is not None:
             self.stats["cache_hits"] += 1
             log.debug("tp_auto: graph %s found in the cache", gm.meta.get("dynamo_compile_id"))
-            return _Runner(compiled, owners)
+            return _Runner(compiled, names)
         compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns, opts,
-                                           local_in)
+                                           local_in, aliases, names, buffer_names)
         self._cache[key] = compiled
-        return _Runner(compiled, owners)
+        return _Runner(compiled, names)
 
-    def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in):
+    def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in,
+                           aliases, names: NameIndex, buffer_names: dict):
         pre = {i: Shard(info.dim, info.outer, info.blocks) for i, info in presharded.items()}
         pre.update(local_in)
-        names = {i: (n.meta["grapharg"].source.name if n.meta.get("grapharg") else n.name)
-                 for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        # State the graph writes into is named like a buffer; inputs that are neither
+        # (a static KV cache) are labelled with Dynamo's description of the input, shown as
+        # is (never parsed).
+        labels = {i: buffer_names.get(i) or (n.meta["grapharg"].source.name
+                                             if n.meta.get("grapharg") else n.name)
+                  for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
         aten_gm, sol, plan = run_pipeline(gm, fakes, fake_mode, params=params, fqns=fqns,
                                           presharded=pre, tp_size=opts.tp_size,
                                           tp_rank=opts.tp_rank, group_name=opts.group_name,
                                           roles={i: info.layout for i, info in presharded.items()},
-                                          stateful_names=names)
+                                          stateful_names=labels, aliases=aliases,
+                                          module_path=lambda n: names.module_path(n, gm))
         self.stats["solves"] += 1
         self.plans.append(plan)
         specs = []
@@ -455,25 +475,6 @@ def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: i
             continue
         out.append(_contiguous_fake(fake_mode, shape, f))
     return out
-
-
-def _owner_module(source):
-    """The module that owns a parameter, found from its Dynamo source in the frame being
-    compiled; ``None`` if it cannot be resolved (the eager-call guard is then skipped)."""
-    if source is None:
-        return None
-    name = source.name
-    cut = name.rfind("._parameters[")
-    if cut < 0:
-        return None
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        return eval(name[:cut], {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307
-    except Exception:  # noqa: BLE001 - best effort; only a safety net for eager calls
-        log.debug("tp_auto: could not resolve the module owning %s", name)
-        return None
 
 
 tp_auto = TPAutoBackend()

@@ -7,13 +7,14 @@ weights). In-place ops become out-of-place (``add_`` -> ``add``). Scaled dot-pro
 attention and cross-entropy stay leaf ops (:mod:`tp_backend.leaf_ops`).
 
 Provenance: every ATen node gets ``node.meta["tp_source"]``, the name of the Dynamo node
-whose evaluation created it, and ``node.meta["tp_module"]``, that node's innermost
-``nn_module_stack`` entry (e.g. ``model.layers.3.self_attn.o_proj``).
+whose evaluation created it, and ``node.meta["tp_module"]``, the path of that node's
+innermost module (e.g. ``model.layers.3.self_attn.o_proj``) as the caller's
+``module_path`` names it (:meth:`tp_backend.naming.NameIndex.module_path`: by identity).
 """
 
 from __future__ import annotations
 
-import re
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -22,7 +23,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
 from .leaf_ops import LEAF_FUNCTIONS
 
-__all__ = ["decompose", "module_path"]
+__all__ = ["decompose"]
 
 _TABLE = None
 
@@ -34,31 +35,12 @@ def _decomposition_table():
     return _TABLE
 
 
-def module_path(dynamo_node: fx.Node) -> str:
-    """The innermost module of a Dynamo node as a dotted path (``""`` at the root)."""
-    stack = dynamo_node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return source_to_fqn(path)
-
-
-_ACCESS = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\['([^']+)'\]|\[(\d+)\]|\.(\w+)")
-
-
-def source_to_fqn(name: str) -> str:
-    """``"L['self']._modules['model']._modules['layers']['0']._parameters['weight']"`` (a
-    Dynamo source name) -> ``"model.layers.0.weight"``; the root local is dropped."""
-    m = re.match(r"^(?:L|G)\['[^']+'\]|^(?:L|G)\[\"[^\"]+\"\]|^\w+", name)
-    rest = name[m.end():] if m else name
-    parts = []
-    for a, b, c, d in _ACCESS.findall(rest):
-        parts.append(a or b or c or d)
-    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
-
-
 class _LeafInterpreter(fx.Interpreter):
     """Runs the Dynamo graph, routing leaf functions to leaf ops and recording provenance."""
+
+    def __init__(self, gm: fx.GraphModule, module_path: Callable[[fx.Node], str]):
+        super().__init__(gm)
+        self._module_path = module_path
 
     def call_function(self, target, args, kwargs):
         leaf = LEAF_FUNCTIONS.get(target)
@@ -72,7 +54,7 @@ class _LeafInterpreter(fx.Interpreter):
         last = graph._root.prev if graph is not None else None
         result = super().run_node(n)
         if graph is not None:
-            path = module_path(n)
+            path = self._module_path(n)
             node = last.next
             while node is not graph._root:
                 node.meta.setdefault("tp_source", n.name)
@@ -81,11 +63,13 @@ class _LeafInterpreter(fx.Interpreter):
         return result
 
 
-def decompose(gm: fx.GraphModule, fake_inputs: list, fake_mode) -> fx.GraphModule:
+def decompose(gm: fx.GraphModule, fake_inputs: list, fake_mode,
+              module_path: Callable[[fx.Node], str] = lambda n: "") -> fx.GraphModule:
     """Trace ``gm`` to a functional core-ATen graph. ``fake_inputs`` are fake tensors (and
-    SymInts) in ``fake_mode``, one per placeholder of ``gm``. Returns a ``GraphModule``
-    whose placeholders correspond one-to-one, in order, to ``gm``'s."""
-    interp = _LeafInterpreter(gm)
+    SymInts) in ``fake_mode``, one per placeholder of ``gm``; ``module_path(dynamo_node)``
+    names the module a Dynamo node ran in. Returns a ``GraphModule`` whose placeholders
+    correspond one-to-one, in order, to ``gm``'s."""
+    interp = _LeafInterpreter(gm, module_path)
 
     def run(*args):
         return interp.run(*args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -37,19 +38,25 @@ def _pass(name, fn, *args, **kwargs):
 
 def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqns: dict,
                  presharded: dict, tp_size: int, tp_rank: int, group_name: str,
-                 roles: dict | None = None, stateful_names: dict | None = None
+                 roles: dict | None = None, stateful_names: dict | None = None,
+                 aliases: dict | None = None,
+                 module_path: Callable[[fx.Node], str] = lambda n: "",
                  ) -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
 
     Args:
         params: indices of the placeholders that are parameters.
-        fqns: index -> parameter FQN.
+        fqns: index -> parameter (or buffer) FQN, as the model's ``named_parameters()``
+            names it (:mod:`tp_backend.naming`).
         presharded: index -> ``Shard`` of inputs already split by an earlier graph
             (sharded parameters, a key/value cache kept split).
         roles: index -> layout name of those presharded parameters.
         stateful_names: index -> name of inputs that are not parameters (used if the graph
             writes into them, e.g. a static KV cache).
+        aliases: index -> other names of a tied parameter.
+        module_path: names the module a Dynamo node ran in (for the plan's per-layer
+            collectives and log lines).
 
     Returns:
         ``(local ATen graph module, solution, plan)``.
@@ -57,7 +64,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     stateful_names = stateful_names or {}
     fqns = dict(fqns)
     t_start = time.perf_counter()
-    aten_gm = _pass("decomposition", decompose, gm, fakes, fake_mode)
+    aten_gm = _pass("decomposition", decompose, gm, fakes, fake_mode, module_path)
     t_decomposed = time.perf_counter()
     ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(ph):
@@ -109,7 +116,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
             nbytes_local = nbytes
         plan.params[fqns[i]] = ParamPlan(fqns[i], sol.param_role[node],
                                          s.dim if s is not None else None, shape, tuple(local),
-                                         nbytes, nbytes_local)
+                                         nbytes, nbytes_local, (aliases or {}).get(i, ()))
     plan.replicated_ops = [(describe(n), why) for n, why in sol.notes]
     plan.demoted = [describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
     for n, why in sol.notes:

@@ -18,7 +18,9 @@ __all__ = ["ParamPlan", "CollectivePlan", "TPPlan"]
 @dataclass(frozen=True)
 class ParamPlan:
     """One parameter: ``layout`` and ``shard_dim`` (``None`` if replicated); shapes in
-    elements, ``nbytes_local``/``nbytes_global`` in bytes."""
+    elements, ``nbytes_local``/``nbytes_global`` in bytes. ``fqn`` is the name the model's
+    ``named_parameters()`` gives it; ``aliases`` its other names when it is tied (e.g.
+    ``lm_head.weight`` for ``model.embed_tokens.weight``)."""
 
     fqn: str
     layout: str
@@ -27,6 +29,7 @@ class ParamPlan:
     local_shape: tuple
     nbytes_global: int
     nbytes_local: int
+    aliases: tuple = ()
 
 
 @dataclass(frozen=True)

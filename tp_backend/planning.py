@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from .decompose import source_to_fqn
+from .naming import NameIndex
 from .pipeline import run_pipeline
 from .plan import TPPlan
 from .rewrite import layer_index
@@ -63,19 +63,22 @@ def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
             module = cls._from_config(config)
     module.eval()
     plans: list[TPPlan] = []
+    names = NameIndex([("", module)])  # the module is the root: names as named_parameters()
 
     def capture(gm, example_inputs):
         ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
         fakes = [n.meta["example_value"] for n in ph]
         mode = next(f.fake_mode for f in fakes if isinstance(f, torch.Tensor))
-        params, fqns = set(), {}
+        params, fqns, aliases = set(), {}, {}
         for i, (n, real) in enumerate(zip(ph, example_inputs)):
             if isinstance(real, torch.nn.Parameter):
                 params.add(i)
-                ga = n.meta.get("grapharg")
-                fqns[i] = source_to_fqn(ga.source.name) if ga is not None else n.name
+                found = names.tensor(real)
+                fqns[i] = found.name if found is not None else n.name
+                aliases[i] = found.aliases if found is not None else ()
         _, _, plan = run_pipeline(gm, fakes, mode, params=params, fqns=fqns, presharded={},
-                                  tp_size=tp_size, tp_rank=tp_rank, group_name="plan")
+                                  tp_size=tp_size, tp_rank=tp_rank, group_name="plan",
+                                  aliases=aliases, module_path=lambda n: names.module_path(n, gm))
         plans.append(plan)
         return gm.forward
 
