@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import cpu_matmul, layers
+from . import cpu_matmul, layers, state
 from .errors import TPError, TPShardedModuleError
 from .options import TPOptions, validate_options
 from .placement import Shard
@@ -290,6 +290,9 @@ class _Runner:
         st = _SHARDED[t] = _Sharded(info, local)
         with torch.no_grad():
             t.data = placeholder(t.shape, t.dtype, t.device)
+        # state_dict()/save_pretrained read whole tensors back, load_state_dict re-shards.
+        for holder in (found.holders if found is not None else ()):
+            state.install_state_hooks(holder)
         owner = found.owner if found is not None else None
         if owner is not None and owner not in _HOOKED:
             owner.register_forward_pre_hook(_refuse_eager_call)

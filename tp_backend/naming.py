@@ -40,12 +40,13 @@ __all__ = ["TensorName", "NameIndex", "roots_of_compiling_frame"]
 @dataclass(frozen=True)
 class TensorName:
     """A parameter or buffer's name: ``name`` as ``state_dict()`` spells it, the other names
-    of the same tensor (``aliases``, tied weights), and the module holding it under
-    ``name`` (``owner``)."""
+    of the same tensor (``aliases``, tied weights), the module holding it under ``name``
+    (``owner``) and every module holding it under one of its names (``holders``)."""
 
     name: str
     aliases: tuple
     owner: torch.nn.Module | None
+    holders: tuple = ()
 
 
 def _unwrap(m):
@@ -185,10 +186,9 @@ class NameIndex:
         if found is None:
             return None
         label, root, names = found
-        owner_path = names[0].rpartition(".")[0]
+        holders = tuple(root.get_submodule(n.rpartition(".")[0]) for n in names)
         return TensorName(self._name(label, names[0]),
-                          tuple(self._name(label, n) for n in names[1:]),
-                          root.get_submodule(owner_path))
+                          tuple(self._name(label, n) for n in names[1:]), holders[0], holders)
 
     def module(self, m: torch.nn.Module) -> str | None:
         """The dotted path of a module (``""`` for a root), or ``None`` if unknown."""

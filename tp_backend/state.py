@@ -1,0 +1,100 @@
+"""Whole values for what the user reads back from a sharded model, and re-sharding on load.
+
+Owns: ``state_dict()`` and ``load_state_dict()`` of modules whose parameters (or buffers)
+``tp_auto`` sharded. After sharding, an ``nn.Parameter`` keeps its identity and global
+shape but its data is a one-element NaN placeholder (the rank's slice lives in the
+backend's store, :func:`tp_backend.local_shard`). Without this module ``state_dict()`` --
+and so ``torch.save(model.state_dict())`` and transformers' ``save_pretrained`` -- would
+return those placeholders. Must not: keep a whole copy of any tensor beyond the call that
+asked for it.
+
+* ``state_dict()``: a post-hook on every module holding a sharded tensor replaces the
+  placeholder by the whole tensor, all-gathered from the ranks' slices (padding rows cut).
+  This is a collective, like DTensor's ``full_tensor()``: **every rank of the group calls
+  ``state_dict()``** (or ``save_pretrained(..., is_main_process=rank == 0)``) in the same
+  order; one rank alone would wait for the others until the process group's timeout.
+* ``load_state_dict(sd)``: a pre-hook takes this rank's slice of each whole tensor in
+  ``sd`` into the local shard (no communication); the placeholder itself is left as is.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+__all__ = ["full_tensor", "install_state_hooks"]
+
+_INSTALLED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor ``tp_auto`` stored split (shape: its global shape),
+    all-gathered over its tensor-parallel group; ``t`` itself (detached) if it is not split.
+
+    Collective: every rank of the group must call it, for the same tensors, in the same
+    order.
+    """
+    from .backend import _SHARDED
+    from .collectives import all_gather
+
+    st = _SHARDED.get(t)
+    if st is None:
+        return t.detach()
+    info = st.info
+    with torch.no_grad():
+        # The local shard holds, per block of the (padded) split dim, this rank's chunk:
+        # all_gather is the inverse of that split.
+        whole = all_gather(st.local, info.dim, info.outer, info.tp_size, info.group_name,
+                           info.blocks)
+        real = info.global_shape[info.dim]
+        if whole.shape[info.dim] != real:  # a padded vocabulary: cut the zero rows
+            whole = whole.narrow(info.dim, 0, real)
+        return whole.contiguous()
+
+
+def _sharded_members(module: torch.nn.Module):
+    from .backend import _SHARDED
+
+    for kind in ("_parameters", "_buffers"):
+        for name, t in getattr(module, kind).items():
+            if t is not None and t in _SHARDED:
+                yield name, t
+
+
+def _state_dict_post_hook(module, state_dict, prefix, local_metadata) -> None:
+    for name, t in _sharded_members(module):
+        key = prefix + name
+        if key in state_dict:
+            state_dict[key] = full_tensor(t)
+
+
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                   unexpected_keys, error_msgs) -> None:
+    from .backend import _SHARDED
+
+    for name, t in _sharded_members(module):
+        key = prefix + name
+        value = state_dict.get(key)
+        if value is None:
+            continue
+        st = _SHARDED[t]
+        info = st.info
+        if tuple(value.shape) != info.global_shape:
+            continue  # load_state_dict reports the size mismatch itself
+        with torch.no_grad():
+            src = value.detach().to(st.local.dtype)
+            st.local.copy_(info.take(lambda start, n: src.narrow(info.dim, start, n),
+                                     st.local.dtype))
+        # The default loader then copies the placeholder onto itself (a no-op).
+        state_dict[key] = t.detach()
+
+
+def install_state_hooks(module: torch.nn.Module) -> None:
+    """Make ``module.state_dict()`` return whole tensors and ``load_state_dict`` re-shard,
+    for the tensors of ``module`` that ``tp_auto`` stored split (idempotent)."""
+    if module in _INSTALLED:
+        return
+    module.register_state_dict_post_hook(_state_dict_post_hook)
+    module.register_load_state_dict_pre_hook(_load_pre_hook)
+    _INSTALLED.add(module)
