@@ -18,7 +18,7 @@ from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
-from tp_backend.layers import local_shard, vocab_parallel_embedding
+from tp_backend.layers import add_bias, local_shard, partial_product, vocab_parallel_embedding
 from tp_backend.placement import REPLICATE, HeadGroup, Placement
 from tp_backend.rules import lookup
 
@@ -47,6 +47,12 @@ class StubCtx:
 
     def note(self, node, reason):
         self.notes.append(reason)
+
+    def forced_whole(self, node):
+        return False
+
+    def worth_vocab_split(self, table):
+        return True  # the split forced: rule checks must not depend on the cost model
 
     def prefer(self, value, dim, cuts):
         self.prefs = sorted(cuts)
@@ -112,34 +118,63 @@ def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, e
     """
     gm, node = trace(fn, inputs)
     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    pl = dict(zip(ph, placements))
-    ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed)
-    ctx.blocks = blocks
-    dec = lookup(node.target)(ctx, node)
+    dec, notes = decide(node, ph, placements, tp_size=tp_size, params=params,
+                        seeds_allowed=seeds_allowed, blocks=blocks)
     if expect is not None:
-        assert dec is not None, f"rule refused: {ctx.notes}"
+        assert dec is not None, f"rule refused: {notes}"
         assert dec.out == expect, f"expected {expect}, got {dec.out}"
     if dec is None:
         return None
+    simulate(node, ph, inputs, placements, dec, tp_size=tp_size)
+    return dec
+
+
+def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, blocks=None):
+    """The rule's decision for ``node`` when placeholder ``ph[i]`` has ``placements[i]``;
+    returns ``(decision or None, the rule's notes)``."""
+    pl = dict(zip(ph, placements))
+    ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed)
+    ctx.blocks = blocks
+    return lookup(node.target)(ctx, node), ctx.notes
+
+
+def simulate(node, ph, inputs, placements, dec, *, tp_size=2, rtol=1e-5, atol=1e-5,
+             same_rng=False, shape_only=False):
+    """Run ``dec`` rank by rank and check that its output placement reassembles ``node``'s
+    result on the global ``inputs`` (raises ``AssertionError`` if not, or whatever the
+    local op raises). ``same_rng`` seeds every rank's (and the global) call alike, for
+    random ops: the ranks of a real run must agree on their generators as well.
+    ``shape_only`` compares shapes only (uninitialised outputs: ``empty``)."""
+    pl = dict(zip(ph, placements))
     env = dict(zip(ph, inputs))
-    expected = node.target(*tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, node.args),
-                           **node.kwargs)
+
+    def call(args):
+        if same_rng:
+            torch.manual_seed(1234)
+        # fresh copies: an in-place op (copy_) must not write into the inputs
+        args = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
+        out = node.target(*args, **node.kwargs)
+        return tree_map(torch.zeros_like, out) if shape_only else out
+
+    expected = call(tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, node.args))
     args = dec.args if dec.args is not None else node.args
     gen = torch.Generator().manual_seed(0)
     # Partial inputs: the same random addends on every rank, drawn once.
     partial_parts = {}
     for a, p in pl.items():
         want = dec.inputs.get(a, p)
-        if want.is_partial():
-            partial_parts[a] = [_local(env[a], want, r, tp_size, torch.Generator().manual_seed(7))
-                                for r in range(tp_size)]
+        if p.is_partial():
+            parts = [_local(env[a], p, r, tp_size, torch.Generator().manual_seed(7))
+                     for r in range(tp_size)]
+            # A conversion away from Partial (all-reduce, then maybe slice) sees the sum.
+            partial_parts[a] = parts if want.is_partial() else None
     outs = []
     for r in range(tp_size):
         def local(a):
             if not isinstance(a, fx.Node):
                 return a
             want = dec.inputs.get(a, pl.get(a, REPLICATE))
-            if a in partial_parts:
+            if partial_parts.get(a) is not None:
                 return partial_parts[a][r]
             return _local(env[a], want, r, tp_size, gen)
         largs = tree_map(local, tuple(args))
@@ -147,17 +182,16 @@ def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, e
             step = largs[0].shape[0]
             outs.append(vocab_parallel_embedding(largs[0], largs[1], r * step, (r + 1) * step))
         elif dec.action == "row_addmm":
-            outs.append(torch.mm(largs[1], largs[2]))  # partial product; bias added below
+            outs.append(partial_product(largs[1], largs[2]))  # bias added below
         else:
-            outs.append(node.target(*largs, **node.kwargs))
+            outs.append(call(largs))
     if dec.action == "row_addmm":  # the layer all-reduces, then adds the bias once
-        total = sum(outs) + env.get(node.args[0], node.args[0])
+        total = add_bias(sum(outs), env.get(node.args[0], node.args[0]), **node.kwargs)
         outs = [total for _ in outs]
     if isinstance(expected, (tuple, list)):
         for i, e in enumerate(expected):
             got = _gather([o[i] for o in outs], dec.out[i])
-            torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, e, rtol=rtol, atol=atol, equal_nan=True)
     else:
         got = _gather(outs, dec.out)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    return dec
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, equal_nan=True)

@@ -20,17 +20,34 @@ import torch
 from .collectives import all_reduce
 from .placement import Shard
 
-__all__ = ["row_parallel_linear", "vocab_parallel_embedding", "local_shard", "kv_head_slice"]
+__all__ = ["row_parallel_linear", "partial_product", "add_bias", "vocab_parallel_embedding",
+           "local_shard", "kv_head_slice"]
 
 aten = torch.ops.aten
 
 
+def partial_product(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """This rank's addend of a row-parallel product: ``x: [M, K/N] @ w_t: [K/N, out]``, or
+    the batched ``[B, M, K/N] @ [B, K/N, out]`` (``baddbmm``)."""
+    return aten.bmm(x, w_t) if x.dim() == 3 else aten.mm(x, w_t)
+
+
+def add_bias(product: torch.Tensor, bias: torch.Tensor, beta=1, alpha=1) -> torch.Tensor:
+    """``beta * bias + alpha * product``, ``addmm``'s and ``baddbmm``'s scaling."""
+    if alpha != 1:
+        product = aten.mul(product, alpha)
+    if beta != 1:
+        bias = aten.mul(bias, beta)
+    return aten.add(product, bias)
+
+
 def row_parallel_linear(bias: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor,
-                        group_name: str) -> torch.Tensor:
-    """``x @ w_t + bias`` where ``x: [M, K/N]`` and ``w_t: [K/N, out]`` hold this rank's
-    slice of the contraction dim; the partial products are all-reduced, then the bias
-    ``[out]`` (replicated) is added once."""
-    return aten.add(all_reduce(aten.mm(x, w_t), group_name), bias)
+                        group_name: str, beta=1, alpha=1) -> torch.Tensor:
+    """``addmm``/``baddbmm`` row-parallel: ``beta * bias + alpha * (x @ w_t)`` where
+    ``x: [(B,) M, K/N]`` and ``w_t: [(B,) K/N, out]`` hold this rank's slice of the
+    contraction dim; the partial products are all-reduced, then the bias (replicated) is
+    added once, not once per rank."""
+    return add_bias(all_reduce(partial_product(x, w_t), group_name), bias, beta, alpha)
 
 
 def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_start: int,

@@ -98,7 +98,9 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         elif dec.action == "row_addmm":
             bias, a, b = node.args[:3]
             with graph.inserting_before(node):
-                new = graph.call_function(layers.row_parallel_linear, (bias, a, b, group_name))
+                new = graph.call_function(
+                    layers.row_parallel_linear, (bias, a, b, group_name),
+                    {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs})
             record("all_reduce", node)
         else:  # pragma: no cover - internal invariant
             raise AssertionError(f"unknown rewrite action {dec.action}")

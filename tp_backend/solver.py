@@ -50,6 +50,11 @@ _CHAIN = {aten.t, aten.permute, aten.transpose, aten._to_copy, aten.clone, aten.
           aten.detach, aten.lift_fresh_copy}
 
 
+# A lookup table this many times smaller than the graph's largest parameter stays whole
+# (see _Ctx.worth_vocab_split). 0 splits every table the rules allow (tests force it so).
+SMALL_TABLE_RATIO = 8
+
+
 @dataclass
 class Conversion:
     """Redistribution of input ``src`` before ``node``: ``kind`` is ``"slice"`` (free),
@@ -85,8 +90,9 @@ class Solution:
 
 class _Ctx:
     def __init__(self, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
-                 new_prefs, forced):
+                 new_prefs, forced, largest_param=0):
         self.tp_size = tp_size
+        self._largest_param = largest_param
         self._reduced = reduced
         self._prefs = prefs
         self._taint = taint
@@ -131,6 +137,19 @@ class _Ctx:
         new = frozenset(cur | set(cuts) | {0, int(size)})
         if new != cur:
             self._new_prefs[seed] = new
+
+    def worth_vocab_split(self, table: fx.Node) -> bool:
+        """Whether a vocab-parallel split of lookup table ``table`` (``[V, E]``) pays.
+
+        The split saves ``(N-1)/N`` of the table per rank and costs an all-reduce of every
+        lookup's ``[*, E]`` output (Megatron-LM accepts that for the word embedding, the
+        largest weight of a language model). A table ``SMALL_TABLE_RATIO`` times smaller
+        than the graph's largest parameter (a position table looked up by ``arange``,
+        token-type embeddings) saves next to nothing, so it stays whole and its lookup
+        needs no collective."""
+        if SMALL_TABLE_RATIO <= 0:
+            return True
+        return table.meta["val"].numel() * SMALL_TABLE_RATIO >= self._largest_param
 
     def forced_whole(self, node):
         return node in self._forced
@@ -221,7 +240,10 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     new_reduced = set()
     new_prefs = {}
     local_outputs = {}
-    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs, forced)
+    largest = max((p.meta["val"].numel() for p in params
+                   if isinstance(p.meta.get("val"), torch.Tensor)), default=0)
+    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs, forced,
+               largest)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):

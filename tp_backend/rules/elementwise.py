@@ -2,8 +2,26 @@
 
 A sharded operand keeps its shard on the aligned output dim (dims align from the right, as
 in NumPy broadcasting). A replicated operand of full size along that dim is sliced locally
-(free); one of size 1 there broadcasts as is. ``Partial`` passes only through ops that are
-linear in it: ``P + P``, ``P - P``, ``P * R``, ``P / R``, ``-P`` and copies/up-casts.
+(free); one of size 1 there broadcasts as is.
+
+``Partial`` (each rank holds an addend ``x_r`` of ``x = sum_r x_r``) passes through an op
+``f`` only where ``f(x) = sum_r f(x_r)`` given the placements of the *other* operands. The
+tables below say which ops have that property and for which operands (the sum-partial
+rules of DTensor's ``binary_additive_ops``, ``binary_mul_ops`` and ``binary_div_ops`` in
+``torch/distributed/tensor/_ops/_pointwise_ops.py``); every other op, and every other
+combination, all-reduces its Partial operands first:
+
+* ``LINEAR`` (``-x``, copies): ``f(sum x_r) = sum f(x_r)``, no other operand.
+* ``ADDITIVE`` (``+``, ``-``): ``sum a_r + sum b_r = sum (a_r + b_r)``, both operands Partial.
+  ``P + R`` or ``P + 2`` would add the replicated term once per rank (N times).
+* ``BILINEAR`` (``*``): ``(sum a_r) * b = sum (a_r * b)`` only when ``b`` is the same whole
+  value on every rank: Replicate or a scalar. ``P * S`` is neither Partial nor Shard (each
+  addend meets a different slice of ``b`` and the shapes differ); ``P * P`` is quadratic.
+* ``LINEAR_IN_FIRST`` (``/``): ``(sum a_r) / b = sum (a_r / b)``, ``b`` Replicate or a
+  scalar, true division only; ``b / P`` and a rounding mode are not linear.
+* ``CASTS``: ``cast(sum x_r) = sum cast(x_r)`` for the value cast (first operand) when the
+  cast is exact for every addend: the same dtype, or a float widened to a float at least as
+  wide. A narrowing cast rounds each addend; an int64 addend may round in float32.
 """
 
 from __future__ import annotations
@@ -32,31 +50,49 @@ UNARY_OR_BINARY = [
     aten.sgn, aten.signbit, aten.igamma, aten.xlogy, aten.heaviside,
 ]
 COPIES = [aten._to_copy, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy,
-          aten.contiguous, aten.to, aten.type_as, aten._conj, aten.positive]
+          aten.lift_fresh, aten.contiguous, aten.to, aten.type_as, aten._conj, aten.positive]
 
 _WIDE = (torch.float32, torch.float64)
 
 
-def _partial_ok(ctx, node, ins, pls) -> bool:
-    """Whether the op is linear in its Partial operands (so the output is Partial)."""
-    op = node.target.overloadpacket
-    nparts = sum(p.is_partial() for p in pls.values())
-    tensors_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-    if op in (aten.add, aten.sub):
-        # P + P only: adding a replicated value or a scalar would add it N times.
-        return len(tensors_args) == 2 and nparts == 2 and len(ins) == 2
-    if op is aten.mul:
-        return nparts == 1
-    if op is aten.div:
-        return nparts == 1 and isinstance(node.args[0], torch.fx.Node) and pls[node.args[0]].is_partial()
-    if op is aten.neg or op in (aten.clone, aten.alias, aten.detach, aten.contiguous, aten.positive):
+# Ops through which a Partial operand stays Partial (see the module docstring).
+LINEAR = {aten.neg, aten.clone, aten.alias, aten.detach, aten.contiguous, aten.positive,
+          aten.lift_fresh_copy, aten.lift_fresh}
+ADDITIVE = {aten.add, aten.sub}
+BILINEAR = {aten.mul}
+LINEAR_IN_FIRST = {aten.div}
+CASTS = {aten._to_copy, aten.to, aten.type_as}
+
+
+def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting each addend and summing after equals casting the sum: the same
+    dtype, or a float widened to a float of at least the same width (integers are not:
+    an int64 addend may round in float32)."""
+    if src == dst:
         return True
-    if op in (aten._to_copy, aten.to, aten.type_as):
-        # Casting partial sums first and summing after is exact only when the cast does not
-        # lose precision: allow up-casts to fp32/fp64 and same-dtype copies.
-        src = ins[0].meta["val"].dtype
-        dst = node.meta["val"].dtype
-        return dst == src or dst in _WIDE
+    return src.is_floating_point and dst in _WIDE and torch.finfo(dst).bits >= torch.finfo(src).bits
+
+
+def _partial_ok(node, pls) -> bool:
+    """Whether the op maps the Partial operands in ``pls`` (input -> placement) to a
+    Partial output, per the linearity tables of the module docstring."""
+    op = node.target.overloadpacket
+    partial = [a for a, p in pls.items() if p.is_partial()]
+    others = [p for a, p in pls.items() if not p.is_partial()]
+    tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if op in LINEAR:
+        return True
+    if op in ADDITIVE:
+        # Both operands Partial and tensors (a scalar addend would be added N times).
+        return len(tensor_args) == 2 and len(partial) == 2 and not others
+    if op in BILINEAR:
+        return len(partial) == 1 and all(p.is_replicate() for p in others)
+    if op in LINEAR_IN_FIRST:  # true division only: a rounding mode is not linear
+        return (node.kwargs.get("rounding_mode") is None and partial == tensor_args[:1]
+                and all(p.is_replicate() for p in others))
+    if op in CASTS:  # the value is the first operand; type_as's second only lends a dtype
+        return (partial == tensor_args[:1]
+                and _exact_cast(partial[0].meta["val"].dtype, node.meta["val"].dtype))
     return False
 
 
@@ -67,7 +103,7 @@ def _elementwise(ctx, node):
     pls = {a: ctx.placement(a) for a in ins}
     need = {}
     if any(p.is_partial() for p in pls.values()):
-        if _partial_ok(ctx, node, ins, pls):
+        if _partial_ok(node, pls):
             return Decision(out=PARTIAL)
         for a, p in pls.items():
             if p.is_partial():  # all-reduce first

@@ -5,7 +5,13 @@ Slicing, selecting, concatenating or splitting along a dim other than the sharde
 the shard; doing it along the sharded dim is not proven (falls back). Vocab-parallel
 embedding (Megatron-LM ``VocabParallelEmbedding``): the table ``W: [V, E]`` split on ``V``,
 each rank looks up the ids in its range and writes zeros elsewhere, giving a ``Partial``
-output.
+output. The lookup is Partial for any replicated ids, positions included (``arange``), and
+stays Partial only through ops linear in it (views, slices, ``P + P``, ``P * R``: see
+``elementwise``); a split saves memory only for a large table, so the solver keeps small
+ones whole (``worth_vocab_split``).
+
+Slicing, selecting, concatenating and index lookups are linear, so a ``Partial`` input gives a
+``Partial`` output when every other tensor operand is an index (replicated) or Partial too.
 """
 
 from __future__ import annotations
@@ -201,6 +207,10 @@ def _gather(ctx, node):
     s = p if p.is_shard() else pi
     if s.dim == dim or (p.is_shard() and pi.is_shard() and p != pi):
         return None
+    # out[i][j] = x[i][index[i][j]] (dim 1): the split dim pairs x's rows with index's rows
+    # only when both have all of them (gather allows a shorter index there).
+    if static_int(ctx.shape(index)[s.dim]) != static_int(ctx.shape(x)[s.dim]):
+        return None
     need = {}
     if p.is_replicate():
         need[x] = s
@@ -243,15 +253,20 @@ def _embedding(ctx, node):
     if pw.is_replicate():
         v = ctx.shape(w)[0]
         if ctx.is_param(w) and ctx.can_seed(node) and divisible(v, ctx.tp_size):
+            if not ctx.worth_vocab_split(w):
+                ctx.note(node, f"table {list(ctx.shape(w))} is small next to the model's "
+                         "largest weight: kept whole (a split would cost an all-reduce "
+                         "per lookup and save next to no memory)")
+                return Decision(out=REPLICATE)
             return Decision(out=PARTIAL, inputs={w: Shard(0)}, roles={w: "vocab"},
                             seed="vocab", action="vocab_embedding")
         if ctx.is_param(w) and not divisible(v, ctx.tp_size):
             ctx.note(node, f"vocab size {v} is not divisible by tp_size={ctx.tp_size}: "
                      "embedding replicated")
         return Decision(out=REPLICATE)
-    if pw.is_shard(0):
+    if pw.is_shard(0) and pw.plain:  # a strided or block split is not a row range
         return Decision(out=PARTIAL, action="vocab_embedding")
-    if pw.is_shard(1):
+    if pw.is_shard(1) and pw.plain:
         return Decision(out=pw.moved(nd_out - 1))
     return None
 
@@ -260,7 +275,7 @@ FACTORIES = [aten.full, aten.zeros, aten.ones, aten.empty, aten.empty_strided, a
              aten.scalar_tensor, aten.rand, aten.randn, aten.randint, aten.tensor, aten.eye,
              aten.linspace, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty,
              aten.new_empty_strided, aten.zeros_like, aten.ones_like, aten.randperm,
-             aten._assert_tensor_metadata, aten._assert_async, aten.lift_fresh]
+             aten._assert_tensor_metadata, aten._assert_async]
 
 
 @register(*FACTORIES)
@@ -292,6 +307,8 @@ def _index_put(ctx, node):
     pos = [k for k, i in enumerate(indices) if i is not None]
     if len(ctx.shape(values)) != len(ctx.shape(x)) or s.dim in pos or not s.plain:
         return None
+    if static_int(ctx.shape(values)[s.dim]) != static_int(ctx.shape(x)[s.dim]):
+        return None  # values broadcast along the split dim: not this rank's slice
     return Decision(out=s, inputs={x: s, values: s})
 
 
@@ -301,6 +318,8 @@ def _copy_(ctx, node):
     new value asks for the state itself to be stored split (see the solver)."""
     dst, src = node.args[:2]
     pd, ps = ctx.placement(dst), ctx.placement(src)
-    if ps.is_shard() and ps.plain and not ctx.forced_whole(node) and (pd.is_replicate() or pd == ps):
+    same_shape = ctx.shape(dst) == ctx.shape(src)  # else src broadcasts into dst
+    if ps.is_shard() and ps.plain and same_shape and not ctx.forced_whole(node) \
+            and (pd.is_replicate() or pd == ps):
         return Decision(out=ps, inputs={dst: ps}, roles={dst: "shard"})
     return Decision(out=REPLICATE, inputs={dst: REPLICATE, src: REPLICATE})

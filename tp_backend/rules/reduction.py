@@ -19,8 +19,18 @@ aten = torch.ops.aten
 _LINEAR = (aten.sum, aten.mean)
 
 
+# Ops whose reduced dims come after another argument: norm(x, p, dim, keepdim),
+# linalg_vector_norm(x, ord, dim, keepdim).
+_DIM_AFTER_ORDER = (aten.norm, aten.linalg_vector_norm)
+
+
+def _dim_pos(node) -> int:
+    return 2 if node.target.overloadpacket in _DIM_AFTER_ORDER else 1
+
+
 def _reduced_dims(node, nd):
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    k = _dim_pos(node)
+    dims = node.args[k] if len(node.args) > k else node.kwargs.get("dim")
     if dims is None or dims == []:
         return list(range(nd))
     if isinstance(dims, int):
@@ -29,8 +39,9 @@ def _reduced_dims(node, nd):
 
 
 def _keepdim(node):
-    if len(node.args) > 2 and isinstance(node.args[2], bool):
-        return node.args[2]
+    k = _dim_pos(node) + 1
+    if len(node.args) > k and isinstance(node.args[k], bool):
+        return node.args[k]
     return bool(node.kwargs.get("keepdim", False))
 
 
