@@ -47,3 +47,31 @@ def run_distributed(fn, world_size: int, *args):
                 raise RuntimeError(f"rank {rank} failed: {out['error']}\n{out['traceback']}")
             results.append(out["result"])
         return results
+
+
+def run_each(fn, world_size: int, *args, timeout: float = 300):
+    """Like :func:`run_distributed`, but a rank that exits does not stop the others: waits
+    for every process (up to ``timeout`` seconds each) and returns, per rank, ``("ok",
+    result)``, ``("error", message)``, ``("exit", exit code)`` (no result written) or
+    ``("hang", None)`` (still running at the timeout; then killed)."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, tmp, fn, args))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        out = []
+        for rank, p in enumerate(procs):
+            p.join(timeout)
+            path = os.path.join(tmp, f"rank{rank}.pt")
+            if p.is_alive():
+                p.kill()
+                p.join()
+                out.append(("hang", None))
+            elif os.path.exists(path):
+                res = torch.load(path, weights_only=False)
+                out.append(("ok", res["result"]) if res["ok"] else ("error", res["error"]))
+            else:
+                out.append(("exit", p.exitcode))
+        return out

@@ -55,9 +55,13 @@ def _option_default_and_error(rank, world_size, key, bad):
 
 
 @pytest.mark.parametrize("key,default,bad", [("compiler", "inductor", "cudagraphs"),
-                                             ("cpu_matmul", "onednn", "mkl")])
+                                             ("cpu_matmul", "onednn", "mkl"),
+                                             ("sync_rng", "first", "never"),
+                                             ("check_inputs", "first", "yes"),
+                                             ("fallback", "replicate", "ignore")])
 def test_option_default_and_bad_value_named(key, default, bad):
-    """Pins the defaults (Inductor downstream, oneDNN CPU matmuls); a bad value raises
+    """Pins the defaults (Inductor downstream, oneDNN CPU matmuls, random state synced and
+    inputs checked on a graph's first call, failed passes replicated); a bad value raises
     TPOptionsError naming the key, the value and the valid choices."""
     [(got, err)] = run_distributed(_option_default_and_error, 1, key, bad)
     assert got == default

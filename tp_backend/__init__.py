@@ -11,8 +11,9 @@ _check_versions()  # a clear ImportError for a torch/transformers outside the te
 from .backend import (ShardInfo, TPAutoBackend, local_parameter_bytes, local_shard,
                       local_value, sharding_info, tp_auto)
 from .api import parallelize_model
-from .errors import (TPConfigError, TPDivisibilityError, TPError, TPOptionsError,
-                     TPOptionsTypeError, TPProcessGroupError, TPShardedModuleError, TPWeightError)
+from .errors import (TPConfigError, TPDivisibilityError, TPError, TPInputMismatchError,
+                     TPOptionsError, TPOptionsTypeError, TPPassError, TPProcessGroupError,
+                     TPShardedModuleError, TPWeightError)
 from .placement import Partial, Replicate, Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
 
@@ -20,7 +21,8 @@ __all__ = [
     "tp_auto", "parallelize_model", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
     "local_parameter_bytes", "local_value", "last_plan", "TPPlan", "ParamPlan",
     "CollectivePlan", "Replicate", "Shard", "Partial", "TPError", "TPOptionsError",
-    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError", "TPWeightError", "TPConfigError",
+    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError",
+    "TPWeightError", "TPConfigError", "TPInputMismatchError", "TPPassError",
 ]
 
 __version__ = "0.1.0"

@@ -37,8 +37,8 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import cpu_matmul, layers, state
-from .errors import TPError, TPShardedModuleError
+from . import consistency, cpu_matmul, layers, selfcheck, state
+from .errors import TPError, TPPassError, TPShardedModuleError
 from .options import TPOptions, validate_options
 from .placement import Shard
 from .naming import NameIndex, roots_of_compiling_frame
@@ -179,6 +179,7 @@ class _Compiled:
     #                     (except those stored split as state: those are in shard_specs)
     local_outputs: dict  # output index -> Shard of values returned split (KV cache)
     run: object = None  # the local graph, compiled by the downstream compiler (or gm itself)
+    labels: dict = dataclasses.field(default_factory=dict)  # input index -> user-facing name
 
 
 def _downstream_compile(gm: fx.GraphModule, local_fakes: list, opts: TPOptions,
@@ -219,16 +220,36 @@ class _Runner:
     """What Dynamo calls: shards parameters on first use, then runs the local graph with
     each sharded parameter's local slice in place of the parameter."""
 
-    def __init__(self, compiled: _Compiled, names: NameIndex):
+    def __init__(self, compiled: _Compiled, names: NameIndex, opts: TPOptions):
         self.compiled = compiled
         self.plan = compiled.plan
+        self._opts = opts
+        self._calls = 0
+        c = compiled
+        # Inputs every rank must hold alike: all but parameters, state stored split and
+        # values kept split by an earlier graph (a KV cache), which differ by design.
+        own = {i for i, _ in c.shard_specs} | set(c.replicated_params) | set(c.local_inputs)
+        self._checked = [i for i in sorted(c.labels) if i not in own]
         # Names by identity at shard time: Dynamo may run one compiled graph for several
         # modules of the same code (every layer of a model with a graph break inside its
         # layers), so the name and the owner come from the tensor, not from the graph.
         self._names = names
 
+    def _agree(self, args) -> None:
+        """The ranks-agree collectives (``sync_rng``, ``check_inputs``), on the calls the
+        options name; every rank reaches them on the same calls."""
+        opts, first = self._opts, self._calls == 0
+        self._calls += 1
+        if opts.sync_rng == "always" or first and opts.sync_rng == "first":
+            consistency.sync_rng_state(opts.tp_group)
+        if opts.check_inputs == "always" or first and opts.check_inputs == "first":
+            consistency.check_inputs_agree(
+                [(self.compiled.labels[i], args[i]) for i in self._checked
+                 if isinstance(args[i], (torch.Tensor, int, float))], opts.tp_group)
+
     def __call__(self, *args):
         args = list(args)
+        self._agree(args)
         # Checked on every call while weights wait to be read: Dynamo may share one compiled
         # graph between several model instances (torch.compile(model.forward) on two
         # models), whose weights load apart. Once all are read, the check is skipped.
@@ -247,6 +268,12 @@ class _Runner:
                               f"graph expects dim {info.dim}")
             args[idx] = st.local
         c = self.compiled
+        for idx in c.replicated_params:
+            if args[idx] in _SHARDED:
+                # Kept whole here but split by a graph compiled later (a graph that fell
+                # back to replicated next to split ones): its placeholder holds no values,
+                # so gather the whole tensor for this call (a collective, on every rank).
+                args[idx] = state.full_tensor(args[idx])
         for idx, shard in c.local_inputs.items():
             t = args[idx]
             held = _LOCAL_VALUES.get(t)
@@ -414,11 +441,45 @@ class TPAutoBackend:
         if compiled is not None:
             self.stats["cache_hits"] += 1
             log.debug("tp_auto: graph %s found in the cache", gm.meta.get("dynamo_compile_id"))
-            return _Runner(compiled, names)
-        compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns, opts,
-                                           local_in, aliases, names, buffer_names)
+            return _Runner(compiled, names, opts)
+        failed = None
+        try:
+            compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns,
+                                               opts, local_in, aliases, names, buffer_names)
+        except TPPassError as e:
+            if opts.fallback == "raise":
+                raise
+            failed = e
+        # Every rank takes the same branch (a rank running the graph split while another
+        # runs it whole would wait forever in a collective).
+        if consistency.any_rank(failed is not None, opts.tp_group):
+            compiled = self._replicated(gm, example_inputs, params, opts, names, failed,
+                                        bool(presharded or local_in))
         self._cache[key] = compiled
-        return _Runner(compiled, names)
+        return _Runner(compiled, names, opts)
+
+    def _replicated(self, gm, example_inputs, params, opts, names, error, split_inputs):
+        """The graph as Dynamo captured it, run unsplit on every rank (``fallback=
+        "replicate"``): its parameters stay whole (or are read whole), so it costs the
+        memory of one process, never a wrong number. Raises if an earlier graph already
+        split some of its inputs (they cannot be made whole here)."""
+        where = _graph_modules(gm, names)
+        what = (f"the {error.pass_name} pass failed on the graph of {where}: {error.detail}"
+                if error is not None else
+                f"another rank of the tp_group could not split the graph of {where}")
+        if split_inputs:
+            raise TPError(f"tp_auto: {what}; the graph cannot run replicated because an "
+                          "earlier graph already split some of its inputs. Pass "
+                          "options={'fallback': 'raise'} to see the error at once.") from error
+        log.warning("tp_auto: %s. This graph runs replicated: its %d parameters stay whole on "
+                    "every rank (no memory saved for them). options={'fallback': 'raise'} "
+                    "raises instead.", what, len(params))
+        labels = {i: (n.meta["grapharg"].source.name if n.meta.get("grapharg") else n.name)
+                  for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        run = (_downstream_compile(gm, list(example_inputs), opts)
+               if opts.compiler == "inductor" else gm.forward)
+        plan = TPPlan(tp_size=opts.tp_size, tp_rank=opts.tp_rank)
+        return _Compiled(gm, plan, [], sorted(params), {}, {}, run, labels)
 
     def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in,
                            aliases, names: NameIndex, buffer_names: dict):
@@ -452,9 +513,19 @@ class TPAutoBackend:
         params = set(params) | set(sol.stored_inputs)
         local_in = {i: s for i, s in local_in.items() if i not in sharded}
         local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size)
+        t0 = time.perf_counter()
+        selfcheck.check_local_graph(aten_gm, sol, local_fakes, fake_mode, opts.tp_size)
+        plan.timings["self_check_s"] = time.perf_counter() - t0
         run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
-                         local_in, dict(sol.local_outputs), run)
+                         local_in, dict(sol.local_outputs), run, labels)
+
+
+def _graph_modules(gm: fx.GraphModule, names: NameIndex) -> str:
+    """The first and last module a captured graph runs in, for messages."""
+    paths = [names.module_path(n, gm) for n in gm.graph.nodes if n.op == "call_function"]
+    paths = [p for p in paths if p] or ["<root>"]
+    return repr(paths[0]) if paths[0] == paths[-1] else f"{paths[0]!r} ... {paths[-1]!r}"
 
 
 def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: int) -> list:

@@ -14,6 +14,8 @@ __all__ = [
     "TPShardedModuleError",
     "TPWeightError",
     "TPConfigError",
+    "TPInputMismatchError",
+    "TPPassError",
 ]
 
 
@@ -48,3 +50,20 @@ class TPWeightError(TPError):
 
 class TPConfigError(TPError):
     """A model directory has no usable config (missing ``config.json`` or ``architectures``)."""
+
+
+class TPInputMismatchError(TPError, ValueError):
+    """The ranks of a tensor-parallel group were called with different inputs (raised on
+    every rank; the message names the inputs and the ranks)."""
+
+
+class TPPassError(TPError):
+    """A pass of the pipeline (decomposition, padding, solver, rewrite) failed on a graph
+    with an unexpected error. ``pass_name`` names the pass; the original error is the
+    ``__cause__``. With ``fallback="replicate"`` (the default) the backend catches it and
+    runs that graph replicated."""
+
+    def __init__(self, message: str, pass_name: str, detail: str | None = None):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.detail = detail or message  # what went wrong, without the pass's name

@@ -23,8 +23,18 @@ OPTION_DOCS = {
     "cpu_matmul": "kernel of float32 matmuls on CPU in the Inductor-compiled graph: 'onednn' "
                   "(default) or 'aten' (ATen's choice, MKL: exactly what backend='inductor' "
                   "runs); see tp_backend.cpu_matmul",
+    "sync_rng": "when every rank's random state is set to the tp_group's first rank's, so "
+                "sampling agrees across ranks: 'first' (default: on each compiled graph's "
+                "first call), 'always' (every call) or 'off'",
+    "check_inputs": "when the ranks' inputs are compared (one small all-gather of checksums; "
+                    "different inputs raise TPInputMismatchError on every rank): 'first' "
+                    "(default: each compiled graph's first call), 'always' or 'off'",
+    "fallback": "what a graph whose decomposition, solve or rewrite fails does: 'replicate' "
+                "(default: it runs unsplit, parameters whole, with one warning) or 'raise'",
 }
 _COMPILERS = ("eager", "inductor")
+_FALLBACKS = ("replicate", "raise")
+_WHEN = ("first", "always", "off")
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,10 @@ class TPOptions:
         compiler: what runs the rewritten graph.
         cpu_matmul: which kernel computes float32 CPU matmuls under Inductor
             (:mod:`tp_backend.cpu_matmul`).
+        sync_rng / check_inputs: ``"first"``, ``"always"`` or ``"off"``
+            (:mod:`tp_backend.consistency`).
+        fallback: ``"replicate"`` or ``"raise"``: a graph whose pass fails runs unsplit or
+            raises :class:`~tp_backend.errors.TPPassError`.
     """
 
     tp_group: Any
@@ -45,6 +59,9 @@ class TPOptions:
     tp_size: int
     compiler: str = "inductor"
     cpu_matmul: str = "onednn"
+    sync_rng: str = "first"
+    check_inputs: str = "first"
+    fallback: str = "replicate"
 
     @property
     def group_name(self) -> str:
@@ -87,5 +104,13 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
     if cpu_matmul not in CPU_MATMUL_KERNELS:
         raise TPOptionsError(f"tp_auto option 'cpu_matmul' must be one of {CPU_MATMUL_KERNELS}, "
                              f"got {cpu_matmul!r}")
-    return TPOptions(tp_group=group, tp_rank=dist.get_rank(group), tp_size=dist.get_world_size(group),
-                     compiler=compiler, cpu_matmul=cpu_matmul)
+    when = {}
+    for key in ("sync_rng", "check_inputs"):
+        when[key] = options.get(key, "first")
+        if when[key] not in _WHEN:
+            raise TPOptionsError(f"tp_auto option {key!r} must be one of {_WHEN}, got {when[key]!r}")
+    fallback = options.get("fallback", "replicate")
+    if fallback not in _FALLBACKS:
+        raise TPOptionsError(f"tp_auto option 'fallback' must be one of {_FALLBACKS}, got {fallback!r}")
+    return TPOptions(fallback=fallback, tp_group=group, tp_rank=dist.get_rank(group), tp_size=dist.get_world_size(group),
+                     compiler=compiler, cpu_matmul=cpu_matmul, **when)

@@ -2,7 +2,7 @@
 
 Shared by the backend (which then runs the local graph) and by planning without a
 process group (:mod:`tp_backend.planning`). A pass that fails with an unexpected error is
-re-raised as :class:`~tp_backend.errors.TPError` naming the pass.
+re-raised as :class:`~tp_backend.errors.TPPassError` naming the pass.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .decompose import decompose
 from .padding import pad_vocabularies
-from .errors import TPError
+from .errors import TPError, TPPassError
 from .placement import Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
 from .rewrite import rewrite
@@ -33,7 +33,8 @@ def _pass(name, fn, *args, **kwargs):
     except TPError:
         raise
     except Exception as e:
-        raise TPError(f"tp_auto: the {name} pass failed: {type(e).__name__}: {e}") from e
+        raise TPPassError(f"tp_auto: the {name} pass failed: {type(e).__name__}: {e}",
+                          name, f"{type(e).__name__}: {e}") from e
 
 
 def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqns: dict,

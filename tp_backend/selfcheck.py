@@ -1,0 +1,104 @@
+"""The rewrite checks itself: this rank's graph is run on fake tensors of the local input
+shapes, and every value's local shape must be the one its placement promises.
+
+A rule that claims a placement it does not deliver (the partial-times-shard hole of issue
+20), or a shape constant the rewrite left global, shows here as a shape that differs or an
+op that cannot run -- before any real data is touched. The check raises
+:class:`~tp_backend.errors.TPPassError` (pass ``"self-check"``) naming the node and its
+module; with ``fallback="replicate"`` (the default) the backend then runs the graph
+unsplit, so such a bug costs memory and speed, never a wrong number or a crash at run time.
+
+Local shape of a value of global shape ``G``: ``G`` for Replicate and Partial; for
+``Shard(d)`` (any ``outer``/``blocks``) ``G`` with ``G[d] / N``. Symbolic sizes are
+compared as expressions (no guards are added); a symbolic split dim is not compared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .errors import TPPassError
+from .placement import Placement
+from .solver import Solution, describe
+
+__all__ = ["check_local_graph"]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        ea = a.node.expr if isinstance(a, torch.SymInt) else a
+        eb = b.node.expr if isinstance(b, torch.SymInt) else b
+        return bool(ea == eb)
+    return int(a) == int(b)
+
+
+def _expected(node: fx.Node, p: Placement, tp_size: int):
+    shape = list(node.meta["val"].shape)
+    if p.is_shard():
+        d = shape[p.dim]
+        if isinstance(d, torch.SymInt):
+            shape[p.dim] = None  # not compared
+        else:
+            shape[p.dim] = d // tp_size
+    return shape
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph node by node; stops at the first node that fails or whose shape
+    differs from its placement's (the reason in ``failure``)."""
+
+    def __init__(self, gm, expected, placements):
+        super().__init__(gm)
+        self.expected = expected
+        self.placements = placements
+        self.failure = None
+
+    def run_node(self, n):
+        try:
+            out = super().run_node(n)
+        except Exception as e:  # noqa: BLE001 - any error is the finding
+            self.failure = (f"{describe(n)} ({n.format_node()}) cannot run on this rank's "
+                            f"local shapes: {type(e).__name__}: {str(e).splitlines()[0]}")
+            raise _Stop from e
+        want = self.expected.get(n)
+        if want is not None and isinstance(out, torch.Tensor):
+            got = list(out.shape)
+            if len(got) != len(want) or not all(w is None or _same(g, w)
+                                                for g, w in zip(got, want)):
+                self.failure = (f"{describe(n)} ({n.format_node()}) has local shape {got} on "
+                                f"this rank, but its placement {self.placements[n]} means "
+                                f"{['?' if w is None else w for w in want]}")
+                raise _Stop
+        return out
+
+
+def check_local_graph(gm: fx.GraphModule, sol: Solution, local_inputs: list, fake_mode,
+                      tp_size: int) -> None:
+    """Run this rank's rewritten graph ``gm`` on ``local_inputs`` (fake tensors of the
+    local shapes, in ``fake_mode``) and compare each value with its placement in ``sol``.
+
+    Raises:
+        TPPassError: (``pass_name == "self-check"``) a value whose local shape differs
+            from its placement's, or an op that cannot run on the local shapes; the
+            message names the node, its module and both shapes.
+    """
+    expected, placements = {}, {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue  # placeholders get the shapes the runner feeds; outputs are checked
+        p = sol.placements.get(node)
+        if isinstance(p, Placement) and isinstance(node.meta.get("val"), torch.Tensor):
+            expected[node] = _expected(node, p, tp_size)
+            placements[node] = p
+    rec = _Recorder(gm, expected, placements)
+    try:
+        with fake_mode:
+            rec.run(*local_inputs)
+    except _Stop:
+        raise TPPassError(f"tp_auto: self-check: {rec.failure}", "self-check",
+                          rec.failure) from None
