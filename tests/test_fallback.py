@@ -66,6 +66,7 @@ def test_failed_pass_raises_when_asked():
 def _with_unsound_rule(rank, world_size):
     """Issue 20's hole put back: ``P * S`` claimed Partial. The self-check must see the
     local shape differ from the claim and fall back, so the numbers stay right."""
+    import tp_backend
     import tp_backend.rules.elementwise as ew
     import tp_backend.solver
     from test_position_table import Net
@@ -89,13 +90,25 @@ def _with_unsound_rule(rank, world_size):
     with torch.no_grad():
         ref = model(ids)
         out = torch.compile(model, backend="tp_auto", options={"compiler": "eager"})(ids)
+    full = sum(p.nbytes for p in _seeded_net().parameters())
     return {"err": (out - ref).abs().max().item(),
+            "bytes": tp_backend.local_parameter_bytes(model) / full,
             "warnings": [r.getMessage() for r in records if r.levelno == logging.WARNING]}
 
 
+def _seeded_net():
+    from test_position_table import Net
+
+    torch.manual_seed(0)
+    return Net("param").eval()
+
+
 def test_self_check_catches_an_unsound_rule():
+    """The self-check sees the wrong shape, vetoes the seeds whose split reached the bad
+    product (the q/k projections) and solves again: exact, and still partly split."""
     for r in run_distributed(_with_unsound_rule, 2):
-        # replicated after the fallback: the single-process graph, exact up to eager
-        # reordering (none here)
-        assert r["err"] <= 1e-6, r
-        assert len(r["warnings"]) == 1 and "self-check" in r["warnings"][0], r["warnings"]
+        # fp32, TP reorders additions only (~1e-7); the hole itself errs by 0.1 or more
+        assert r["err"] <= 1e-5, r
+        assert r["warnings"] and all("self-check" in w and "solving again" in w
+                                     for w in r["warnings"]), r["warnings"]
+        assert r["bytes"] < 1.0, r  # not the whole-graph fallback

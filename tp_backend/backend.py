@@ -491,31 +491,48 @@ class TPAutoBackend:
         labels = {i: buffer_names.get(i) or (n.meta["grapharg"].source.name
                                              if n.meta.get("grapharg") else n.name)
                   for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
-        aten_gm, sol, plan = run_pipeline(gm, fakes, fake_mode, params=params, fqns=fqns,
-                                          presharded=pre, tp_size=opts.tp_size,
-                                          tp_rank=opts.tp_rank, group_name=opts.group_name,
-                                          roles={i: info.layout for i, info in presharded.items()},
-                                          stateful_names=labels, aliases=aliases,
-                                          module_path=lambda n: names.module_path(n, gm))
-        self.stats["solves"] += 1
+        veto: set = set()
+        all_params, all_local_in = params, local_in
+        while True:
+            aten_gm, sol, plan = run_pipeline(
+                gm, fakes, fake_mode, params=all_params, fqns=fqns, presharded=pre,
+                tp_size=opts.tp_size, tp_rank=opts.tp_rank, group_name=opts.group_name,
+                roles={i: info.layout for i, info in presharded.items()},
+                stateful_names=labels, aliases=aliases,
+                module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto))
+            self.stats["solves"] += 1
+            specs = []
+            for node, s in sol.param_storage.items():
+                i = node.meta["tp_index"]
+                if s is not None:
+                    specs.append((i, ShardInfo(sol.stored_inputs.get(i, node.name), s.dim,
+                                               sol.param_role[node],
+                                               tuple(int(d) for d in node.meta["val"].shape),
+                                               opts.tp_rank, opts.tp_size, opts.group_name,
+                                               s.outer, s.blocks, sol.param_padding.get(node))))
+            specs.sort(key=lambda x: x[0])
+            sharded = {i for i, _ in specs}
+            params = set(all_params) | set(sol.stored_inputs)
+            local_in = {i: s for i, s in all_local_in.items() if i not in sharded}
+            local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size)
+            t0 = time.perf_counter()
+            try:
+                selfcheck.check_local_graph(aten_gm, sol, local_fakes, fake_mode, opts.tp_size)
+            except TPPassError as e:
+                # Veto the seeds whose split reached the bad value and solve again: a
+                # correct, partly replicated graph. No new seed to blame: give up (the
+                # caller falls back to running the graph replicated).
+                blame = {k: v for k, v in getattr(e, "seeds", {}).items() if k not in veto}
+                if not blame:
+                    raise
+                log.warning("tp_auto: self-check: %s. Replicating %s and solving again.",
+                            e.detail, ", ".join(blame[k] for k in sorted(blame)))
+                veto |= set(blame)
+                continue
+            plan.timings["self_check_s"] = time.perf_counter() - t0
+            plan.vetoed = sorted(veto)
+            break
         self.plans.append(plan)
-        specs = []
-        for node, s in sol.param_storage.items():
-            i = node.meta["tp_index"]
-            if s is not None:
-                specs.append((i, ShardInfo(sol.stored_inputs.get(i, node.name), s.dim,
-                                           sol.param_role[node],
-                                           tuple(int(d) for d in node.meta["val"].shape),
-                                           opts.tp_rank, opts.tp_size, opts.group_name,
-                                           s.outer, s.blocks, sol.param_padding.get(node))))
-        specs.sort(key=lambda x: x[0])
-        sharded = {i for i, _ in specs}
-        params = set(params) | set(sol.stored_inputs)
-        local_in = {i: s for i, s in local_in.items() if i not in sharded}
-        local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size)
-        t0 = time.perf_counter()
-        selfcheck.check_local_graph(aten_gm, sol, local_fakes, fake_mode, opts.tp_size)
-        plan.timings["self_check_s"] = time.perf_counter() - t0
         run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
                          local_in, dict(sol.local_outputs), run, labels)

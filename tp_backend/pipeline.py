@@ -42,6 +42,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                  roles: dict | None = None, stateful_names: dict | None = None,
                  aliases: dict | None = None,
                  module_path: Callable[[fx.Node], str] = lambda n: "",
+                 veto: frozenset = frozenset(),
                  ) -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
@@ -58,6 +59,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         aliases: index -> other names of a tied parameter.
         module_path: names the module a Dynamo node ran in (for the plan's per-layer
             collectives and log lines).
+        veto: names of seed nodes to keep replicated (see :func:`~tp_backend.solver.solve`).
 
     Returns:
         ``(local ATen graph module, solution, plan)``.
@@ -91,7 +93,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     for i, role in (roles or {}).items():
         stand_in[ph[i]].meta["tp_role"] = role
     sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
-                params={stand_in[ph[i]] for i in params}, presharded=pre)
+                params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto))
     for w, pad in pads.items():
         sol.param_storage[w] = sol.param_storage.pop(pad)
         sol.param_role[w] = sol.param_role.pop(pad)

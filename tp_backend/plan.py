@@ -53,6 +53,7 @@ class TPPlan:
     collectives: list = field(default_factory=list)  # [CollectivePlan]
     replicated_ops: list = field(default_factory=list)  # [(description, reason)]
     demoted: list = field(default_factory=list)  # descriptions of seeds kept whole
+    vetoed: list = field(default_factory=list)  # seeds the self-check replicated (node names)
     solve_seconds: float = 0.0
     rounds: int = 0
     num_nodes: int = 0

@@ -5,8 +5,10 @@ A rule that claims a placement it does not deliver (the partial-times-shard hole
 20), or a shape constant the rewrite left global, shows here as a shape that differs or an
 op that cannot run -- before any real data is touched. The check raises
 :class:`~tp_backend.errors.TPPassError` (pass ``"self-check"``) naming the node and its
-module; with ``fallback="replicate"`` (the default) the backend then runs the graph
-unsplit, so such a bug costs memory and speed, never a wrong number or a crash at run time.
+module, with the seeds whose split reached it (``seeds``). The backend vetoes those seeds
+and solves again (a correct, partly replicated graph); if no seed is to blame, with
+``fallback="replicate"`` (the default) it runs the graph unsplit. Either way such a bug
+costs memory and speed, never a wrong number or a crash at run time.
 
 Local shape of a value of global shape ``G``: ``G`` for Replicate and Partial; for
 ``Shard(d)`` (any ``outer``/``blocks``) ``G`` with ``G[d] / N``. Symbolic sizes are
@@ -57,8 +59,10 @@ class _Recorder(fx.Interpreter):
         self.expected = expected
         self.placements = placements
         self.failure = None
+        self.node = None
 
     def run_node(self, n):
+        self.node = n
         try:
             out = super().run_node(n)
         except Exception as e:  # noqa: BLE001 - any error is the finding
@@ -100,5 +104,24 @@ def check_local_graph(gm: fx.GraphModule, sol: Solution, local_inputs: list, fak
         with fake_mode:
             rec.run(*local_inputs)
     except _Stop:
-        raise TPPassError(f"tp_auto: self-check: {rec.failure}", "self-check",
-                          rec.failure) from None
+        err = TPPassError(f"tp_auto: self-check: {rec.failure}", "self-check", rec.failure)
+        err.seeds = seeds_behind(rec.node, sol)
+        raise err from None
+
+
+def seeds_behind(node: fx.Node, sol: Solution) -> dict:
+    """The seeds (column / vocab shards) whose split reached ``node`` or its inputs,
+    looking through the nodes the rewrite inserted (collectives, slices): node name ->
+    a description for messages."""
+    seeds, todo, seen = {}, [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in sol.taint:
+            seeds.update({s.name: describe(s) for s in sol.taint[n]})
+            if n is not node:
+                continue
+        todo.extend(n.all_input_nodes)
+    return seeds

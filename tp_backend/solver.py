@@ -83,6 +83,7 @@ class Solution:
     # the graph writes back into (a static KV cache)
     stored_inputs: dict = field(default_factory=dict)
     demoted: set = field(default_factory=set)
+    taint: dict = field(default_factory=dict)  # value -> the seeds whose shard reached it
     notes: list = field(default_factory=list)  # (node, reason) for replicated ops
     rounds: int = 0
     seconds: float = 0.0
@@ -335,11 +336,11 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
         taint[node] = frozenset(t)
         decisions[node] = dec
     return (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, new_reduced,
-            new_prefs, local_outputs)
+            new_prefs, local_outputs, taint)
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
-          max_rounds: int = 64) -> Solution:
+          max_rounds: int = 64, veto: frozenset = frozenset()) -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
@@ -348,7 +349,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     t0 = time.perf_counter()
     while True:
         sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
-                          max_rounds=max_rounds, forced=forced)
+                          max_rounds=max_rounds, forced=forced, veto=veto)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
                and sol.param_storage.get(n.args[0], presharded and presharded.get(n.args[0])) != d.out}
@@ -359,7 +360,8 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
 
 
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
-                max_rounds: int = 64, forced: set = frozenset()) -> Solution:
+                max_rounds: int = 64, forced: set = frozenset(),
+                veto: frozenset = frozenset()) -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -369,6 +371,8 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
         params: placeholder nodes that are parameters (may be stored sharded).
         presharded: placeholder -> ``Shard`` for parameters already sharded by an earlier
             compile of the same model; they keep that layout.
+        veto: names of seed nodes replicated from the start (the backend's self-check
+            vetoes the seeds behind a value whose local shape was wrong).
 
     Returns:
         a :class:`Solution`. Raises :class:`~tp_backend.errors.TPDivisibilityError` when a
@@ -376,14 +380,14 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     """
     t0 = time.perf_counter()
     presharded = presharded or {}
-    demoted: set = set()
+    demoted: set = {n for n in graph.nodes if n.name in veto}
     reduced: set = set()  # Partial values all-reduced right where they are made
     prefs: dict = {}  # seed -> cut points its consumers split its output at
     rounds = 0
     while True:
         rounds += 1
         (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs,
-         local_outputs) = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs,
+         local_outputs, taint) = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs,
                                      forced)
         new = conflicts - demoted
         new_red = red - reduced
@@ -400,7 +404,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
                       describe(seed))
         demoted |= new
     sol = Solution(tp_size=tp_size, placements=pl, decisions=decisions, demoted=demoted,
-                   notes=notes, rounds=rounds, local_outputs=local_outputs)
+                   notes=notes, rounds=rounds, local_outputs=local_outputs, taint=taint)
     for param in params:
         if param in presharded:
             sol.param_storage[param] = presharded[param]
