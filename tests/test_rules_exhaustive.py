@@ -82,7 +82,7 @@ def check_sample(sample):
     """Runs every accepted (placements, params, tp_size) case of ``sample``; returns
     (cases accepted and verified, cases refused, failures)."""
     phs, node, inputs = build(sample)
-    rule = lookup(node.target)
+    assert lookup(node.target) is not None, f"no rule for {node.target}"
     floats = tuple(i for i, x in enumerate(inputs) if x.is_floating_point())
     ok, refused, failures = 0, 0, []
     # float32 samples (a cast, the float32-only grouped matmul): their partial addends
@@ -108,7 +108,6 @@ def check_sample(sample):
                                     f"params {params}: rule says {dec.out} "
                                     f"(inputs {dict((k.name, v) for k, v in dec.inputs.items())}):"
                                     f" {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        assert rule is not None
     return ok, refused, failures
 
 

@@ -89,6 +89,10 @@ class ShardInfo:
                 parts.append(torch.zeros(shape, dtype=dtype))
         return torch.cat(parts, dim=self.dim) if len(parts) > 1 else parts[0]
 
+    def local_of(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``whole`` (the tensor of ``global_shape``)."""
+        return self.take(lambda start, n: whole.narrow(self.dim, start, n), whole.dtype)
+
 
 @dataclass
 class _Sharded:
@@ -110,6 +114,9 @@ _PENDING = WeakTensorKeyDictionary()
 # its shape is right); the next graph that takes it as input gets the local tensor.
 _LOCAL_VALUES = WeakTensorKeyDictionary()
 _HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# How many tensors this process has split so far (only grows): runners rescan their whole
+# parameters when it changes.
+_SHARD_COUNT = 0
 
 
 class _WarmUpFlag(threading.local):
@@ -224,7 +231,11 @@ class _Runner:
         self.compiled = compiled
         self.plan = compiled.plan
         self._opts = opts
-        self._calls = 0
+        self._first = True
+        # Parameters kept whole here that a graph compiled later split: gathered per call.
+        # Rescanned only when a tensor has been split since the last scan.
+        self._gather: list = []
+        self._shard_count_seen = -1
         c = compiled
         # Inputs every rank must hold alike: all but parameters, state stored split and
         # values kept split by an earlier graph (a KV cache), which differ by design.
@@ -238,8 +249,8 @@ class _Runner:
     def _agree(self, args) -> None:
         """The ranks-agree collectives (``sync_rng``, ``check_inputs``), on the calls the
         options name; every rank reaches them on the same calls."""
-        opts, first = self._opts, self._calls == 0
-        self._calls += 1
+        opts, first = self._opts, self._first
+        self._first = False
         if opts.sync_rng == "always" or first and opts.sync_rng == "first":
             consistency.sync_rng_state(opts.tp_group)
         if opts.check_inputs == "always" or first and opts.check_inputs == "first":
@@ -268,12 +279,14 @@ class _Runner:
                               f"graph expects dim {info.dim}")
             args[idx] = st.local
         c = self.compiled
-        for idx in c.replicated_params:
-            if args[idx] in _SHARDED:
-                # Kept whole here but split by a graph compiled later (a graph that fell
-                # back to replicated next to split ones): its placeholder holds no values,
-                # so gather the whole tensor for this call (a collective, on every rank).
-                args[idx] = state.full_tensor(args[idx])
+        if _SHARD_COUNT != self._shard_count_seen:
+            self._shard_count_seen = _SHARD_COUNT
+            self._gather = [i for i in c.replicated_params if args[i] in _SHARDED]
+        for idx in self._gather:
+            # Kept whole here but split by a graph compiled later (a graph that fell back
+            # to replicated next to split ones): its placeholder holds no values, so gather
+            # the whole tensor for this call (a collective, on every rank).
+            args[idx] = state.full_tensor(args[idx])
         for idx, shard in c.local_inputs.items():
             t = args[idx]
             held = _LOCAL_VALUES.get(t)
@@ -298,6 +311,7 @@ class _Runner:
         return tuple(outs)
 
     def _shard(self, t, info, idx, local=None):
+        global _SHARD_COUNT
         held = _LOCAL_VALUES.pop(t, None)
         if local is None and held is not None:  # returned split by an earlier graph
             local = held[1]
@@ -309,12 +323,12 @@ class _Runner:
                 # nn.Linear's weight is (out_features, in_features): a split on dim 0 is
                 # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table split
                 # on dim 0 is vocab-parallel. A fused [q|k|v] weight is split per block.
-                src = t.detach()
-                local = info.take(lambda start, n: src.narrow(info.dim, start, n), src.dtype).clone()
+                local = info.local_of(t.detach()).clone()
         found = self._names.tensor(t)
         if found is not None and found.name != info.fqn:
             info = dataclasses.replace(info, fqn=found.name)
         st = _SHARDED[t] = _Sharded(info, local)
+        _SHARD_COUNT += 1
         with torch.no_grad():
             t.data = placeholder(t.shape, t.dtype, t.device)
         # state_dict()/save_pretrained read whole tensors back, load_state_dict re-shards.
@@ -474,8 +488,7 @@ class TPAutoBackend:
         log.warning("tp_auto: %s. This graph runs replicated: its %d parameters stay whole on "
                     "every rank (no memory saved for them). options={'fallback': 'raise'} "
                     "raises instead.", what, len(params))
-        labels = {i: (n.meta["grapharg"].source.name if n.meta.get("grapharg") else n.name)
-                  for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        labels = _input_labels(gm, {})
         run = (_downstream_compile(gm, list(example_inputs), opts)
                if opts.compiler == "inductor" else gm.forward)
         plan = TPPlan(tp_size=opts.tp_size, tp_rank=opts.tp_rank)
@@ -488,9 +501,7 @@ class TPAutoBackend:
         # State the graph writes into is named like a buffer; inputs that are neither
         # (a static KV cache) are labelled with Dynamo's description of the input, shown as
         # is (never parsed).
-        labels = {i: buffer_names.get(i) or (n.meta["grapharg"].source.name
-                                             if n.meta.get("grapharg") else n.name)
-                  for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        labels = _input_labels(gm, buffer_names)
         veto: set = set()
         all_params, all_local_in = params, local_in
         while True:
@@ -522,7 +533,7 @@ class TPAutoBackend:
                 # Veto the seeds whose split reached the bad value and solve again: a
                 # correct, partly replicated graph. No new seed to blame: give up (the
                 # caller falls back to running the graph replicated).
-                blame = {k: v for k, v in getattr(e, "seeds", {}).items() if k not in veto}
+                blame = {k: v for k, v in e.seeds.items() if k not in veto}
                 if not blame:
                     raise
                 log.warning("tp_auto: self-check: %s. Replicating %s and solving again.",
@@ -536,6 +547,14 @@ class TPAutoBackend:
         run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
                          local_in, dict(sol.local_outputs), run, labels)
+
+
+def _input_labels(gm: fx.GraphModule, buffer_names: dict) -> dict:
+    """Input index -> the name shown for it: a buffer's name, else Dynamo's description of
+    the input, shown as is (never parsed)."""
+    return {i: buffer_names.get(i) or (n.meta["grapharg"].source.name
+                                       if n.meta.get("grapharg") else n.name)
+            for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
 
 
 def _graph_modules(gm: fx.GraphModule, names: NameIndex) -> str:

@@ -60,10 +60,13 @@ class TPInputMismatchError(TPError, ValueError):
 class TPPassError(TPError):
     """A pass of the pipeline (decomposition, padding, solver, rewrite) failed on a graph
     with an unexpected error. ``pass_name`` names the pass; the original error is the
-    ``__cause__``. With ``fallback="replicate"`` (the default) the backend catches it and
-    runs that graph replicated."""
+    ``__cause__``. ``seeds`` (self-check only): name -> description of the seeds whose
+    split reached the bad value. With ``fallback="replicate"`` (the default) the backend
+    catches it and runs that graph replicated."""
 
-    def __init__(self, message: str, pass_name: str, detail: str | None = None):
+    def __init__(self, message: str, pass_name: str, detail: str | None = None,
+                 seeds: dict | None = None):
         super().__init__(message)
         self.pass_name = pass_name
         self.detail = detail or message  # what went wrong, without the pass's name
+        self.seeds = seeds or {}

@@ -192,7 +192,10 @@ class NameIndex:
 
     def module(self, m: torch.nn.Module) -> str | None:
         """The dotted path of a module (``""`` for a root), or ``None`` if unknown."""
-        found = self._find(id(m), module=True)
+        return self._module_by_id(id(m))
+
+    def _module_by_id(self, key_id: int) -> str | None:
+        found = self._find(key_id, module=True)
         return self._name(found[0], found[2]) if found is not None else None
 
     def module_path(self, dynamo_node: fx.Node, gm: fx.GraphModule | None = None) -> str:
@@ -205,8 +208,7 @@ class NameIndex:
         head = key.split("@")[0]
         path = None
         if head.isdigit():  # Dynamo keys inlined modules by id(module)
-            found = self._find(int(head), module=True)
-            path = self._name(found[0], found[2]) if found is not None else None
+            path = self._module_by_id(int(head))
         elif gm is not None:  # a module Dynamo installed on the graph module
             sub = getattr(gm, head, None)
             if isinstance(sub, torch.nn.Module):

@@ -5,7 +5,7 @@ All checks live here; the backend receives a :class:`TPOptions`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch.distributed as dist
@@ -68,6 +68,12 @@ class TPOptions:
         return self.tp_group.group_name
 
 
+# The options chosen from a fixed set of values, and their defaults (TPOptions' own).
+_CHOICES = {"compiler": _COMPILERS, "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
+            "check_inputs": _WHEN, "fallback": _FALLBACKS}
+_DEFAULTS = {f.name: f.default for f in fields(TPOptions) if f.name in _CHOICES}
+
+
 def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
     """Check ``options`` and fill defaults.
 
@@ -97,20 +103,11 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
         raise TPOptionsTypeError(
             f"tp_auto option 'tp_group' must be a torch.distributed.ProcessGroup, got "
             f"{type(group).__name__}")
-    compiler = options.get("compiler", "inductor")
-    if compiler not in _COMPILERS:
-        raise TPOptionsError(f"tp_auto option 'compiler' must be one of {_COMPILERS}, got {compiler!r}")
-    cpu_matmul = options.get("cpu_matmul", "onednn")
-    if cpu_matmul not in CPU_MATMUL_KERNELS:
-        raise TPOptionsError(f"tp_auto option 'cpu_matmul' must be one of {CPU_MATMUL_KERNELS}, "
-                             f"got {cpu_matmul!r}")
-    when = {}
-    for key in ("sync_rng", "check_inputs"):
-        when[key] = options.get(key, "first")
-        if when[key] not in _WHEN:
-            raise TPOptionsError(f"tp_auto option {key!r} must be one of {_WHEN}, got {when[key]!r}")
-    fallback = options.get("fallback", "replicate")
-    if fallback not in _FALLBACKS:
-        raise TPOptionsError(f"tp_auto option 'fallback' must be one of {_FALLBACKS}, got {fallback!r}")
-    return TPOptions(fallback=fallback, tp_group=group, tp_rank=dist.get_rank(group), tp_size=dist.get_world_size(group),
-                     compiler=compiler, cpu_matmul=cpu_matmul, **when)
+    chosen = {}
+    for key, choices in _CHOICES.items():
+        chosen[key] = options.get(key, _DEFAULTS[key])
+        if chosen[key] not in choices:
+            raise TPOptionsError(f"tp_auto option {key!r} must be one of {choices}, "
+                                 f"got {chosen[key]!r}")
+    return TPOptions(tp_group=group, tp_rank=dist.get_rank(group),
+                     tp_size=dist.get_world_size(group), **chosen)

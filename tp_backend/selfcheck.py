@@ -54,10 +54,10 @@ class _Recorder(fx.Interpreter):
     """Runs the graph node by node; stops at the first node that fails or whose shape
     differs from its placement's (the reason in ``failure``)."""
 
-    def __init__(self, gm, expected, placements):
+    def __init__(self, gm, placements, tp_size):
         super().__init__(gm)
-        self.expected = expected
-        self.placements = placements
+        self.placements = placements  # node -> Placement, for the nodes to compare
+        self.tp_size = tp_size
         self.failure = None
         self.node = None
 
@@ -69,13 +69,14 @@ class _Recorder(fx.Interpreter):
             self.failure = (f"{describe(n)} ({n.format_node()}) cannot run on this rank's "
                             f"local shapes: {type(e).__name__}: {str(e).splitlines()[0]}")
             raise _Stop from e
-        want = self.expected.get(n)
-        if want is not None and isinstance(out, torch.Tensor):
+        p = self.placements.get(n)
+        if p is not None and isinstance(out, torch.Tensor):
+            want = _expected(n, p, self.tp_size)
             got = list(out.shape)
             if len(got) != len(want) or not all(w is None or _same(g, w)
                                                 for g, w in zip(got, want)):
                 self.failure = (f"{describe(n)} ({n.format_node()}) has local shape {got} on "
-                                f"this rank, but its placement {self.placements[n]} means "
+                                f"this rank, but its placement {p} means "
                                 f"{['?' if w is None else w for w in want]}")
                 raise _Stop
         return out
@@ -91,22 +92,17 @@ def check_local_graph(gm: fx.GraphModule, sol: Solution, local_inputs: list, fak
             from its placement's, or an op that cannot run on the local shapes; the
             message names the node, its module and both shapes.
     """
-    expected, placements = {}, {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue  # placeholders get the shapes the runner feeds; outputs are checked
-        p = sol.placements.get(node)
-        if isinstance(p, Placement) and isinstance(node.meta.get("val"), torch.Tensor):
-            expected[node] = _expected(node, p, tp_size)
-            placements[node] = p
-    rec = _Recorder(gm, expected, placements)
+    # Placeholders get the shapes the runner feeds; every op's output is compared.
+    placements = {n: p for n in gm.graph.nodes if n.op == "call_function"
+                  and isinstance(p := sol.placements.get(n), Placement)
+                  and isinstance(n.meta.get("val"), torch.Tensor)}
+    rec = _Recorder(gm, placements, tp_size)
     try:
         with fake_mode:
             rec.run(*local_inputs)
     except _Stop:
-        err = TPPassError(f"tp_auto: self-check: {rec.failure}", "self-check", rec.failure)
-        err.seeds = seeds_behind(rec.node, sol)
-        raise err from None
+        raise TPPassError(f"tp_auto: self-check: {rec.failure}", "self-check", rec.failure,
+                          seeds=seeds_behind(rec.node, sol)) from None
 
 
 def seeds_behind(node: fx.Node, sol: Solution) -> dict:

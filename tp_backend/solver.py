@@ -387,8 +387,8 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     while True:
         rounds += 1
         (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs,
-         local_outputs, taint) = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs,
-                                     forced)
+         local_outputs, taint) = _propagate(graph, tp_size, params, presharded, demoted,
+                                            reduced, prefs, forced)
         new = conflicts - demoted
         new_red = red - reduced
         if not new and not new_red and not new_prefs or rounds >= max_rounds:

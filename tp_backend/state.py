@@ -83,9 +83,7 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
         if tuple(value.shape) != info.global_shape:
             continue  # load_state_dict reports the size mismatch itself
         with torch.no_grad():
-            src = value.detach().to(st.local.dtype)
-            st.local.copy_(info.take(lambda start, n: src.narrow(info.dim, start, n),
-                                     st.local.dtype))
+            st.local.copy_(info.local_of(value.detach().to(st.local.dtype)))
         # The default loader then copies the placeholder onto itself (a no-op).
         state_dict[key] = t.detach()
 
