@@ -1,5 +1,5 @@
-"""Coverage of the transformers zoo with no per-model code: 25 architectures (tiny random
-configs, tests/zoo.py) at TP=2 and TP=4, one worker group per TP size. For each: output
+"""Coverage of the transformers zoo with no per-model code: 26 architectures (tiny random
+configs, tests/zoo.py) at TP=2, 3 and 4, one worker group per TP size. For each: output
 equal to single-process eager, the fraction of parameter bytes sharded, all-reduces per
 layer, and where the solver fell back to replication. The table is printed; every model
 must match (falling back to replication is allowed, a wrong number is not)."""
@@ -22,7 +22,7 @@ def _run_zoo(rank, world_size, names, compiler):
     rows = {}
     for name in names:
         torch._dynamo.reset()
-        model = zoo.make_model(name)
+        model = zoo.make_model(name, tp_size=world_size)
         ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
         kwargs = zoo.model_inputs(name, ids)
         try:
@@ -80,10 +80,17 @@ def _table(tp, rows):
     return "\n".join(lines)
 
 
-# TP=2 runs the default downstream compiler (Inductor) on every architecture; TP=4 checks
-# the same rules at another split with the rewritten graphs run eagerly, which tests the
-# same plans in a third of the time (Inductor's compile is most of the zoo's run time).
-@pytest.mark.parametrize("tp_size,compiler", [(2, "inductor"), (4, "eager")])
+# CodeGen's fused qkv_proj is laid out as 4 blocks (the mp_num=4 of the TPU layout it was
+# trained with): 3 does not divide 4, so at TP=3 no exact split of its attention exists and
+# it stays whole, with a warning (the MLP still splits).
+ATTENTION_KEPT_WHOLE = {("codegen", 3)}
+
+
+# TP=2 runs the default downstream compiler (Inductor) on every architecture; TP=3 (on
+# configs widened so 3 divides their heads) and TP=4 check the same rules at other splits
+# with the rewritten graphs run eagerly, which tests the same plans in a third of the time
+# (Inductor's compile is most of the zoo's run time).
+@pytest.mark.parametrize("tp_size,compiler", [(2, "inductor"), (3, "eager"), (4, "eager")])
 def test_zoo(tp_size, compiler, capsys):
     rows = run_distributed(_run_zoo, tp_size, zoo.ALL, compiler)[0]
     with capsys.disabled():
@@ -93,7 +100,7 @@ def test_zoo(tp_size, compiler, capsys):
     # Every architecture shards almost all of its weight bytes (norms, routers and small
     # position tables stay replicated).
     for name, r in rows.items():
-        assert r["sharded"] > 0.9, (name, r)
+        assert r["sharded"] > (0.6 if (name, tp_size) in ATTENTION_KEPT_WHOLE else 0.9), (name, r)
     # The plan's names are the model's own, and its collectives fall in the real layers
     # (every zoo config has 2 layers per stack): a name parsed from Dynamo's source strings
     # put everything in "layer 0" when transformers 5.24 wrapped forward in a decorator.

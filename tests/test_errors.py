@@ -1,6 +1,7 @@
 """User errors: each is a clear exception of the package (raised on every rank, before any
 collective, so never a hang): no process group, unknown or ill-typed options, heads that
-do not divide the TP size."""
+do not divide the TP size (under ``fallback="raise"``; by default they stay whole with a
+warning)."""
 
 import pytest
 import torch
@@ -75,16 +76,31 @@ def test_tp_group_of_wrong_type():
     assert "ProcessGroup" in str(err) and "int" in str(err)
 
 
-def _indivisible_heads(rank, world_size):
+def _indivisible_heads(rank, world_size, fallback):
     # 3 query heads of 16 (q_proj has 48 outputs, divisible by 2) cannot split over 2 ranks.
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("tp_backend").addHandler(handler)
     model = make_model("llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
+    ref_model = make_model("llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
+    ids = make_ids()
     try:
-        _call_model(model)
+        with torch.no_grad():
+            out = torch.compile(model, backend="tp_auto", options={"fallback": fallback})(
+                input_ids=ids, use_cache=False).logits
+            ref = ref_model(input_ids=ids, use_cache=False).logits
     except Exception as e:  # noqa: BLE001 - the test inspects it
         while e is not None and not isinstance(e, tp_backend.TPDivisibilityError):
             e = getattr(e, "inner_exception", None) or e.__cause__
-        return None if e is None else str(e)
-    return "no error"
+        return {"raised": None if e is None else str(e)}
+    plan = tp_backend.last_plan()
+    return {"err": (out - ref).abs().max().item(),
+            "q_proj": plan.params["model.layers.0.self_attn.q_proj.weight"].layout,
+            "mlp": plan.params["model.layers.0.mlp.up_proj.weight"].layout,
+            "warnings": [r.getMessage() for r in records if r.levelno == logging.WARNING]}
 
 
 def _call_model(model):
@@ -93,7 +109,20 @@ def _call_model(model):
 
 
 def test_indivisible_heads_raise_on_every_rank():
-    msgs = run_distributed(_indivisible_heads, 2)
-    for msg in msgs:
-        assert msg is not None and msg != "no error", msg
+    """fallback="raise": TPDivisibilityError on every rank, naming the tensor, the count and
+    tp_size."""
+    for r in run_distributed(_indivisible_heads, 2, "raise"):
+        msg = r.get("raised")
+        assert msg is not None, r
         assert "3 groups" in msg and "tp_size=2" in msg and "q_proj" in msg, msg
+
+
+def test_indivisible_heads_stay_whole_with_a_warning():
+    """The default (fallback="replicate"): attention stays whole, the MLP still splits, the
+    logits match one process (fp32, 2 layers: the all-reduce adds in another order), and
+    one warning per projection names it."""
+    for r in run_distributed(_indivisible_heads, 2, "replicate"):
+        assert r["err"] <= 1e-5, r
+        assert (r["q_proj"], r["mlp"]) == ("replicate", "column"), r
+        warned = [w for w in r["warnings"] if "3 groups" in w and "tp_size=2" in w]
+        assert warned and all("Kept whole" in w for w in warned), r["warnings"]

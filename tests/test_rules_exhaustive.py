@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tp_backend.leaf_ops  # noqa: E402,F401 - registers the leaf ops and their rules
 from op_samples import all_samples  # noqa: E402
 from rule_harness import decide, simulate  # noqa: E402
-from tp_backend.errors import TPDivisibilityError  # noqa: E402
 from tp_backend.placement import PARTIAL, REPLICATE, Shard  # noqa: E402
 from tp_backend.rules import RULES, RULES_BY_NAME, lookup  # noqa: E402
 
@@ -92,10 +91,7 @@ def check_sample(sample):
     for n in TP_SIZES:
         for combo in itertools.product(*(placements_of(x, n) for x in inputs)):
             for params in {(), floats}:
-                try:
-                    dec, _ = decide(node, phs, list(combo), tp_size=n, params=params)
-                except TPDivisibilityError:
-                    dec = None  # a user error raised for the graph: nothing claimed
+                dec, _ = decide(node, phs, list(combo), tp_size=n, params=params)
                 if dec is None:
                     refused += 1
                     continue

@@ -1,11 +1,12 @@
 """View/layout rules: splitting features into heads, merging them back, strided shards of
-merged (batch, heads) dims, and the divisibility error for heads that do not split."""
+merged (batch, heads) dims, and the refusal (an ``Indivisible`` note) for heads that do not
+split."""
 
 import pytest
 import torch
 
-from rule_harness import check
-from tp_backend.errors import TPDivisibilityError
+from rule_harness import check, decide, trace
+from tp_backend.rules import Indivisible
 from tp_backend.placement import PARTIAL, REPLICATE, Shard
 from tp_backend.rules.view import map_view_shard
 
@@ -42,9 +43,15 @@ def test_merge_batch_and_heads_is_a_strided_shard():
     check(lambda x: aten.view(x, [2, 4, 5, 5]), [r(8, 5, 5)], [Shard(0, outer=2)], expect=Shard(1))
 
 
-def test_indivisible_heads_raise():
-    with pytest.raises(TPDivisibilityError, match="9 groups.*tp_size=2"):
-        check(lambda x: aten.view(x, [2, 3, 9, 4]), [r(2, 3, 36)], [Shard(2)])
+def test_indivisible_heads_refused_with_a_note():
+    # 9 heads over 2 ranks: no exact split; the note says why (the pipeline warns, or raises
+    # TPDivisibilityError under fallback="raise").
+    gm, node = trace(lambda x: aten.view(x, [2, 3, 9, 4]), [r(2, 3, 36)])
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dec, notes = decide(node, ph, [Shard(2)])
+    assert dec is None
+    assert len(notes) == 1 and isinstance(notes[0], Indivisible), notes
+    assert "9 groups" in notes[0] and "tp_size=2" in notes[0], notes
 
 
 def test_inner_dim_shard_cannot_merge_with_outer():

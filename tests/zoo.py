@@ -1,8 +1,9 @@
 """Tiny random configs of many transformers architectures (the coverage test's zoo).
 
 Every config is shrunk to 2 layers, hidden 64, 4 heads of 16, 4 KV heads, vocab 256, so
-TP = 2 and 4 divide every head count; the same seed builds the same weights in every
-process.
+TP = 2 and 4 divide every head count; ``make_model(..., tp_size=3)`` widens it by 1.5
+(hidden 96, 6 heads of 16, vocab 258) so TP = 3 divides them too. The same seed builds the
+same weights in every process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2",
             "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "stablelm",
-            "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere", "codegen"]
+            "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere", "codegen", "roformer"]
 ENCODERS = ["bert", "roberta"]
 ENCODER_DECODERS = ["t5"]  # relative attention bias per head
 ALL = DECODERS + ENCODERS + ENCODER_DECODERS
@@ -43,22 +44,34 @@ _EXTRA = {
     "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
                decoder_start_token_id=0),
     "roberta": dict(type_vocab_size=1, pad_token_id=1),
+    # a rotary table built once and broadcast over heads; its sinusoid table is a frozen
+    # nn.Embedding (issue 14's silently wrong model)
+    "roformer": dict(is_decoder=True),
 }
 
+# Widths (not head sizes) scaled by 1.5 for TP=3; the vocabulary becomes 258 = 3 * 86.
+_WIDTHS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+           "n_inner", "ffn_dim", "word_embed_proj_dim", "d_model", "d_ff", "num_heads",
+           "num_kv_heads", "moe_intermediate_size", "shared_expert_intermediate_size"}
 
-def make_config(model_type: str, **overrides):
+
+def make_config(model_type: str, tp_size: int | None = None, **overrides):
+    """The tiny config of ``model_type``; ``tp_size=3`` widens it so 3 divides its heads."""
     from transformers import AutoConfig
 
     kw = dict(_BASE)
     kw.update(_EXTRA.get(model_type, {}))
+    if tp_size == 3:
+        kw = {k: v * 3 // 2 if k in _WIDTHS else v for k, v in kw.items()}
+        kw["vocab_size"] = 258
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 
 
-def make_model(model_type: str, seed: int = 0, **overrides):
+def make_model(model_type: str, seed: int = 0, tp_size: int | None = None, **overrides):
     from transformers import AutoModel, AutoModelForCausalLM
 
-    cfg = make_config(model_type, **overrides)
+    cfg = make_config(model_type, tp_size, **overrides)
     torch.manual_seed(seed)
     from transformers import AutoModelForSeq2SeqLM
 

@@ -510,7 +510,8 @@ class TPAutoBackend:
                 tp_size=opts.tp_size, tp_rank=opts.tp_rank, group_name=opts.group_name,
                 roles={i: info.layout for i, info in presharded.items()},
                 stateful_names=labels, aliases=aliases,
-                module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto))
+                module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto),
+                strict_divisibility=opts.fallback == "raise")
             self.stats["solves"] += 1
             specs = []
             for node, s in sol.param_storage.items():

@@ -1,10 +1,15 @@
 """AOT decomposition: the Dynamo graph as a functional graph of core ATen ops.
 
 ``decompose(gm, fake_inputs)`` traces the Dynamo ``GraphModule`` with ``make_fx`` under
-``torch.func.functionalize`` and the core ATen decomposition table
-(``torch._decomp.core_aten_decompositions``), on fake tensors (no compute, no copy of the
-weights). In-place ops become out-of-place (``add_`` -> ``add``). Scaled dot-product
-attention and cross-entropy stay leaf ops (:mod:`tp_backend.leaf_ops`).
+Python functionalization (``FunctionalTensorMode``, what AOTAutograd uses) and the core
+ATen decomposition table (``torch._decomp.core_aten_decompositions``), on fake tensors (no
+compute, no copy of the weights). In-place ops become out-of-place (``add_`` -> ``add``);
+an input the graph writes into gets one ``copy_`` of its new value at the end. Scaled
+dot-product attention and cross-entropy stay leaf ops (:mod:`tp_backend.leaf_ops`).
+
+functorch's ``torch.func.functionalize`` is not used: it is a functorch transform, and a
+graph that runs its own (``torch.vmap`` in Zamba's Mamba scan) breaks its layer stack
+(``INTERNAL ASSERT FAILED ... TransformType::Functionalize``, issue 14).
 
 Provenance: every ATen node gets ``node.meta["tp_source"]``, the name of the Dynamo node
 whose evaluation created it, and ``node.meta["tp_module"]``, the path of that node's
@@ -18,7 +23,9 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._decomp import core_aten_decompositions
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
 from .leaf_ops import LEAF_FUNCTIONS
@@ -71,12 +78,28 @@ def decompose(gm: fx.GraphModule, fake_inputs: list, fake_mode,
     correspond one-to-one, in order, to ``gm``'s."""
     interp = _LeafInterpreter(gm, module_path)
 
+    def unwrap(t: FunctionalTensor) -> torch.Tensor:
+        torch._sync(t)
+        return torch._from_functional_tensor(t.elem)
+
     def run(*args):
-        return interp.run(*args)
+        # As torch._subclasses.functional_tensor.dispatch_functionalize, plus the write-back
+        # of mutated inputs that AOTAutograd adds.
+        no_c_functionalize = torch._C._ExcludeDispatchKeyGuard(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
+        with no_c_functionalize, FunctionalTensorMode():
+            wrapped = [FunctionalTensor.to_functional(a) if isinstance(a, torch.Tensor) else a
+                       for a in args]
+            out = pytree.tree_map_only(FunctionalTensor, unwrap, interp.run(*wrapped))
+            for a, w in zip(args, wrapped):
+                if isinstance(w, FunctionalTensor):
+                    torch._sync(w)
+                    if torch._functionalize_has_data_mutation(w.elem):
+                        a.copy_(torch._from_functional_tensor(w.elem))
+        return out
 
     with torch.no_grad(), fake_mode:
-        traced = make_fx(torch.func.functionalize(run, remove="mutations"),
-                         decomposition_table=_decomposition_table(),
+        traced = make_fx(run, decomposition_table=_decomposition_table(),
                          tracing_mode="real", _allow_non_fake_inputs=False)(*fake_inputs)
     traced.graph.eliminate_dead_code()
     traced.recompile()

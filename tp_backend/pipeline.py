@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .decompose import decompose
 from .padding import pad_vocabularies
-from .errors import TPError, TPPassError
+from .errors import TPDivisibilityError, TPError, TPPassError
 from .placement import Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
 from .rewrite import rewrite
@@ -42,7 +42,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                  roles: dict | None = None, stateful_names: dict | None = None,
                  aliases: dict | None = None,
                  module_path: Callable[[fx.Node], str] = lambda n: "",
-                 veto: frozenset = frozenset(),
+                 veto: frozenset = frozenset(), strict_divisibility: bool = False,
                  ) -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
@@ -60,9 +60,17 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         module_path: names the module a Dynamo node ran in (for the plan's per-layer
             collectives and log lines).
         veto: names of seed nodes to keep replicated (see :func:`~tp_backend.solver.solve`).
+        strict_divisibility: raise where a split needs a count (heads, groups of a fused
+            projection) that ``tp_size`` does not divide; else keep that projection whole
+            with a warning (the backend's ``fallback="replicate"``).
 
     Returns:
         ``(local ATen graph module, solution, plan)``.
+
+    Raises:
+        TPDivisibilityError: with ``strict_divisibility``, naming the tensor, the count and
+            ``tp_size``.
+        TPPassError: a pass failed with an unexpected error.
     """
     stateful_names = stateful_names or {}
     fqns = dict(fqns)
@@ -94,6 +102,11 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         stand_in[ph[i]].meta["tp_role"] = role
     sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
                 params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto))
+    for why in sol.indivisible:
+        if strict_divisibility:
+            raise TPDivisibilityError(f"tp_auto: {why}.")
+        log.warning("tp_auto: %s. Kept whole on every rank instead (no memory saved for it); "
+                    "options={'fallback': 'raise'} makes this an error.", why)
     for w, pad in pads.items():
         sol.param_storage[w] = sol.param_storage.pop(pad)
         sol.param_role[w] = sol.param_role.pop(pad)

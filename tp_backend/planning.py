@@ -46,8 +46,8 @@ def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
         seq_len: length of the ``[1, seq_len]`` meta input used to capture the forward.
         **config_overrides: config fields to change first (e.g. ``num_hidden_layers=2``).
 
-    Raises:
-        TPDivisibilityError: heads that ``tp_size`` does not divide, as the backend would.
+    Heads that ``tp_size`` does not divide stay whole (with a warning), as the backend
+    does by default.
     """
     if isinstance(model, torch.nn.Module):
         module = model

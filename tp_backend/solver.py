@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .placement import REPLICATE, Placement, Shard
-from .rules import Decision, divisible, lookup, replicate_all, tensor_inputs
+from .rules import Decision, Indivisible, divisible, lookup, replicate_all, tensor_inputs
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class Solution:
     demoted: set = field(default_factory=set)
     taint: dict = field(default_factory=dict)  # value -> the seeds whose shard reached it
     notes: list = field(default_factory=list)  # (node, reason) for replicated ops
+    # splits refused in any round only because tp_size does not divide a count (the note
+    # is gone from the last round once the seed behind it stays whole)
+    indivisible: list = field(default_factory=list)  # [rules.Indivisible]
     rounds: int = 0
     seconds: float = 0.0
 
@@ -375,8 +378,8 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             vetoes the seeds behind a value whose local shape was wrong).
 
     Returns:
-        a :class:`Solution`. Raises :class:`~tp_backend.errors.TPDivisibilityError` when a
-        sharded projection splits into a number of heads that ``tp_size`` does not divide.
+        a :class:`Solution`. A projection that splits into a number of heads ``tp_size``
+        does not divide stays whole, with an :class:`~tp_backend.rules.Indivisible` note.
     """
     t0 = time.perf_counter()
     presharded = presharded or {}
@@ -384,11 +387,14 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     reduced: set = set()  # Partial values all-reduced right where they are made
     prefs: dict = {}  # seed -> cut points its consumers split its output at
     rounds = 0
+    indivisible: list = []
     while True:
         rounds += 1
         (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs,
          local_outputs, taint) = _propagate(graph, tp_size, params, presharded, demoted,
                                             reduced, prefs, forced)
+        indivisible += [why for _, why in notes
+                        if isinstance(why, Indivisible) and why not in indivisible]
         new = conflicts - demoted
         new_red = red - reduced
         if not new and not new_red and not new_prefs or rounds >= max_rounds:
@@ -404,7 +410,8 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
                       describe(seed))
         demoted |= new
     sol = Solution(tp_size=tp_size, placements=pl, decisions=decisions, demoted=demoted,
-                   notes=notes, rounds=rounds, local_outputs=local_outputs, taint=taint)
+                   notes=notes, rounds=rounds, local_outputs=local_outputs, taint=taint,
+                   indivisible=indivisible)
     for param in params:
         if param in presharded:
             sol.param_storage[param] = presharded[param]

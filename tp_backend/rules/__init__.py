@@ -27,7 +27,8 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..placement import REPLICATE, Placement
 
-__all__ = ["Decision", "RuleContext", "register", "register_by_name", "lookup", "RULES"]
+__all__ = ["Decision", "Indivisible", "RuleContext", "register", "register_by_name", "lookup",
+           "RULES"]
 
 RULES: dict[Any, Callable] = {}
 # Rules for ops of other libraries, by qualified name (the library may load after us).
@@ -59,6 +60,14 @@ class Decision:
     seed: str | None = None
     action: str | None = None
     allow_gather: bool = False
+
+
+class Indivisible(str):
+    """The reason of a note (``ctx.note(node, Indivisible(msg))``) when a rule refuses a
+    split only because ``tp_size`` does not divide a count (attention heads, groups of a
+    fused projection). The solver treats it like any refusal (the seed stays whole); the
+    pipeline raises :class:`~tp_backend.errors.TPDivisibilityError` with it under
+    ``fallback="raise"`` and logs a warning otherwise."""
 
 
 class RuleContext(Protocol):

@@ -17,9 +17,8 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ..errors import TPDivisibilityError
 from ..placement import PARTIAL, REPLICATE, Shard
-from . import Decision, norm_dim, register, static_int
+from . import Decision, Indivisible, norm_dim, register, static_int
 
 aten = torch.ops.aten
 
@@ -96,13 +95,15 @@ def _view(ctx, node):
             ctx.note(node, f"{why[1]} heads cannot split over tp_size={why[2]}: replicated")
             return None
         if isinstance(why, tuple):
+            # No exact split: the seed stays whole (the pipeline warns, or raises
+            # TPDivisibilityError under fallback="raise").
             _, part, n = why
-            raise TPDivisibilityError(
+            ctx.note(node, Indivisible(
                 f"cannot shard {ctx.describe(x)}: viewing its {ctx.shape(x)[p.dim]} features "
                 f"(shape {list(in_shape)} -> {list(out_shape)}) splits them into {part} groups "
-                f"(e.g. attention heads), and {part} is not divisible by tp_size={n}. Use a "
-                f"tp_size that divides {part}."
-            )
+                f"(e.g. attention heads), and {part} is not divisible by tp_size={n} (a "
+                f"tp_size that divides {part} splits them)"))
+            return None
         ctx.note(node, f"view {list(in_shape)} -> {list(out_shape)}: {why}")
         return None
     sizes = list(node.args[1])
