@@ -13,7 +13,7 @@ from .backend import (ShardInfo, TPAutoBackend, local_parameter_bytes, local_sha
 from .api import parallelize_model
 from .errors import (TPConfigError, TPDivisibilityError, TPError, TPInputMismatchError,
                      TPOptionsError, TPOptionsTypeError, TPPassError, TPProcessGroupError,
-                     TPShardedModuleError, TPWeightError)
+                     TPShardedModuleError, TPTrainingError, TPWeightError)
 from .placement import Partial, Replicate, Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
 
@@ -21,7 +21,7 @@ __all__ = [
     "tp_auto", "parallelize_model", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
     "local_parameter_bytes", "local_value", "last_plan", "TPPlan", "ParamPlan",
     "CollectivePlan", "Replicate", "Shard", "Partial", "TPError", "TPOptionsError",
-    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError",
+    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError", "TPTrainingError",
     "TPWeightError", "TPConfigError", "TPInputMismatchError", "TPPassError",
 ]
 

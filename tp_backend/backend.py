@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import consistency, cpu_matmul, layers, selfcheck, state
-from .errors import TPError, TPPassError, TPShardedModuleError
+from .errors import TPError, TPPassError, TPShardedModuleError, TPTrainingError
 from .options import TPOptions, validate_options
 from .placement import Shard
 from .naming import NameIndex, roots_of_compiling_frame
@@ -189,6 +189,35 @@ class _Compiled:
     labels: dict = dataclasses.field(default_factory=dict)  # input index -> user-facing name
 
 
+class _InferenceOnly(torch.autograd.Function):
+    """Identity on a split graph's outputs whose backward raises :class:`TPTrainingError`
+    (instead of PyTorch's "no autograd formula" for a leaf op, or a silent gradient of
+    zero for the placeholders)."""
+
+    @staticmethod
+    def forward(ctx, anchor, *outs):
+        return tuple(o.view_as(o) if isinstance(o, torch.Tensor) else o for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise TPTrainingError(
+            "tp_auto: backward through a tensor-parallel graph is not supported yet: the "
+            "graphs tp_auto splits are inference graphs. Run the forward under "
+            "torch.no_grad() or torch.inference_mode(); to train, compile without tp_auto "
+            "(or use PyTorch's DTensor tensor parallelism) for now.")
+
+    @classmethod
+    def wrap(cls, anchor: torch.Tensor, outs):
+        """``outs`` (a tuple or list from the local graph) with floating tensors wrapped."""
+        kind, outs = type(outs), list(outs)
+        idx = [i for i, o in enumerate(outs)
+               if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        if idx:
+            for i, o in zip(idx, cls.apply(anchor, *(outs[i] for i in idx))):
+                outs[i] = o
+        return tuple(outs) if kind is tuple else outs
+
+
 def _downstream_compile(gm: fx.GraphModule, local_fakes: list, opts: TPOptions,
                         plan: TPPlan | None = None):
     """Hand this rank's local ATen graph to the downstream compiler.
@@ -260,6 +289,9 @@ class _Runner:
 
     def __call__(self, *args):
         args = list(args)
+        # Grad mode with a parameter that wants gradients: the caller may call backward.
+        anchor = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad),
+                      None) if torch.is_grad_enabled() else None
         self._agree(args)
         # Checked on every call while weights wait to be read: Dynamo may share one compiled
         # graph between several model instances (torch.compile(model.forward) on two
@@ -297,7 +329,14 @@ class _Runner:
             else:  # a whole tensor where a split one was expected: take this rank's part
                 args[idx] = layers.local_shard(t, shard.dim, shard.outer, c.plan.tp_rank,
                                                c.plan.tp_size, shard.blocks)
-        outs = c.run(*args)
+        if anchor is not None and c.plan.params:
+            # A split graph is an inference graph: run it without recording autograd
+            # history, and make backward through its outputs raise a clear error.
+            with torch.no_grad():
+                outs = c.run(*args)
+            outs = _InferenceOnly.wrap(anchor, outs)
+        else:
+            outs = c.run(*args)
         if not c.local_outputs:
             return outs
         outs = list(outs)

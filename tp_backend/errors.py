@@ -39,6 +39,11 @@ class TPDivisibilityError(TPError, ValueError):
     """A dimension that must be split across the TP ranks is not divisible by ``tp_size``."""
 
 
+class TPTrainingError(TPError, NotImplementedError):
+    """Backward through a graph ``tp_auto`` split: training is not supported yet (the
+    local graphs are inference graphs). Raised by ``loss.backward()``."""
+
+
 class TPShardedModuleError(TPError):
     """A module whose parameters were sharded by ``tp_auto`` was called without compilation."""
 
