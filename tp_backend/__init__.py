@@ -21,8 +21,8 @@ __all__ = [
     "tp_auto", "parallelize_model", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
     "local_parameter_bytes", "local_value", "last_plan", "TPPlan", "ParamPlan",
     "CollectivePlan", "Replicate", "Shard", "Partial", "TPError", "TPOptionsError",
-    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError", "TPTrainingError",
-    "TPWeightError", "TPConfigError", "TPInputMismatchError", "TPPassError",
+    "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError",
+    "TPTrainingError", "TPWeightError", "TPConfigError", "TPInputMismatchError", "TPPassError",
 ]
 
 __version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 Every user-facing failure raises a subclass of :class:`TPError`, so callers can catch the
 package's errors in one place. Option errors also subclass ``ValueError``/``TypeError`` and
-divisibility errors ``ValueError``, matching the exception types PyTorch users expect.
+divisibility errors ``ValueError``, the training error ``NotImplementedError``, matching the
+exception types PyTorch users expect.
 """
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "TPConfigError",
     "TPInputMismatchError",
     "TPPassError",
+    "TPTrainingError",
 ]
 
 
