@@ -4,6 +4,7 @@ fixed ports) and collect each rank's return value."""
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import tempfile
 import traceback
@@ -75,3 +76,13 @@ def run_each(fn, world_size: int, *args, timeout: float = 300):
             else:
                 out.append(("exit", p.exitcode))
         return out
+
+
+def log_records(logger: str = "tp_backend") -> list:
+    """A list that collects every record ``logger`` emits in this process from now on (call
+    it inside a worker: records are per process)."""
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger(logger).addHandler(handler)
+    return records

@@ -3,11 +3,13 @@ collective, so never a hang): no process group, unknown or ill-typed options, he
 do not divide the TP size (under ``fallback="raise"``; by default they stay whole with a
 warning)."""
 
+import logging
+
 import pytest
 import torch
 
 import tp_backend
-from dist_utils import run_distributed
+from dist_utils import log_records, run_distributed
 from models import make_ids, make_model
 
 
@@ -78,12 +80,7 @@ def test_tp_group_of_wrong_type():
 
 def _indivisible_heads(rank, world_size, fallback):
     # 3 query heads of 16 (q_proj has 48 outputs, divisible by 2) cannot split over 2 ranks.
-    import logging
-
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("tp_backend").addHandler(handler)
+    records = log_records()
     model = make_model("llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
     ref_model = make_model("llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
     ids = make_ids()
@@ -101,11 +98,6 @@ def _indivisible_heads(rank, world_size, fallback):
             "q_proj": plan.params["model.layers.0.self_attn.q_proj.weight"].layout,
             "mlp": plan.params["model.layers.0.mlp.up_proj.weight"].layout,
             "warnings": [r.getMessage() for r in records if r.levelno == logging.WARNING]}
-
-
-def _call_model(model):
-    with torch.no_grad():
-        torch.compile(model, backend="tp_auto")(input_ids=make_ids(), use_cache=False)
 
 
 def test_indivisible_heads_raise_on_every_rank():

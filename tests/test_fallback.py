@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import log_records, run_distributed
 from models import make_ids, make_model
 
 # Replicated: every rank runs the single-process graph, so only Inductor-free eager
@@ -25,10 +25,7 @@ def _run(rank, world_size, fallback):
     import tp_backend.pipeline
 
     tp_backend.pipeline.rewrite = _broken_rewrite
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("tp_backend").addHandler(handler)
+    records = log_records()
     model, ref_model = make_model("llama"), make_model("llama")
     ids = make_ids()
     with torch.no_grad():
@@ -80,10 +77,7 @@ def _with_unsound_rule(rank, world_size):
 
     ew._partial_ok = unsound
     tp_backend.solver.SMALL_TABLE_RATIO = 0  # split the position table (the hole's trigger)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("tp_backend").addHandler(handler)
+    records = log_records()
     torch.manual_seed(0)
     model = Net("param").eval()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -43,7 +43,7 @@ PROFILES = {"ci": dict(max_examples={2: 400, 3: 350, 4: 300}, derandomize=True),
                          derandomize=False)}
 
 
-def check_spec(spec, tp_group=None):
+def check_spec(spec):
     """Compile ``FuzzNet(spec)`` with ``tp_auto`` on this rank and compare with the model run
     eagerly. Returns ``(problem or None, stats)``; ``stats`` has ``fallback`` (the graph ran
     replicated) and ``bytes`` (this rank's fraction of the parameter bytes)."""

@@ -25,8 +25,7 @@ FUSED_QKV_THREE_GROUPS = {
 
 
 def _spec(rank, world_size, spec):
-    problem, stats = check_spec(spec)
-    return problem, stats
+    return check_spec(spec)
 
 
 def test_fused_qkv_with_groups_tp_does_not_divide():

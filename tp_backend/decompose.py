@@ -93,9 +93,9 @@ def decompose(gm: fx.GraphModule, fake_inputs: list, fake_mode,
             out = pytree.tree_map_only(FunctionalTensor, unwrap, interp.run(*wrapped))
             for a, w in zip(args, wrapped):
                 if isinstance(w, FunctionalTensor):
-                    torch._sync(w)
+                    new = unwrap(w)  # synced: a write into the input is now recorded
                     if torch._functionalize_has_data_mutation(w.elem):
-                        a.copy_(torch._from_functional_tensor(w.elem))
+                        a.copy_(new)
         return out
 
     with torch.no_grad(), fake_mode:
