@@ -19,6 +19,8 @@ models, and each round times, in turn:
   against it is the parallel efficiency with the kernels held equal;
 * ``tp_auto`` -- ``parallelize_model`` (Inductor, oneDNN matmuls: the defaults), 1 thread
   per rank;
+* ``tp_auto/gloo`` -- the same with ``all_reduce="group"``: gloo's all-reduce instead of
+  DeepSpeed's shared-memory kernel (``tp_auto`` uses it where it can, ``tp_backend.shm``);
 * ``tp_auto/aten`` -- the same with ``cpu_matmul="aten"`` (ATen's matmul, MKL, as eager
   and transformers use): isolates the split from the kernel choice;
 * ``hf_tp`` -- transformers ``from_pretrained(..., tp_plan="auto")``, 1 thread per rank.
@@ -88,13 +90,20 @@ def main():
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 512
     models = {"tp_auto": tp_backend.parallelize_model(path),
+              "tp_auto/gloo": tp_backend.parallelize_model(path, all_reduce="group"),
               "tp_auto/aten": tp_backend.parallelize_model(path, cpu_matmul="aten"),
               "hf_tp": AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()}
-    solo = dist.new_group([0])  # collective: every rank calls it
+    # Every rank builds its own one-rank tp_auto model and compiles it in the warm-up round
+    # (only rank 0 times it): Dynamo's automatic dynamic shapes are decided per code object
+    # from every size it has seen, so a rank that had compiled more graphs of the same
+    # forward would mark other dims dynamic, compile other graphs than its peers and
+    # desynchronise the ranks' collectives (check_inputs' all-gather on first calls).
+    solos = [dist.new_group([r]) for r in range(tp)]  # collective: every rank calls each
+    models["tp_auto x1"] = tp_backend.parallelize_model(path, tp_group=solos[rank])
     if rank == 0:
         models["eager x1"] = models[f"eager x{tp}"] = AutoModelForCausalLM.from_pretrained(path).eval()
-        models["tp_auto x1"] = tp_backend.parallelize_model(path, tp_group=solo)
-    impls = ("eager x1", f"eager x{tp}", "tp_auto x1", "tp_auto", "tp_auto/aten", "hf_tp")
+    impls = ("eager x1", f"eager x{tp}", "tp_auto x1", "tp_auto", "tp_auto/gloo", "tp_auto/aten",
+             "hf_tp")
     threads = {impl: 1 for impl in impls}
     threads[f"eager x{tp}"] = tp
     on_rank0 = {"eager x1", f"eager x{tp}", "tp_auto x1"}
@@ -117,7 +126,7 @@ def main():
     with torch.no_grad():
         for rnd in range(-1, args.rounds):  # round -1 warms up (compiles every graph)
             for impl in impls:
-                only0 = impl in on_rank0
+                only0 = impl in on_rank0 and not (rnd < 0 and impl == "tp_auto x1")
                 torch.set_num_threads(threads[impl])
                 for name, fn in workloads(models.get(impl)).items():
                     reps = 2 if rnd < 0 else 1
@@ -154,7 +163,8 @@ def report(args, tp: int, times: dict) -> None:
         r = [a / b for a, b in zip(num, den)]
         return statistics.median(r), [min(r), max(r)]
 
-    same_kernel_base = {"tp_auto": "tp_auto x1", "tp_auto/aten": "eager x1", "hf_tp": "eager x1"}
+    same_kernel_base = {"tp_auto": "tp_auto x1", "tp_auto/gloo": "tp_auto x1",
+                        "tp_auto/aten": "eager x1", "hf_tp": "eager x1"}
     for w in work:
         for impl in impls:
             ts = times[impl][w]
@@ -164,7 +174,7 @@ def report(args, tp: int, times: dict) -> None:
             if impl in same_kernel_base and same_kernel_base[impl] in times:
                 row["speedup_same_kernels"], rng = ratio(times[same_kernel_base[impl]][w], ts)
                 cols[0] = f"{row['speedup_same_kernels']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
-            if impl in ("tp_auto", "tp_auto/aten"):
+            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/aten"):
                 row["vs_hf_tp"], row["vs_hf_tp_range"] = ratio(times["hf_tp"][w], ts)
                 rng = row["vs_hf_tp_range"]
                 cols[1] = f"{row['vs_hf_tp']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"

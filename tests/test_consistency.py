@@ -87,7 +87,7 @@ def test_checksum_sees_order_and_shape():
     assert torch.equal(checksum(a), checksum(a.clone()))
 
 
-def _dies(rank, world_size):
+def _dies(rank, world_size, all_reduce):
     import datetime
     import time
 
@@ -95,14 +95,17 @@ def _dies(rank, world_size):
 
     group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=10))
     model = zoo.make_model("llama")
-    model.compile(backend="tp_auto", options={"compiler": "eager", "tp_group": group})
+    model.compile(backend="tp_auto", options={"compiler": "eager", "tp_group": group,
+                                              "all_reduce": all_reduce})
     ids = _prompt()
-    model.generate(ids, max_new_tokens=2, do_sample=False)  # both ranks compiled and ran
+    for _ in range(2):  # both ranks compiled every graph (the second call recompiles some)
+        model.generate(ids, max_new_tokens=2, do_sample=False)
     if rank == 1:
         os._exit(3)  # killed mid-generation
     t0 = time.monotonic()
     try:
-        model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # every graph compiled: the
+        # next collective is the first all-reduce of the prefill graph
     except Exception as e:  # noqa: BLE001 - what the user sees
         return f"{type(e).__name__}: {str(e)[:300]}", time.monotonic() - t0
     return None, time.monotonic() - t0
@@ -114,9 +117,23 @@ def test_dead_rank_ends_the_others_with_an_error():
     hanging."""
     from dist_utils import run_each
 
-    (kind0, res0), (kind1, code1) = run_each(_dies, 2, timeout=120)
+    (kind0, res0), (kind1, code1) = run_each(_dies, 2, "group", timeout=120)
     assert (kind1, code1) == ("exit", 3)
     assert kind0 == "ok", (kind0, res0)  # rank 0 returned: it did not hang
     err, seconds = res0
     print(f"rank 0 after {seconds:.1f} s: {err}")
     assert err is not None and seconds < 60, res0
+
+
+def test_dead_rank_during_a_shared_memory_all_reduce_ends_the_others():
+    """The same with DeepSpeed's shared-memory all-reduce, whose kernel waits without a
+    timeout: tp_backend's watchdog sees the dead peer and ends rank 0 with exit code 1
+    (and a message) within seconds, instead of leaving it spinning forever."""
+    pytest.importorskip("deepspeed", reason="the shared-memory all-reduce needs tp_backend[shm]")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs: the kernel is not used with more ranks than CPUs")
+    from dist_utils import run_each
+
+    (kind0, res0), (kind1, code1) = run_each(_dies, 2, "shm", timeout=120)
+    assert (kind1, code1) == ("exit", 3)
+    assert (kind0, res0) == ("exit", 1)  # ended by the watchdog, not killed at the timeout

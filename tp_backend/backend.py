@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import consistency, cpu_matmul, layers, selfcheck, state
+from . import consistency, cpu_matmul, layers, selfcheck, shm, state
 from .errors import TPError, TPPassError, TPShardedModuleError, TPTrainingError
 from .options import TPOptions, validate_options
 from .placement import Shard
@@ -448,6 +448,9 @@ class TPAutoBackend:
 
     # ------------------------------------------------------------------ compile
     def _compile(self, gm, example_inputs, opts: TPOptions):
+        # A collective on every rank (each compiles the same graphs in the same order); the
+        # answer is cached per group after the first graph.
+        use_shm = shm.setup(opts.tp_group, opts.all_reduce)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         fakes, params, presharded, local_in = [], set(), {}, {}
         fqns, buffer_names, aliases = {}, {}, {}
@@ -486,7 +489,7 @@ class TPAutoBackend:
                 local_in[i] = _LOCAL_VALUES[real][0]
                 fake = _contiguous_fake(fake_mode, fake.shape, fake)
             fakes.append(fake)
-        key = (gm.code, opts.compiler, opts.cpu_matmul, opts.group_name, opts.tp_rank,
+        key = (gm.code, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm, opts.tp_rank,
                tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
                      else str(f) for f in fakes), tuple(sorted(params)))
@@ -498,7 +501,8 @@ class TPAutoBackend:
         failed = None
         try:
             compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns,
-                                               opts, local_in, aliases, names, buffer_names)
+                                               opts, local_in, aliases, names, buffer_names,
+                                               use_shm)
         except TPPassError as e:
             if opts.fallback == "raise":
                 raise
@@ -534,7 +538,7 @@ class TPAutoBackend:
         return _Compiled(gm, plan, [], sorted(params), {}, {}, run, labels)
 
     def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in,
-                           aliases, names: NameIndex, buffer_names: dict):
+                           aliases, names: NameIndex, buffer_names: dict, use_shm: bool):
         pre = {i: Shard(info.dim, info.outer, info.blocks) for i, info in presharded.items()}
         pre.update(local_in)
         # State the graph writes into is named like a buffer; inputs that are neither
@@ -547,7 +551,7 @@ class TPAutoBackend:
             aten_gm, sol, plan = run_pipeline(
                 gm, fakes, fake_mode, params=all_params, fqns=fqns, presharded=pre,
                 tp_size=opts.tp_size, tp_rank=opts.tp_rank, group_name=opts.group_name,
-                roles={i: info.layout for i, info in presharded.items()},
+                use_shm=use_shm, roles={i: info.layout for i, info in presharded.items()},
                 stateful_names=labels, aliases=aliases,
                 module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto),
                 strict_divisibility=opts.fallback == "raise")

@@ -42,12 +42,13 @@ def add_bias(product: torch.Tensor, bias: torch.Tensor, beta=1, alpha=1) -> torc
 
 
 def row_parallel_linear(bias: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor,
-                        group_name: str, beta=1, alpha=1) -> torch.Tensor:
+                        group_name: str, use_shm: bool = False, beta=1,
+                        alpha=1) -> torch.Tensor:
     """``addmm``/``baddbmm`` row-parallel: ``beta * bias + alpha * (x @ w_t)`` where
     ``x: [(B,) M, K/N]`` and ``w_t: [(B,) K/N, out]`` hold this rank's slice of the
     contraction dim; the partial products are all-reduced, then the bias (replicated) is
-    added once, not once per rank."""
-    return add_bias(all_reduce(partial_product(x, w_t), group_name), bias, beta, alpha)
+    added once, not once per rank. ``use_shm``: see :func:`tp_backend.collectives.all_reduce`."""
+    return add_bias(all_reduce(partial_product(x, w_t), group_name, use_shm), bias, beta, alpha)
 
 
 def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_start: int,

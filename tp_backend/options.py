@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from .cpu_matmul import CPU_MATMUL_KERNELS
+from .shm import ALL_REDUCE_CHOICES
 from .errors import TPOptionsError, TPOptionsTypeError, TPProcessGroupError
 
 __all__ = ["TPOptions", "validate_options", "OPTION_DOCS"]
@@ -29,6 +30,11 @@ OPTION_DOCS = {
     "check_inputs": "when the ranks' inputs are compared (one small all-gather of checksums; "
                     "different inputs raise TPInputMismatchError on every rank): 'first' "
                     "(default: each compiled graph's first call), 'always' or 'off'",
+    "all_reduce": "what sums the all-reduces: 'auto' (default: DeepSpeed's same-host "
+                  "shared-memory kernel where every rank of the world is in tp_group on one "
+                  "host, with gloo and CPU float tensors, and deepspeed is installed; else the "
+                  "group's backend), 'shm' (require the kernel: TPOptionsError where it "
+                  "cannot serve) or 'group' (the group's backend); see tp_backend.shm",
     "fallback": "what a graph whose decomposition, solve or rewrite fails does: 'replicate' "
                 "(default: it runs unsplit, parameters whole, with one warning) or 'raise'",
 }
@@ -50,6 +56,7 @@ class TPOptions:
             (:mod:`tp_backend.cpu_matmul`).
         sync_rng / check_inputs: ``"first"``, ``"always"`` or ``"off"``
             (:mod:`tp_backend.consistency`).
+        all_reduce: ``"auto"``, ``"shm"`` or ``"group"`` (:mod:`tp_backend.shm`).
         fallback: ``"replicate"`` or ``"raise"``: a graph whose pass fails runs unsplit or
             raises :class:`~tp_backend.errors.TPPassError`.
     """
@@ -62,6 +69,7 @@ class TPOptions:
     sync_rng: str = "first"
     check_inputs: str = "first"
     fallback: str = "replicate"
+    all_reduce: str = "auto"
 
     @property
     def group_name(self) -> str:
@@ -70,7 +78,7 @@ class TPOptions:
 
 # The options chosen from a fixed set of values, and their defaults (TPOptions' own).
 _CHOICES = {"compiler": _COMPILERS, "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
-            "check_inputs": _WHEN, "fallback": _FALLBACKS}
+            "check_inputs": _WHEN, "fallback": _FALLBACKS, "all_reduce": ALL_REDUCE_CHOICES}
 _DEFAULTS = {f.name: f.default for f in fields(TPOptions) if f.name in _CHOICES}
 
 

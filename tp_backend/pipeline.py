@@ -39,6 +39,7 @@ def _pass(name, fn, *args, **kwargs):
 
 def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqns: dict,
                  presharded: dict, tp_size: int, tp_rank: int, group_name: str,
+                 use_shm: bool = False,
                  roles: dict | None = None, stateful_names: dict | None = None,
                  aliases: dict | None = None,
                  module_path: Callable[[fx.Node], str] = lambda n: "",
@@ -59,6 +60,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         aliases: index -> other names of a tied parameter.
         module_path: names the module a Dynamo node ran in (for the plan's per-layer
             collectives and log lines).
+        use_shm: all-reduces call the same-host shared-memory kernel (:mod:`tp_backend.shm`).
         veto: names of seed nodes to keep replicated (see :func:`~tp_backend.solver.solve`).
         strict_divisibility: raise where a split needs a count (heads, groups of a fused
             projection) that ``tp_size`` does not divide; else keep that projection whole
@@ -112,7 +114,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         sol.param_role[w] = sol.param_role.pop(pad)
         sol.param_padding[w] = int(pad.meta["val"].shape[0])
     plan = TPPlan(tp_size=tp_size, tp_rank=tp_rank, solve_seconds=sol.seconds, rounds=sol.rounds,
-                  num_nodes=len(aten_gm.graph.nodes))
+                  num_nodes=len(aten_gm.graph.nodes), all_reduce_impl="shm" if use_shm else "group")
     plan.timings["decompose_s"] = t_decomposed - t_start
     plan.timings["solve_s"] = sol.seconds
     sol.stored_inputs = {i: fqns[i] for i in params}
@@ -139,7 +141,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         log.info("tp_auto: replicated %s (%s)", describe(n), why)
     t0 = time.perf_counter()
     aten_gm, inserted = _pass("rewrite", rewrite, aten_gm, sol, tp_rank=tp_rank, tp_size=tp_size,
-                              group_name=group_name)
+                              group_name=group_name, use_shm=use_shm)
     plan.collectives = [CollectivePlan(**c) for c in inserted]
     plan.timings["rewrite_s"] = time.perf_counter() - t0
     for w, pad in pads.items():

@@ -58,6 +58,9 @@ class TPPlan:
     rounds: int = 0
     num_nodes: int = 0
     timings: dict = field(default_factory=dict)  # seconds per pass (decompose, solve, rewrite)
+    # What sums the all-reduces: "group" (the process group's backend: gloo, NCCL) or "shm"
+    # (DeepSpeed's same-host shared-memory kernel for CPU float tensors, tp_backend.shm).
+    all_reduce_impl: str = "group"
 
     def layouts(self) -> dict:
         """``{layout: [fqn, ...]}``."""
@@ -94,7 +97,8 @@ class TPPlan:
                 inner = Counter(per[k] for k in layers)
                 desc = ", ".join(f"{n} per layer in {c} layers" for n, c in sorted(inner.items()))
                 outside = per.get(None, 0)
-                lines.append(f"  {kind}: {sum(per.values())} in total"
+                impl = (f" [{self.all_reduce_impl}]" if kind == "all_reduce" else "")
+                lines.append(f"  {kind}{impl}: {sum(per.values())} in total"
                              + (f" ({desc}" + (f"; {outside} outside the layers)" if outside else ")")
                                 if layers else ""))
         if self.demoted:

@@ -36,9 +36,11 @@ def layer_index(module_path: str) -> int | None:
 
 
 def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
-            group_name: str) -> tuple[fx.GraphModule, list[dict]]:
-    """Rewrite ``gm`` for rank ``tp_rank``. Returns the module and the list of inserted
-    collectives (``{"kind", "module", "layer", "shape"}`` each, in graph order)."""
+            group_name: str, use_shm: bool = False) -> tuple[fx.GraphModule, list[dict]]:
+    """Rewrite ``gm`` for rank ``tp_rank``; all-reduces (and small all-gathers) use the
+    shared-memory kernel where ``use_shm`` (:mod:`tp_backend.shm`). Returns the module and
+    the list of inserted collectives (``{"kind", "module", "layer", "shape"}`` each, in
+    graph order)."""
     graph = gm.graph
     by_node = defaultdict(list)
     for c in sol.conversions:
@@ -60,12 +62,12 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         with graph.inserting_before(before):
             cur = replaced.get(c.src, c.src)
             if c.kind.startswith("all_reduce"):
-                cur = graph.call_function(collectives.all_reduce, (cur, group_name))
+                cur = graph.call_function(collectives.all_reduce, (cur, group_name, use_shm))
                 record("all_reduce", c.src)
             elif c.kind.startswith("all_gather"):
                 cur = graph.call_function(collectives.all_gather,
                                           (cur, c.have.dim, c.have.outer, tp_size, group_name,
-                                           c.have.blocks))
+                                           c.have.blocks, tp_rank, use_shm))
                 record("all_gather", c.src)
             if isinstance(c.want, HeadGroup):
                 cur = graph.call_function(layers.kv_head_slice,
@@ -99,7 +101,7 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             bias, a, b = node.args[:3]
             with graph.inserting_before(node):
                 new = graph.call_function(
-                    layers.row_parallel_linear, (bias, a, b, group_name),
+                    layers.row_parallel_linear, (bias, a, b, group_name, use_shm),
                     {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs})
             record("all_reduce", node)
         else:  # pragma: no cover - internal invariant
