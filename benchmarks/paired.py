@@ -23,7 +23,13 @@ models, and each round times, in turn:
   DeepSpeed's shared-memory kernel (``tp_auto`` uses it where it can, ``tp_backend.shm``);
 * ``tp_auto/aten`` -- the same with ``cpu_matmul="aten"`` (ATen's matmul, MKL, as eager
   and transformers use): isolates the split from the kernel choice;
-* ``hf_tp`` -- transformers ``from_pretrained(..., tp_plan="auto")``, 1 thread per rank.
+* ``hf_tp`` -- transformers ``from_pretrained(..., tp_plan="auto")``, 1 thread per rank;
+* ``ds_autotp`` -- DeepSpeed AutoTP, ``deepspeed.init_inference(model, tensor_parallel=
+  {"tp_size": N}, dtype=torch.float32, replace_with_kernel_inject=False)``, 1 thread per
+  rank: the fastest tensor-parallel peer on CPU (issue 21). Its all-reduces use the same
+  shared-memory kernel as ``tp_auto`` (initialised once per process, by ``tp_backend`` here
+  first). Skipped, with a one-line note, where deepspeed is not installed (the ``shm``
+  extra) or ``init_inference`` fails.
 
 Workloads (the ones ``forward.py`` defines): prefill at S=128 and S=512 (KV cache on,
 last-token logits, which is what ``generate`` runs), and greedy decode tokens/s (32 new
@@ -67,6 +73,26 @@ def _timed(fn, rank: int, only_rank0: bool) -> float | None:
     return t
 
 
+def _deepspeed_autotp(path: str, tp: int):
+    """``(model, None)``: the checkpoint under DeepSpeed AutoTP over the world, or ``(None,
+    why)`` where deepspeed is missing or fails (the caller skips the row)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        return None, f"deepspeed is not installed ({e}); pip install -e '.[shm]'"
+    from transformers import AutoModelForCausalLM
+
+    # Without LOCAL_SIZE DeepSpeed's CPU kernel is left unmapped and faults on first use.
+    os.environ.setdefault("LOCAL_SIZE", str(tp))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp},
+                                          dtype=torch.float32, replace_with_kernel_inject=False)
+    except Exception as e:  # noqa: BLE001 - a benchmark row, not the product
+        return None, f"deepspeed.init_inference failed: {type(e).__name__}: {e}"
+    return engine.module, None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama", choices=("llama", "smollm2"))
@@ -80,6 +106,12 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()
+    # Set up the shared-memory all-reduce before DeepSpeed initialises its communication,
+    # so both use the one kernel (the first to initialise it owns it; tp_backend does not
+    # share one that deepspeed.comm set up).
+    from tp_backend import shm
+
+    shm.setup(dist.group.WORLD, "auto")
     if rank == 0:
         path = checkpoint(args.model)  # creates the random Llama once
     dist.barrier()
@@ -93,6 +125,11 @@ def main():
               "tp_auto/gloo": tp_backend.parallelize_model(path, all_reduce="group"),
               "tp_auto/aten": tp_backend.parallelize_model(path, cpu_matmul="aten"),
               "hf_tp": AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()}
+    ds_model, ds_note = _deepspeed_autotp(path, tp)
+    if ds_model is not None:
+        models["ds_autotp"] = ds_model
+    elif rank == 0:
+        print(f"ds_autotp row skipped: {ds_note}", flush=True)
     # Every rank builds its own one-rank tp_auto model and compiles it in the warm-up round
     # (only rank 0 times it): Dynamo's automatic dynamic shapes are decided per code object
     # from every size it has seen, so a rank that had compiled more graphs of the same
@@ -103,7 +140,7 @@ def main():
     if rank == 0:
         models["eager x1"] = models[f"eager x{tp}"] = AutoModelForCausalLM.from_pretrained(path).eval()
     impls = ("eager x1", f"eager x{tp}", "tp_auto x1", "tp_auto", "tp_auto/gloo", "tp_auto/aten",
-             "hf_tp")
+             "hf_tp") + (("ds_autotp",) if ds_model is not None else ())
     threads = {impl: 1 for impl in impls}
     threads[f"eager x{tp}"] = tp
     on_rank0 = {"eager x1", f"eager x{tp}", "tp_auto x1"}
@@ -155,34 +192,39 @@ def report(args, tp: int, times: dict) -> None:
           f"(eager x{tp}: 1 process, {tp} threads). Ratios are medians over rounds of "
           "per-round ratios (timings taken moments apart); 'vs eager x1' = eager x1 time / time; "
           "'vs x1 same kernels' = parallel efficiency x N (tp_auto against tp_auto x1, "
-          "tp_auto/aten and hf_tp against eager x1); 'vs hf_tp' = hf_tp time / time.")
+          "tp_auto/aten, hf_tp and ds_autotp against eager x1); 'vs hf_tp' = hf_tp time / "
+          "time; 'vs ds_autotp' = ds_autotp time / time (issue 21's target: >= 1.11x).")
     print(f"{'workload':16s} {'impl':12s} {'median':>9s} {'min':>9s} {'vs eager x1':>11s} "
-          f"{'range':>11s} {'vs x1 same kernels':>18s} {'vs hf_tp':>18s}")
+          f"{'range':>11s} {'vs x1 same kernels':>18s} {'vs hf_tp':>18s} {'vs ds_autotp':>18s}")
 
     def ratio(num: list, den: list) -> tuple:
         r = [a / b for a, b in zip(num, den)]
         return statistics.median(r), [min(r), max(r)]
 
     same_kernel_base = {"tp_auto": "tp_auto x1", "tp_auto/gloo": "tp_auto x1",
-                        "tp_auto/aten": "eager x1", "hf_tp": "eager x1"}
+                        "tp_auto/aten": "eager x1", "hf_tp": "eager x1", "ds_autotp": "eager x1"}
     for w in work:
         for impl in impls:
             ts = times[impl][w]
             row = {"median_s": statistics.median(ts), "min_s": min(ts)}
             row["speedup_vs_eager_x1"], row["speedup_range"] = ratio(times["eager x1"][w], ts)
-            cols = ["", ""]
+            cols = ["", "", ""]
             if impl in same_kernel_base and same_kernel_base[impl] in times:
                 row["speedup_same_kernels"], rng = ratio(times[same_kernel_base[impl]][w], ts)
                 cols[0] = f"{row['speedup_same_kernels']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
-            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/aten"):
+            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/aten", "ds_autotp"):
                 row["vs_hf_tp"], row["vs_hf_tp_range"] = ratio(times["hf_tp"][w], ts)
                 rng = row["vs_hf_tp_range"]
                 cols[1] = f"{row['vs_hf_tp']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
+            if impl.startswith("tp_auto") and impl != "tp_auto x1" and "ds_autotp" in times:
+                row["vs_ds_autotp"], row["vs_ds_autotp_range"] = ratio(times["ds_autotp"][w], ts)
+                rng = row["vs_ds_autotp_range"]
+                cols[2] = f"{row['vs_ds_autotp']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
             res["summary"].setdefault(w, {})[impl] = row
             lo, hi = row["speedup_range"]
             print(f"{w:16s} {impl:12s} {1e3 * row['median_s']:7.1f}ms "
                   f"{1e3 * row['min_s']:7.1f}ms {row['speedup_vs_eager_x1']:10.2f}x "
-                  f"{lo:5.2f}-{hi:<5.2f} {cols[0]:>18s} {cols[1]:>18s}")
+                  f"{lo:5.2f}-{hi:<5.2f} {cols[0]:>18s} {cols[1]:>18s} {cols[2]:>18s}")
     out = args.out or os.path.join(HERE, "results", f"paired-{args.model}-tp{tp}.json")
     write_json(res, out)
     print("RESULT " + json.dumps(res["summary"]))
