@@ -9,17 +9,17 @@ The kernel is DeepSpeed's CPU ``inference_all_reduce`` (``deepspeed.ops.op_build
 ``ShareMemCommBuilder``, the one behind ``deepspeed.comm.inference_all_reduce`` and DeepSpeed
 AutoTP on CPU): each rank copies its tensor into a shared-memory buffer and every rank sums
 the buffers in rank order, so all ranks get the same bits. It is a well-kept library, used
-as is (optional dependency: the ``shm`` extra, ``pip install -e '.[shm]'``); measured here it takes 7 us
-for 6 KiB and 0.3 ms for 2 MiB where gloo takes 1.6 ms and 2.5 ms
-(``benchmarks/collectives.py``).
+as is (optional dependency: the ``shm`` extra, ``pip install -e '.[shm]'``). Measured here
+through this op (``benchmarks/collectives.py``, TP=2): 17 us for 6 KiB and 0.41 ms for
+2 MiB, where gloo takes 1.4 ms and 3.0 ms.
 
 Its limits decide when it is used (``all_reduce="auto"``, the default):
 
 - the kernel spans the whole world (it is initialised once per process with the world's
   rank and size), so ``tp_group`` must contain every rank;
 - every rank on one host (checked by host name), at least one CPU per rank (the kernel
-  waits by spinning; the union of the ranks' CPU affinities is counted), CPU tensors of float32 (bfloat16 and
-  float16 need AVX-512), a gloo group, Linux;
+  waits by spinning; the union of the ranks' CPU affinities is counted), CPU tensors of
+  float32 (bfloat16 and float16 need AVX-512), a gloo group, Linux;
 - ``deepspeed`` installed and its kernel built (once per machine, about 30 s, cached by
   ``torch.utils.cpp_extension`` in ``~/.cache/torch_extensions``).
 
@@ -56,9 +56,9 @@ log = logging.getLogger("tp_backend")
 
 ALL_REDUCE_CHOICES = ("auto", "shm", "group")
 
-# Per process: the kernel (None until built and initialised), its ISA level (1: float32,
-# 2: also bfloat16/float16), the peers' process ids, and the start time of the all-reduce
-# in flight (read by the watchdog).
+# Per process: whether the kernel is built and initialised, its ISA level (1: float32, 2:
+# also bfloat16/float16), the peers' process ids, and the start time of the all-reduce in
+# flight (read by the watchdog).
 _KERNEL: dict = {"ready": False, "level": 0, "peers": (), "inflight": None}
 _SERVED: dict = {}  # group_name -> bool (the agreed answer of setup)
 _WATCHDOG_AFTER_S = 1.0
@@ -126,32 +126,30 @@ def setup(group, mode: str) -> bool:
     if why is None:
         why = _import_obstacle()
     if any_rank(why is not None, group):
-        why = why or "another rank cannot use it"
-        if mode == "shm":
-            _refuse(group, why)
-        log.info("tp_auto: all-reduces over tp_group %s use the group's backend (%s's "
-                 "shared-memory all-reduce is not used: %s)", name, "DeepSpeed", why)
-        _SERVED[name] = False
-        return False
+        return _decline(group, mode, why or "another rank cannot use it", logging.INFO)
     try:
         if not _KERNEL["ready"]:
             _initialise(group)
-        ok = True
     except Exception as e:  # noqa: BLE001 - a build failure falls back, on every rank
-        why = f"{type(e).__name__}: {e}"
-        ok = False
-    if any_rank(not ok, group):
-        why = why or "another rank could not build or initialise it"
-        if mode == "shm":
-            _refuse(group, why)
-        log.warning("tp_auto: DeepSpeed's shared-memory all-reduce could not be set up (%s); "
-                    "all-reduces over tp_group %s use the group's backend", why, name)
-        _SERVED[name] = False
-        return False
+        why = f"it could not be built or initialised: {type(e).__name__}: {e}"
+    if any_rank(why is not None, group):
+        return _decline(group, mode, why or "another rank could not build or initialise it",
+                        logging.WARNING)
     log.info("tp_auto: all-reduces over tp_group %s (%d ranks, one host) use DeepSpeed's "
              "shared-memory kernel", name, group.size())
     _SERVED[name] = True
     return True
+
+
+def _decline(group, mode: str, why: str, level: int) -> bool:
+    """The group's own all-reduce, agreed by every rank: ``mode="shm"`` raises, else the
+    reason is logged at ``level`` and remembered for the group. Returns False."""
+    if mode == "shm":
+        _refuse(group, why)
+    log.log(level, "tp_auto: all-reduces over tp_group %s use the group's backend "
+            "(DeepSpeed's shared-memory all-reduce is not used: %s)", group.group_name, why)
+    _SERVED[group.group_name] = False
+    return False
 
 
 def _refuse(group, why: str):
