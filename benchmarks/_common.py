@@ -41,3 +41,24 @@ def write_json(rows: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)
     print(f"wrote {path}")
+
+
+def deepspeed_autotp(path: str, tp: int):
+    """``(model, None)``: the checkpoint under DeepSpeed AutoTP over the world, or ``(None,
+    why)`` where deepspeed is missing or fails (the caller skips the row)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        return None, f"deepspeed is not installed ({e}); pip install -e '.[shm]'"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # Without LOCAL_SIZE DeepSpeed's CPU kernel is left unmapped and faults on first use.
+    os.environ.setdefault("LOCAL_SIZE", str(tp))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp},
+                                          dtype=torch.float32, replace_with_kernel_inject=False)
+    except Exception as e:  # noqa: BLE001 - a benchmark row, not the product
+        return None, f"deepspeed.init_inference failed: {type(e).__name__}: {e}"
+    return engine.module, None

@@ -32,7 +32,10 @@ Measured per configuration:
 Rows: ``tp_auto`` uses the defaults (Inductor, fp32 matmuls on oneDNN: see
 ``tp_backend/cpu_matmul.py``); ``tp_auto/aten`` computes matmuls with ATen's kernel (MKL),
 as eager, Inductor and transformers do, so it isolates the split from the kernel choice;
-``tp_auto/eager`` runs the rewritten graph without Inductor.
+``tp_auto/eager`` runs the rewritten graph without Inductor. ``tp_auto TP=1 x2`` is one
+process on both cores with ``tp_auto``'s kernels: what a user with one CPU would run
+instead of tensor parallelism. ``ds_autotp`` is DeepSpeed AutoTP
+(``deepspeed.init_inference``; skipped with a note where deepspeed is not installed).
 
 Threads: torchrun gives each rank 1 thread. The speed-up column compares with one process
 on 1 thread (Megatron's one-device -> N-devices comparison); ``eager x2`` is one process
@@ -51,7 +54,7 @@ import time
 
 import torch
 
-from _common import run_child, write_json
+from _common import deepspeed_autotp, run_child, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAMA = dict(hidden_size=1536, intermediate_size=4224, num_attention_heads=24,
@@ -63,13 +66,13 @@ NEW_TOKENS = 32
 CONFIGS = {
     "llama": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
               ("inductor x1", "inductor", 1, 1), ("inductor x2", "inductor", 2, 1),
-              ("tp_auto TP=1", "tp_auto", 1, 1),
+              ("tp_auto TP=1", "tp_auto", 1, 1), ("tp_auto TP=1 x2", "tp_auto", 2, 1),
               ("tp_auto TP=2", "tp_auto", 1, 2), ("tp_auto/aten TP=2", "tp_auto_aten", 1, 2),
               ("tp_auto/eager TP=2", "tp_auto_eager", 1, 2),
-              ("hf_tp TP=2", "hf_tp", 1, 2),
+              ("hf_tp TP=2", "hf_tp", 1, 2), ("ds_autotp TP=2", "ds_autotp", 1, 2),
               ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
     "smollm2": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
-                ("inductor x1", "inductor", 1, 1),
+                ("inductor x1", "inductor", 1, 1), ("tp_auto TP=1 x2", "tp_auto", 2, 1),
                 ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
 }
 
@@ -100,30 +103,39 @@ def _median_time(fn, reps=3, warmups=1):
 
 
 def _count_collectives(fn, tokens: int) -> dict:
-    """Collectives one call of ``fn`` runs (``c10d::`` events of ``torch.profiler``) and
+    """Collectives one call of ``fn`` runs (``c10d::`` events of ``torch.profiler``, plus
+    the shared-memory all-reduces of ``tp_auto`` and DeepSpeed, which bypass c10d) and
     their payload bytes per token (fp32: the tensor each rank contributes). The profiler
     records no shapes for ``c10d::allreduce_``'s tensor list, so bytes are read from the
-    functional collective that issued it (``_c10d_functional::``: all of ``tp_auto``'s);
-    ``None`` if some collective was issued otherwise (transformers calls
-    ``dist.all_reduce`` directly)."""
+    functional collective that issued it (``_c10d_functional::``: all of ``tp_auto``'s
+    gloo ones) or from the shared-memory op; ``None`` if some collective was issued
+    otherwise (transformers calls ``dist.all_reduce`` directly)."""
     from torch.profiler import profile
 
     with profile(record_shapes=True) as prof:
         fn()
-    counts, nbytes, functional = {}, 0, 0
-    for ev in prof.events():
+    events = prof.events()
+    # tp_backend's op calls DeepSpeed's: count DeepSpeed's only where it was called directly.
+    ours = any(ev.name == "tp_backend::shm_all_reduce" for ev in events)
+    shm_ops = (("tp_backend::shm_all_reduce",) if ours else
+               ("deepspeed::inference_all_reduce", "deepspeed::inference_all_reduce_"))
+    counts, nbytes, sized = {}, 0, 0
+    for ev in events:
         if ev.name.startswith("c10d::") and "barrier" not in ev.name:
             kind = ev.name[len("c10d::"):].strip("_")
             counts[kind] = counts.get(kind, 0) + 1
-        elif ev.name.startswith("_c10d_functional::") and "wait" not in ev.name:
-            functional += 1
-            n = 1
-            for d in (ev.input_shapes[0] if ev.input_shapes else []):
-                n *= d
-            nbytes += 4 * n
-    complete = functional == sum(counts.values())
-    return {"collectives": counts,
-            "collective_bytes_per_token": nbytes / tokens if complete else None}
+            continue
+        if ev.name in shm_ops:
+            counts["allreduce"] = counts.get("allreduce", 0) + 1
+        elif not (ev.name.startswith("_c10d_functional::") and "wait" not in ev.name):
+            continue
+        sized += 1
+        n = 1
+        for d in (ev.input_shapes[0] if ev.input_shapes else []):
+            n *= d
+        nbytes += 4 * n
+    return {"collectives": counts, "collective_bytes_per_token":
+            nbytes / tokens if sized == sum(counts.values()) else None}
 
 
 def run_one(model_name: str, impl: str, threads: int) -> dict:
@@ -150,6 +162,11 @@ def run_one(model_name: str, impl: str, threads: int) -> dict:
             compiler = "eager" if impl == "tp_auto_eager" else "inductor"
             kernel = "aten" if impl == "tp_auto_aten" else "onednn"
             model = tp_backend.parallelize_model(path, compiler=compiler, cpu_matmul=kernel)
+        elif impl == "ds_autotp":
+            model, why = deepspeed_autotp(path, tp)
+            if model is None:
+                dist.destroy_process_group()
+                return {"skipped": why} if rank == 0 else {}
         else:
             model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()
     res["load_s"] = time.perf_counter() - t0
@@ -231,8 +248,9 @@ def print_table(model: str, rows: dict) -> None:
     print(f"{'':20s} {'':2s} {'':3s} {'ms':>10s} {'ms':>10s} {'':5s} {'':5s} {'ms':>10s} "
           f"{'tok/s':>6s} {'s':>8s}")
     for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:20s} error: {r['error']}")
+        if "error" in r or "skipped" in r:
+            print(f"{name:20s} {'error' if 'error' in r else 'skipped'}: "
+                  f"{r.get('error') or r.get('skipped')}")
             continue
         p512 = r["prefill_ms_512"]
         coll = sum(r["collectives"].values()) if "collectives" in r else "-"

@@ -17,6 +17,10 @@ models, and each round times, in turn:
 * ``tp_auto x1`` -- ``parallelize_model`` on a one-rank group, rank 0, 1 thread: the same
   downstream compile (Inductor, fp32 matmuls on oneDNN) without the split, so ``tp_auto``
   against it is the parallel efficiency with the kernels held equal;
+* ``tp_auto xN`` -- the same one-rank model with ``N`` threads (compiled under ``N``
+  threads: Inductor's CPU kernels are specialised on the thread count): one process on all
+  the cores the TP job uses, with the same kernels -- the row a user with one CPU would
+  pick instead of tensor parallelism;
 * ``tp_auto`` -- ``parallelize_model`` (Inductor, oneDNN matmuls: the defaults), 1 thread
   per rank;
 * ``tp_auto/gloo`` -- the same with ``all_reduce="group"``: gloo's all-reduce instead of
@@ -54,7 +58,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from _common import write_json
+from _common import deepspeed_autotp, write_json
 from forward import NEW_TOKENS, SEQS, checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,26 +75,6 @@ def _timed(fn, rank: int, only_rank0: bool) -> float | None:
         t = time.perf_counter() - t0
     dist.barrier()
     return t
-
-
-def _deepspeed_autotp(path: str, tp: int):
-    """``(model, None)``: the checkpoint under DeepSpeed AutoTP over the world, or ``(None,
-    why)`` where deepspeed is missing or fails (the caller skips the row)."""
-    try:
-        import deepspeed
-    except ImportError as e:
-        return None, f"deepspeed is not installed ({e}); pip install -e '.[shm]'"
-    from transformers import AutoModelForCausalLM
-
-    # Without LOCAL_SIZE DeepSpeed's CPU kernel is left unmapped and faults on first use.
-    os.environ.setdefault("LOCAL_SIZE", str(tp))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp},
-                                          dtype=torch.float32, replace_with_kernel_inject=False)
-    except Exception as e:  # noqa: BLE001 - a benchmark row, not the product
-        return None, f"deepspeed.init_inference failed: {type(e).__name__}: {e}"
-    return engine.module, None
 
 
 def main():
@@ -125,7 +109,7 @@ def main():
               "tp_auto/gloo": tp_backend.parallelize_model(path, all_reduce="group"),
               "tp_auto/aten": tp_backend.parallelize_model(path, cpu_matmul="aten"),
               "hf_tp": AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()}
-    ds_model, ds_note = _deepspeed_autotp(path, tp)
+    ds_model, ds_note = deepspeed_autotp(path, tp)
     if ds_model is not None:
         models["ds_autotp"] = ds_model
     elif rank == 0:
@@ -137,13 +121,16 @@ def main():
     # desynchronise the ranks' collectives (check_inputs' all-gather on first calls).
     solos = [dist.new_group([r]) for r in range(tp)]  # collective: every rank calls each
     models["tp_auto x1"] = tp_backend.parallelize_model(path, tp_group=solos[rank])
+    models[f"tp_auto x{tp}"] = tp_backend.parallelize_model(path, tp_group=solos[rank])
     if rank == 0:
         models["eager x1"] = models[f"eager x{tp}"] = AutoModelForCausalLM.from_pretrained(path).eval()
-    impls = ("eager x1", f"eager x{tp}", "tp_auto x1", "tp_auto", "tp_auto/gloo", "tp_auto/aten",
-             "hf_tp") + (("ds_autotp",) if ds_model is not None else ())
+    impls = ("eager x1", f"eager x{tp}", "tp_auto x1", f"tp_auto x{tp}", "tp_auto",
+             "tp_auto/gloo", "tp_auto/aten", "hf_tp") + (("ds_autotp",) if ds_model is not None
+                                                        else ())
     threads = {impl: 1 for impl in impls}
-    threads[f"eager x{tp}"] = tp
-    on_rank0 = {"eager x1", f"eager x{tp}", "tp_auto x1"}
+    threads[f"eager x{tp}"] = threads[f"tp_auto x{tp}"] = tp
+    on_rank0 = {"eager x1", f"eager x{tp}", "tp_auto x1", f"tp_auto x{tp}"}
+    solo_models = {"tp_auto x1", f"tp_auto x{tp}"}
 
     gen = torch.Generator().manual_seed(0)
     ids = {s: torch.randint(0, cfg.vocab_size, (1, s), generator=gen) for s in SEQS}
@@ -163,7 +150,7 @@ def main():
     with torch.no_grad():
         for rnd in range(-1, args.rounds):  # round -1 warms up (compiles every graph)
             for impl in impls:
-                only0 = impl in on_rank0 and not (rnd < 0 and impl == "tp_auto x1")
+                only0 = impl in on_rank0 and not (rnd < 0 and impl in solo_models)
                 torch.set_num_threads(threads[impl])
                 for name, fn in workloads(models.get(impl)).items():
                     reps = 2 if rnd < 0 else 1
@@ -193,9 +180,12 @@ def report(args, tp: int, times: dict) -> None:
           "per-round ratios (timings taken moments apart); 'vs eager x1' = eager x1 time / time; "
           "'vs x1 same kernels' = parallel efficiency x N (tp_auto against tp_auto x1, "
           "tp_auto/aten, hf_tp and ds_autotp against eager x1); 'vs hf_tp' = hf_tp time / "
-          "time; 'vs ds_autotp' = ds_autotp time / time (issue 21's target: >= 1.11x).")
+          "time; 'vs ds_autotp' = ds_autotp time / time (issue 21's target: >= 1.11x); "
+          f"'vs 1 proc x{tp}' = tp_auto x{tp} time / time (one process on the same cores, "
+          "same kernels: above 1 where TP pays on this machine).")
     print(f"{'workload':16s} {'impl':12s} {'median':>9s} {'min':>9s} {'vs eager x1':>11s} "
-          f"{'range':>11s} {'vs x1 same kernels':>18s} {'vs hf_tp':>18s} {'vs ds_autotp':>18s}")
+          f"{'range':>11s} {'vs x1 same kernels':>18s} {'vs hf_tp':>18s} {'vs ds_autotp':>18s} "
+          f"{f'vs 1 proc x{tp}':>18s}")
 
     def ratio(num: list, den: list) -> tuple:
         r = [a / b for a, b in zip(num, den)]
@@ -208,7 +198,7 @@ def report(args, tp: int, times: dict) -> None:
             ts = times[impl][w]
             row = {"median_s": statistics.median(ts), "min_s": min(ts)}
             row["speedup_vs_eager_x1"], row["speedup_range"] = ratio(times["eager x1"][w], ts)
-            cols = ["", "", ""]
+            cols = ["", "", "", ""]
             if impl in same_kernel_base and same_kernel_base[impl] in times:
                 row["speedup_same_kernels"], rng = ratio(times[same_kernel_base[impl]][w], ts)
                 cols[0] = f"{row['speedup_same_kernels']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
@@ -220,11 +210,14 @@ def report(args, tp: int, times: dict) -> None:
                 row["vs_ds_autotp"], row["vs_ds_autotp_range"] = ratio(times["ds_autotp"][w], ts)
                 rng = row["vs_ds_autotp_range"]
                 cols[2] = f"{row['vs_ds_autotp']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
+            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/aten", "hf_tp", "ds_autotp"):
+                row["vs_one_process"], rng = ratio(times[f"tp_auto x{tp}"][w], ts)
+                cols[3] = f"{row['vs_one_process']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
             res["summary"].setdefault(w, {})[impl] = row
             lo, hi = row["speedup_range"]
             print(f"{w:16s} {impl:12s} {1e3 * row['median_s']:7.1f}ms "
                   f"{1e3 * row['min_s']:7.1f}ms {row['speedup_vs_eager_x1']:10.2f}x "
-                  f"{lo:5.2f}-{hi:<5.2f} {cols[0]:>18s} {cols[1]:>18s} {cols[2]:>18s}")
+                  f"{lo:5.2f}-{hi:<5.2f} {cols[0]:>18s} {cols[1]:>18s} {cols[2]:>18s} {cols[3]:>18s}")
     out = args.out or os.path.join(HERE, "results", f"paired-{args.model}-tp{tp}.json")
     write_json(res, out)
     print("RESULT " + json.dumps(res["summary"]))

@@ -74,3 +74,78 @@ def test_recompiles_reuse_shards_and_memory_is_split():
         # Norm weights (5 x 64 floats) are the only replicated parameters: ~1/2 + a bit.
         assert 0.5 < local / full < 0.51, local / full
         assert r["eager_error"] and "torch.compile" in r["eager_error"]
+
+
+def _swap_and_free_worker(rank, world_size):
+    """A compiled model's parameter replaced by a new tensor is sharded and used (the
+    runner's per-call shortcut is keyed by the parameters' identity); dropping the model
+    frees its local shards (the shortcut holds none alive)."""
+    import tp_backend
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    torch._dynamo.reset()
+    model, twin = make_model("llama"), make_model("llama")
+    compiled = torch.compile(model, backend="tp_auto")
+    ids = make_ids()
+    errs = []
+    with torch.no_grad():
+        for step in range(3):
+            if step == 2:  # a new q_proj weight, in both models
+                new = 0.05 * torch.randn(model.model.layers[0].self_attn.q_proj.weight.shape,
+                                         generator=torch.Generator().manual_seed(7))
+                model.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(new.clone())
+                twin.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(new.clone())
+            ref = twin(input_ids=ids, use_cache=False).logits
+            out = compiled(input_ids=ids, use_cache=False).logits
+            errs.append((out - ref).abs().max().item())
+    local = StorageWeakRef(tp_backend.local_shard(
+        model.model.layers[1].self_attn.q_proj.weight).untyped_storage())
+    del model, compiled, out
+    gc.collect()
+    return {"errs": errs, "freed": local.expired()}
+
+
+def test_replaced_parameter_is_used_and_dropped_model_is_freed():
+    for r in run_distributed(_swap_and_free_worker, 2):
+        # The first error before the swap, the last after it: a stale shard of the old
+        # q_proj weight would be off by far more than fp32 reordering (ATOL).
+        assert max(r["errs"]) <= ATOL, r["errs"]
+        assert r["freed"], "a local shard outlived its model"
+
+
+def test_param_cache_drops_shards_when_a_parameter_dies():
+    from tp_backend.backend import _ParamCache
+
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    cache = _ParamCache(tuple(params), (torch.ones(1),) * 3)
+    assert cache.ids == tuple(map(id, params)) and cache.locals is not None
+    del params[1]
+    gc.collect()
+    assert cache.locals is None
+
+
+def _threads_worker(rank, world_size):
+    import tp_backend
+
+    torch._dynamo.reset()
+    ids = make_ids()
+    seen = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            compiled = torch.compile(make_model("llama"), backend="tp_auto")
+            with torch.no_grad():
+                compiled(input_ids=ids, use_cache=False)
+            seen.append(dict(tp_backend.tp_auto.stats))
+    finally:
+        torch.set_num_threads(1)
+    return seen
+
+
+def test_a_graph_compiled_under_other_threads_is_not_reused():
+    """Inductor's CPU kernels are specialised on the thread count, and Dynamo recompiles
+    when it changes: the backend then compiles again instead of returning the graph it
+    compiled under 1 thread from its cache."""
+    for seen in run_distributed(_threads_worker, 2):
+        assert seen[0]["solves"] >= 1, seen
+        assert seen[1]["solves"] > seen[0]["solves"], seen  # 2 threads: solved and compiled again

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import threading
 import time
 import weakref
@@ -109,10 +110,13 @@ _SHARDED = WeakTensorKeyDictionary()
 # Parameters built by parallelize_model whose values are still in the checkpoint ->
 # their ParameterMeta. The runner reads them (only this rank's slice) on first use.
 _PENDING = WeakTensorKeyDictionary()
-# Values a graph returned split over heads (key/value caches) -> (Shard, local tensor).
-# Python sees a one-element placeholder of the global shape (a DynamicCache holds it, and
-# its shape is right); the next graph that takes it as input gets the local tensor.
-_LOCAL_VALUES = WeakTensorKeyDictionary()
+# Values a graph returned split over heads (key/value caches): Python sees a one-element
+# placeholder of the global shape (a DynamicCache holds it, and its shape is right) that
+# carries (Shard, local tensor) in this attribute; the next graph that takes it as input
+# gets the local tensor. An attribute of the placeholder itself (not a weak dictionary): it
+# lives and dies with the placeholder, and reading it costs a fraction of a microsecond on
+# each of the 2 x layers cache entries of every decode step.
+_SPLIT_ATTR = "_tp_split_value"
 _HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 # How many tensors this process has split so far (only grows): runners rescan their whole
 # parameters when it changes.
@@ -164,8 +168,13 @@ def local_parameter_bytes(module: torch.nn.Module) -> int:
 def local_value(t: torch.Tensor) -> torch.Tensor | None:
     """The local part of a value a graph returned split over heads (a key/value cache
     entry), or ``None`` for an ordinary tensor."""
-    held = _LOCAL_VALUES.get(t)
+    held = _split_value(t)
     return held[1] if held is not None else None
+
+
+def _split_value(t: torch.Tensor):
+    """``(Shard, local tensor)`` if ``t`` is the placeholder of a value returned split."""
+    return t.__dict__.get(_SPLIT_ATTR)
 
 
 def _refuse_eager_call(module, args):
@@ -247,6 +256,37 @@ def placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     return torch.full((), fill, dtype=dtype, device=device).expand(shape)
 
 
+def placeholders(n: int, shape, dtype: torch.dtype, device=None) -> tuple:
+    """``n`` distinct :func:`placeholder` tensors of one shape, made in one call (a decode
+    step returns two per layer)."""
+    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+    shape = tuple(shape)
+    return torch.full((n,), fill, dtype=dtype, device=device).as_strided(
+        (n, *shape), (1,) + (0,) * len(shape)).unbind(0)
+
+
+class _ParamCache:
+    """The local shards a runner substituted for its parameter inputs on the last call,
+    with the inputs' identities: while every input is the same tensor, the next call takes
+    the same shards without a lookup per parameter. Holds no parameter alive (weak
+    references), and drops the shards as soon as any of those parameters is freed, so
+    neither a dropped model's weights stay in memory nor can a new tensor that reuses a
+    freed one's ``id`` be mistaken for it."""
+
+    __slots__ = ("ids", "locals", "_refs", "__weakref__")
+
+    def __init__(self, params: tuple, locals_: tuple):
+        self.ids = tuple(map(id, params))
+        self.locals = locals_
+        me = weakref.ref(self)
+
+        def drop(_, me=me):
+            cache = me()
+            if cache is not None:
+                cache.locals = None
+        self._refs = [weakref.ref(p, drop) for p in params]
+
+
 def _contiguous_fake(fake_mode, shape, like: torch.Tensor) -> torch.Tensor:
     with fake_mode:
         return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
@@ -274,6 +314,10 @@ class _Runner:
         # modules of the same code (every layer of a model with a graph break inside its
         # layers), so the name and the owner come from the tensor, not from the graph.
         self._names = names
+        self._param_idx = tuple(i for i, _ in compiled.shard_specs)
+        self._param_getter = operator.itemgetter(*self._param_idx) if self._param_idx else None
+        self._params: _ParamCache | None = None
+        self._split_out = _split_output_kinds(compiled)
 
     def _agree(self, args) -> None:
         """The ranks-agree collectives (``sync_rng``, ``check_inputs``), on the calls the
@@ -301,15 +345,7 @@ class _Runner:
                       [i for i in self.compiled.replicated_params if args[i] in _PENDING]
             if pending:
                 self._load(args, pending)
-        for idx, info in self.compiled.shard_specs:
-            t = args[idx]
-            st = _SHARDED.get(t)
-            if st is None:
-                st = self._shard(t, info, idx)
-            elif st.info.dim != info.dim:
-                raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but this "
-                              f"graph expects dim {info.dim}")
-            args[idx] = st.local
+        self._substitute_params(args)
         c = self.compiled
         if _SHARD_COUNT != self._shard_count_seen:
             self._shard_count_seen = _SHARD_COUNT
@@ -321,11 +357,9 @@ class _Runner:
             args[idx] = state.full_tensor(args[idx])
         for idx, shard in c.local_inputs.items():
             t = args[idx]
-            held = _LOCAL_VALUES.get(t)
+            held = t.__dict__.get(_SPLIT_ATTR)
             if held is not None:
-                # The local graph was compiled for a contiguous input (a prefill returns
-                # its keys transposed; later steps return contiguous ones).
-                args[idx] = held[1].contiguous()
+                args[idx] = held[1]  # contiguous (see _split_outputs)
             else:  # a whole tensor where a split one was expected: take this rank's part
                 args[idx] = layers.local_shard(t, shard.dim, shard.outer, c.plan.tp_rank,
                                                c.plan.tp_size, shard.blocks)
@@ -339,19 +373,63 @@ class _Runner:
             outs = c.run(*args)
         if not c.local_outputs:
             return outs
-        outs = list(outs)
-        for idx, shard in c.local_outputs.items():
+        return self._split_outputs(list(outs))
+
+    def _substitute_params(self, args: list) -> None:
+        """Put each sharded parameter's local shard in its place in ``args``; shard the
+        ones seen for the first time. While the parameters are the tensors of the last
+        call, that call's shards are reused (:class:`_ParamCache`)."""
+        specs = self.compiled.shard_specs
+        if not specs:
+            return
+        params = self._pick_params(args)
+        cache = self._params
+        if cache is not None and cache.locals is not None and tuple(map(id, params)) == cache.ids:
+            for idx, local in zip(self._param_idx, cache.locals):
+                args[idx] = local
+            return
+        for idx, info in specs:
+            t = args[idx]
+            st = _SHARDED.get(t)
+            if st is None:
+                st = self._shard(t, info, idx)
+            elif st.info.dim != info.dim:
+                raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but this "
+                              f"graph expects dim {info.dim}")
+            args[idx] = st.local
+        self._params = _ParamCache(params, self._pick_params(args))
+
+    def _pick_params(self, args: list) -> tuple:
+        idx = self._param_idx
+        return (args[idx[0]],) if len(idx) == 1 else self._param_getter(args)
+
+    def _split_outputs(self, outs: list) -> tuple:
+        """Replace each output returned split over heads by a :func:`placeholder` of its
+        global shape that carries the local tensor (``_SPLIT_ATTR``). A local tensor is
+        stored contiguous: the graphs that take it back were compiled for contiguous
+        inputs (a prefill returns its keys transposed; later steps return contiguous
+        ones). The placeholders of one shape, dtype and device (the keys and values of
+        every layer, in a decode step) are made in one call."""
+        groups: dict = {}
+        for idx, shard, kind in self._split_out:
             local = outs[idx]
-            shape = list(local.shape)
-            shape[shard.dim] *= c.plan.tp_size
-            ph = placeholder(shape, local.dtype, local.device)
-            _LOCAL_VALUES[ph] = (shard, local)
-            outs[idx] = ph
+            if not local.is_contiguous():
+                local = local.contiguous()
+            groups.setdefault((kind, local.shape), []).append((idx, shard, local))
+        tp_size = self.compiled.plan.tp_size
+        for members in groups.values():
+            _, shard, first = members[0]
+            shape = list(first.shape)
+            shape[shard.dim] *= tp_size
+            for (idx, shard, local), ph in zip(members, placeholders(
+                    len(members), shape, first.dtype, first.device)):
+                ph.__dict__[_SPLIT_ATTR] = (shard, local)
+                outs[idx] = ph
         return tuple(outs)
 
     def _shard(self, t, info, idx, local=None):
         global _SHARD_COUNT
-        held = _LOCAL_VALUES.pop(t, None)
+        held = t.__dict__.pop(_SPLIT_ATTR, None)
         if local is None and held is not None:  # returned split by an earlier graph
             local = held[1]
         if local is None:
@@ -405,6 +483,21 @@ class _Runner:
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+
+def _split_output_kinds(compiled: _Compiled) -> list:
+    """``[(output index, Shard, kind)]`` for the outputs returned split, where outputs of
+    one kind have the same split dim, dtype and device in every call (from the local
+    graph's output values; an output it gives none for is a kind of its own)."""
+    outs = compiled.gm.graph.output_node().args[0] if compiled.local_outputs else ()
+    kinds: dict = {}
+    found = []
+    for idx, shard in compiled.local_outputs.items():
+        val = outs[idx].meta.get("val") if isinstance(outs[idx], fx.Node) else None
+        key = ((shard.dim, val.dtype, val.device) if isinstance(val, torch.Tensor)
+               else ("output", idx))
+        found.append((idx, shard, kinds.setdefault(key, len(kinds))))
+    return found
 
 
 class TPAutoBackend:
@@ -485,12 +578,14 @@ class TPAutoBackend:
                 fake = _contiguous_fake(fake_mode, info.global_shape, real)
             elif isinstance(real, torch.Tensor) and real in _PENDING:  # not loaded yet
                 fake = _contiguous_fake(fake_mode, real.shape, real)
-            elif isinstance(real, torch.Tensor) and real in _LOCAL_VALUES:
-                local_in[i] = _LOCAL_VALUES[real][0]
+            elif isinstance(real, torch.Tensor) and _split_value(real) is not None:
+                local_in[i] = _split_value(real)[0]
                 fake = _contiguous_fake(fake_mode, fake.shape, fake)
             fakes.append(fake)
+        # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
+        # keys on it), so a graph compiled under 1 thread is not reused under 4.
         key = (gm.code, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm, opts.tp_rank,
-               tuple(sorted(local_in.items(), key=str)),
+               torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
                      else str(f) for f in fakes), tuple(sorted(params)))
         compiled = self._cache.get(key)
