@@ -44,14 +44,22 @@ def write_json(rows: dict, path: str) -> None:
 
 
 def deepspeed_autotp(path: str, tp: int):
-    """``(model, None)``: the checkpoint under DeepSpeed AutoTP over the world, or ``(None,
-    why)`` where deepspeed is missing or fails (the caller skips the row)."""
+    """``(model, None)``: the checkpoint under DeepSpeed AutoTP over the world (the process
+    group initialised), or ``(None, why)`` where deepspeed is missing or fails (the caller
+    skips the row). tp_backend's shared-memory all-reduce is set up first, so DeepSpeed
+    uses the same kernel, initialised by tp_backend (which unlinks its files in /dev/shm;
+    DeepSpeed's own initialisation leaves them there)."""
     try:
         import deepspeed
     except ImportError as e:
         return None, f"deepspeed is not installed ({e}); pip install -e '.[shm]'"
     import torch
+    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
+
+    from tp_backend import shm
+
+    shm.setup(dist.group.WORLD, "auto")
 
     # Without LOCAL_SIZE DeepSpeed's CPU kernel is left unmapped and faults on first use.
     os.environ.setdefault("LOCAL_SIZE", str(tp))
