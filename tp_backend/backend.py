@@ -252,16 +252,18 @@ def placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     """A one-element tensor expanded to ``shape``: what Python holds in place of data kept
     elsewhere (a parameter's local shard, a split KV cache, a weight not yet read). NaN (0
     for integers), so an accidental eager use gives NaN rather than plausible numbers."""
-    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
-    return torch.full((), fill, dtype=dtype, device=device).expand(shape)
+    return torch.full((), _fill(dtype), dtype=dtype, device=device).expand(shape)
+
+
+def _fill(dtype: torch.dtype):
+    return float("nan") if dtype.is_floating_point or dtype.is_complex else 0
 
 
 def placeholders(n: int, shape, dtype: torch.dtype, device=None) -> tuple:
     """``n`` distinct :func:`placeholder` tensors of one shape, made in one call (a decode
     step returns two per layer)."""
-    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
     shape = tuple(shape)
-    return torch.full((n,), fill, dtype=dtype, device=device).as_strided(
+    return torch.full((n,), _fill(dtype), dtype=dtype, device=device).as_strided(
         (n, *shape), (1,) + (0,) * len(shape)).unbind(0)
 
 
@@ -578,8 +580,8 @@ class TPAutoBackend:
                 fake = _contiguous_fake(fake_mode, info.global_shape, real)
             elif isinstance(real, torch.Tensor) and real in _PENDING:  # not loaded yet
                 fake = _contiguous_fake(fake_mode, real.shape, real)
-            elif isinstance(real, torch.Tensor) and _split_value(real) is not None:
-                local_in[i] = _split_value(real)[0]
+            elif isinstance(real, torch.Tensor) and (held := _split_value(real)) is not None:
+                local_in[i] = held[0]
                 fake = _contiguous_fake(fake_mode, fake.shape, fake)
             fakes.append(fake)
         # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
