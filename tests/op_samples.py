@@ -180,6 +180,8 @@ def _written():
     add(aten.slice.Tensor, t(6, 12), 1, 3, 12)
     add(aten.slice.Tensor, t(6, 12), 1, 0, 9223372036854775807)
     add(aten.slice.Tensor, t(6, 12), 0, 2, 6, 2)
+    add(aten.slice.Tensor, t(6, 12), 1, 1, 9223372036854775807, 2)
+    add(aten.slice.Tensor, t(6, 12), 1, 0, 12, 3)
     add(aten.slice.Tensor, t(6, 12), -1, -4)
     add(aten.select.int, t(6, 12, 2), 1, 3)
     add(aten.select.int, t(6, 12, 2), 0, -1)

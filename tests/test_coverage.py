@@ -1,4 +1,4 @@
-"""Coverage of the transformers zoo with no per-model code: 26 architectures (tiny random
+"""Coverage of the transformers zoo with no per-model code: 27 architectures (tiny random
 configs, tests/zoo.py) at TP=2, 3 and 4, one worker group per TP size. For each: output
 equal to single-process eager, the fraction of parameter bytes sharded, all-reduces per
 layer, and where the solver fell back to replication. The table is printed; every model

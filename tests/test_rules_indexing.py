@@ -21,6 +21,29 @@ def test_slice_other_dim_and_full_slice():
     assert check(lambda x: aten.slice(x, 1, 0, 2), [r(2, 4, 6)], [Shard(1)]) is None
 
 
+def test_strided_slice_of_the_sharded_dim():
+    """x[..., s::k] (gpt-oss's interleaved gate/up): exact when each rank's chunk of each
+    block is a multiple of k long; refused otherwise (the harness simulates the ranks)."""
+    from tp_backend.placement import Shard as S
+
+    x = r(3, 16)
+    check(lambda t: aten.slice(t, 1, 0, 9223372036854775807, 2), [x], [S(1)], expect=S(1))
+    check(lambda t: aten.slice(t, 1, 1, 9223372036854775807, 2), [x], [S(1)], expect=S(1))
+    check(lambda t: aten.slice(t, 1, 1, 16, 2), [x], [S(1)], tp_size=4, expect=S(1))
+    check(lambda t: aten.slice(t, 1, 1, 9223372036854775807, 2), [x], [S(1, outer=2)],
+          expect=S(1, outer=2))
+    check(lambda t: aten.slice(t, 1, 0, 9223372036854775807, 2), [r(3, 24)],
+          [S(1, blocks=(8, 16))], expect=S(1, blocks=(4, 8)))
+    # chunks of 2 (TP=8) or 5 (16 of 10 features... here 10 / 2) are not multiples of 4 / 2
+    assert check(lambda t: aten.slice(t, 1, 0, 9223372036854775807, 4), [x], [S(1)],
+                 tp_size=8) is None
+    assert check(lambda t: aten.slice(t, 1, 1, 9223372036854775807, 2), [r(3, 10)],
+                 [S(1)]) is None
+    # start past the step, or an end short of the dim: not one chunk per rank
+    assert check(lambda t: aten.slice(t, 1, 2, 9223372036854775807, 2), [x], [S(1)]) is None
+    assert check(lambda t: aten.slice(t, 1, 0, 12, 2), [x], [S(1)]) is None
+
+
 def test_select_renumbers():
     check(lambda x: aten.select(x, 0, 1), [r(2, 4, 6)], [Shard(2)], expect=Shard(1))
 

@@ -12,7 +12,8 @@ import torch
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2",
             "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "stablelm",
-            "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere", "codegen", "roformer"]
+            "starcoder2", "mixtral", "qwen2_moe", "olmo", "cohere", "codegen", "roformer",
+            "gpt_oss"]
 ENCODERS = ["bert", "roberta"]
 ENCODER_DECODERS = ["t5"]  # relative attention bias per head
 ALL = DECODERS + ENCODERS + ENCODER_DECODERS
@@ -35,6 +36,10 @@ _EXTRA = {
     "phi": dict(partial_rotary_factor=0.5),
     "phi3": dict(pad_token_id=0),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    # experts stored stacked ([E, H, 2I] with gate and up interleaved, per-expert biases),
+    # attention sinks, eager attention, alternating sliding-window layers
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=8),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64, decoder_sparse_step=1),
     "stablelm": dict(partial_rotary_factor=0.25),

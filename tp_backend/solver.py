@@ -215,7 +215,47 @@ _PASS_THROUGH = {aten.view, aten._unsafe_view, aten.expand, aten.unsqueeze, aten
                  aten.slice}
 
 
-def _feeds_attention_kv(node: fx.Node, depth: int = 6) -> bool:
+_SOFTMAX = {aten._softmax, aten._safe_softmax, aten.softmax}
+# what eager attention does between the scores bmm and its softmax (scale, mask, soft-cap,
+# sink logits concatenated then cut off, the max subtracted) and between the softmax and the
+# values bmm (dropout, a cast)
+_SCORE_OPS = _PASS_THROUGH | {aten.mul, aten.div, aten.add, aten.sub, aten.tanh, aten.cat,
+                              aten.where, aten.masked_fill, aten.native_dropout}
+
+
+def _near(node: fx.Node, targets: set, forward: bool, depth: int = 8) -> bool:
+    """Whether a value in ``targets`` (op packets) is within ``depth`` ops of ``node``,
+    following users (``forward``) or tensor inputs, through ``_SCORE_OPS`` only."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for m in (n.users if forward else n.all_input_nodes):
+                if m in seen or m.op != "call_function":
+                    continue
+                seen.add(m)
+                op = getattr(m.target, "overloadpacket", None)
+                if op in targets:
+                    return True
+                if op in _SCORE_OPS or m.target is operator.getitem:
+                    nxt.append(m)
+        frontier = nxt
+    return False
+
+
+def _is_attention_kv_use(user: fx.Node, n: fx.Node) -> bool:
+    """Whether ``n`` is the key or value operand of attention op ``user``: the fused
+    ``tp_backend.sdpa``, or eager attention's two batched matmuls (``softmax(q @ k^T) @ v``
+    decomposes to ``bmm(q, k^T)`` whose output reaches a softmax, and ``bmm(p, v)`` whose
+    first operand comes from one)."""
+    if user.target is torch.ops.tp_backend.sdpa.default:
+        return n in user.args[1:3]
+    if user.target is aten.bmm.default and len(user.args) > 1 and user.args[1] is n:
+        return _near(user, _SOFTMAX, forward=True) or _near(user.args[0], _SOFTMAX, False)
+    return False
+
+
+def _feeds_attention_kv(node: fx.Node, depth: int = 10) -> bool:
     """Whether ``node`` reaches the key or value operand of an attention op through layout
     ops only (``repeat_kv``'s expand/reshape, a dtype cast): a key/value cache."""
     from .leaf_ops import sdpa  # noqa: F401 - ensures the op exists
@@ -227,11 +267,25 @@ def _feeds_attention_kv(node: fx.Node, depth: int = 6) -> bool:
             for user in n.users:
                 if user.op != "call_function":
                     continue
-                if user.target is torch.ops.tp_backend.sdpa.default and n in user.args[1:3]:
+                if _is_attention_kv_use(user, n):
                     return True
                 if getattr(user.target, "overloadpacket", None) in _PASS_THROUGH:
                     nxt.append(user)
         frontier = nxt
+    return False
+
+
+def _is_kv_cache(node: fx.Node, depth: int = 4) -> bool:
+    """Whether output ``node`` is a key/value cache: it feeds attention as keys or values
+    (:func:`_feeds_attention_kv`), or it is a layout op or slice of such a value (a sliding
+    window cache keeps the last ``W - 1`` positions of the keys attention used)."""
+    for _ in range(depth + 1):
+        if _feeds_attention_kv(node):
+            return True
+        if node.op != "call_function" or \
+                getattr(node.target, "overloadpacket", None) not in _PASS_THROUGH:
+            return False
+        node = node.args[0]
     return False
 
 
@@ -287,7 +341,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
             for i, o in enumerate(outs):
                 if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor):
                     p = pl.get(o)
-                    if isinstance(p, Shard) and p.plain and _feeds_attention_kv(o):
+                    if isinstance(p, Shard) and p.plain and _is_kv_cache(o):
                         # A key/value cache returned for the next step: it stays split
                         # over heads, so each rank keeps 1/N of the cache.
                         local_outputs[i] = p

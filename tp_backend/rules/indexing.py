@@ -64,7 +64,9 @@ def _slice(ctx, node):
         return Decision(out=p, args=(x, dim))
     start = static_int(0 if args[2] is None else args[2])
     end = static_int(size if args[3] is None else args[3])
-    if None in (start, end, size) or args[4] not in (None, 1):
+    if args[4] not in (None, 1):
+        return _strided_slice(ctx, x, dim, p, start, end, static_int(args[4]), size)
+    if None in (start, end, size):
         return None
     start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
     end = min(end, size)
@@ -78,6 +80,28 @@ def _slice(ctx, node):
             off += b
     ctx.prefer(x, dim, {start, end} | (_cuts(blocks) if blocks else set()))
     return None
+
+
+def _strided_slice(ctx, x, dim, p, start, end, step, size):
+    """``x[..., s::k]`` along the sharded dim: every ``k``-th element from ``s`` to the end
+    (gate and up interleaved in one projection, as gpt-oss stores its experts' ``gate_up``).
+
+    Exact when ``0 <= s < k`` and every rank's chunk of every block has a size divisible
+    by ``k``: a rank's chunk of a block then starts at a multiple of ``k``, so the local
+    ``[s::k]`` keeps exactly the elements of the global selection that fall in that chunk,
+    in order, which is the rank's chunk of the corresponding output block (``b / k``
+    elements for a block of ``b``)."""
+    n = ctx.tp_size
+    if None in (start, end, size, step) or not 0 <= start < step or end < size:
+        return None
+    blocks = p.block_sizes(size)
+    if any(b % (n * step) for b in blocks):
+        return None
+    if p.blocks is not None:
+        out = Shard(dim, blocks=tuple(b // step for b in blocks))
+    else:
+        out = p
+    return Decision(out=out, args=(x, dim, start, None, step))
 
 
 @register(aten.select)
