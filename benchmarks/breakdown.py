@@ -16,14 +16,13 @@ called) is summed per category, from the op names:
 * ``attention``: scaled dot-product attention (``tp_backend::sdpa`` and ATen's kernels);
 * ``all-reduce``: ``tp_backend::shm_all_reduce`` and DeepSpeed's ``inference_all_reduce``
   (the same shared-memory kernel: its time includes waiting for the other rank, which
-  the kernel does not report apart), gloo's ``c10d::allreduce_``. ``tp_auto``'s small
-  gathers (the last-token logits) run as a shared-memory all-reduce and count here;
-* ``all-gather``: gloo's all-gather (``tp_auto``'s full logits) and the functional
-  collectives' ``wait_tensor`` (the wait for it). DeepSpeed splits the LM head by rows
+  the kernel does not report apart), gloo's ``c10d::allreduce_``;
+* ``all-gather``: ``tp_backend::shm_all_gather`` (``tp_auto``'s logits: a zero buffer
+  summed by the same kernel; the ops it runs inside count here too), gloo's all-gather
+  and the functional collectives' ``wait_tensor``. DeepSpeed splits the LM head by rows
   (its ``LmHeadLinearAllreduce``) and all-reduces the logits instead;
 * ``fused (Inductor)``: the C++ kernels Inductor generated (``graph_<i>_cpp_fused_*``;
-  kernel profiling is switched on for this script; the permute after the logits gather
-  is one of them);
+  kernel profiling is switched on for this script);
 * ``other ops``: every other ATen op (embedding, norms and activations in DeepSpeed's
   eager model, copies);
 * ``runner``: ``tp_auto``'s Python around the local graph (``_Runner.__call__`` less the
@@ -78,6 +77,18 @@ def category(name: str) -> str | None:
     return None
 
 
+def _outer_collective(ev) -> str | None:
+    """The category of the collective op ``ev`` runs inside, if any: the zero fill, copies
+    and kernel call of ``tp_backend::shm_all_gather`` count as the all-gather."""
+    a = ev.cpu_parent
+    while a is not None:
+        cat = category(a.name)
+        if cat in ("all-reduce", "all-gather"):
+            return cat
+        a = a.cpu_parent
+    return None
+
+
 def _instrument_runner():
     """A ``record_function`` range around ``tp_auto``'s runner, with the local graph's own
     call in a nested range, so the runner's self time is its Python alone."""
@@ -114,8 +125,8 @@ def _profile(fn) -> tuple[float, dict]:
     per = dict.fromkeys(CATEGORIES, 0.0)
     if os.environ.get("BREAKDOWN_EVENTS"):  # the raw events, to check the categories
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
-    for ev in prof.key_averages():
-        cat = category(ev.key)
+    for ev in prof.events():
+        cat = _outer_collective(ev) or category(ev.name)
         if cat is not None:
             per[cat] += ev.self_cpu_time_total / 1e3
     per["Python, not in an op"] = max(wall - sum(per.values()), 0.0)

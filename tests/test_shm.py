@@ -119,35 +119,38 @@ def _op_sums(rank, world_size):
         want = x.clone()
         dist.all_reduce(want)
         out.append((torch.equal(all_reduce(x, name, use_shm=served), want), shm.supports(x)))
-    # All-gathers small enough for the kernel (a zero buffer, each rank's row filled, summed)
-    # against gloo's, for every shard layout; and one too large for it (gloo either way).
-    from tp_backend.collectives import SHM_GATHER_MAX_BYTES, all_gather
+    # All-gathers by the kernel (a zero buffer of the whole shape, each rank's chunks written
+    # in place, summed) against the whole tensor, for every shard layout, and one of 3 MiB
+    # (the kernel's distributed reduce); float64 goes through gloo.
+    from tp_backend.collectives import all_gather
     from tp_backend.layers import local_shard
 
     whole = torch.randn(4, 12, 6, generator=torch.Generator().manual_seed(0))
     whole[0, 0, 0] = -0.0
-    big = torch.randn(SHM_GATHER_MAX_BYTES // 4 + 8, generator=torch.Generator().manual_seed(1))
+    big = torch.randn(4, 196608, generator=torch.Generator().manual_seed(1))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for t, dim, outer, blocks in [(whole, 0, 1, None), (whole, 1, 1, None),
                                       (whole, 2, 1, None), (whole, 1, 2, None),
-                                      (whole, 1, 1, (6, 4, 2)), (big, 0, 1, None)]:
+                                      (whole, 1, 1, (6, 4, 2)), (big, 1, 1, None),
+                                      (whole.double(), 1, 1, None)]:
             local = local_shard(t, dim, outer, rank, world_size, blocks)
             got = all_gather(local, dim, outer, world_size, name, blocks, rank, use_shm=served)
             out.append((torch.equal(got, t), None))
-    return served, out, _shm_calls(prof)
+    gathers = sum(e.count for e in prof.key_averages() if e.key == "tp_backend::shm_all_gather")
+    return served, out, gathers
 
 
 @needs_deepspeed
 def test_shm_op_sums_like_gloo():
     """The op on its own at TP=2, small and large tensors: the same bits as gloo's sum (two
     addends); float64, which the kernel does not take, goes through gloo. All-gathers by the
-    kernel return the whole tensor for every shard layout (values equal: a -0.0 may come
-    back as +0.0)."""
+    kernel return the whole tensor for every shard layout and size (values equal: a -0.0
+    may come back as +0.0); a float64 one goes through gloo."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs")
     for served, out, gather_calls in run_distributed(_op_sums, 2):
-        assert served and gather_calls == 5, gather_calls  # the five small gathers
-        assert out == [(True, True), (True, True), (True, False)] + [(True, None)] * 6, out
+        assert served and gather_calls == 6, gather_calls  # all but the float64 one
+        assert out == [(True, True), (True, True), (True, False)] + [(True, None)] * 7, out
 
 
 def _without_deepspeed(rank, world_size):
