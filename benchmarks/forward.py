@@ -73,6 +73,7 @@ CONFIGS = {
               ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
     "smollm2": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
                 ("inductor x1", "inductor", 1, 1), ("tp_auto TP=1 x2", "tp_auto", 2, 1),
+                ("tp_auto TP=2", "tp_auto", 1, 2), ("ds_autotp TP=2", "ds_autotp", 1, 2),
                 ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
 }
 
@@ -104,7 +105,8 @@ def _median_time(fn, reps=3, warmups=1):
 
 def _count_collectives(fn, tokens: int) -> dict:
     """Collectives one call of ``fn`` runs (``c10d::`` events of ``torch.profiler``, plus
-    the shared-memory all-reduces of ``tp_auto`` and DeepSpeed, which bypass c10d) and
+    the shared-memory all-reduces of ``tp_auto`` and DeepSpeed and ``tp_auto``'s
+    shared-memory all-gathers, which bypass c10d) and
     their payload bytes per token (fp32: the tensor each rank contributes). The profiler
     records no shapes for ``c10d::allreduce_``'s tensor list, so bytes are read from the
     functional collective that issued it (``_c10d_functional::``: all of ``tp_auto``'s
@@ -127,6 +129,8 @@ def _count_collectives(fn, tokens: int) -> dict:
             continue
         if ev.name in shm_ops:
             counts["allreduce"] = counts.get("allreduce", 0) + 1
+        elif ev.name == "tp_backend::shm_all_gather":  # the logits, through the same kernel
+            counts["allgather"] = counts.get("allgather", 0) + 1
         elif not (ev.name.startswith("_c10d_functional::") and "wait" not in ev.name):
             continue
         sized += 1
