@@ -36,6 +36,32 @@ def run_child(script: str, args: list, tp: int = 1, fresh_inductor_cache: bool =
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
 
 
+def wrap_runner(around_call, around_graph) -> None:
+    """Instrument ``tp_auto``'s runner (``tp_backend.backend._Runner``) in this process:
+    each call runs inside the context manager ``around_call(runner)``, and the compiled
+    local graph it calls inside ``around_graph()``, so a benchmark can tell the runner's
+    own Python from the graph's time."""
+    from tp_backend import backend
+
+    plain_call = backend._Runner.__call__
+
+    def wrap_graph(run):
+        def call(*a):
+            with around_graph():
+                return run(*a)
+        call.tp_bench_wrapped = True
+        return call
+
+    def call(self, *args):
+        c = self.compiled
+        if not getattr(c.run, "tp_bench_wrapped", False):
+            c.run = wrap_graph(c.run)
+        with around_call(self):
+            return plain_call(self, *args)
+
+    backend._Runner.__call__ = call
+
+
 def write_json(rows: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

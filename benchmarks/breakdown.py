@@ -48,7 +48,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import deepspeed_autotp, run_child, write_json  # noqa: E402
+from _common import deepspeed_autotp, run_child, wrap_runner, write_json  # noqa: E402
 
 CATEGORIES = ("matmul", "attention", "all-reduce", "all-gather", "fused (Inductor)",
               "other ops", "runner", "Python, not in an op")
@@ -93,25 +93,9 @@ def _instrument_runner():
     """A ``record_function`` range around ``tp_auto``'s runner, with the local graph's own
     call in a nested range, so the runner's self time is its Python alone."""
     import torch
-    from tp_backend import backend
 
-    plain_call = backend._Runner.__call__
-
-    def graph_range(run):
-        def call(*a):
-            with torch.profiler.record_function("tp_auto local graph"):
-                return run(*a)
-        call.tp_bench_ranged = True
-        return call
-
-    def call(self, *args):
-        c = self.compiled
-        if not getattr(c.run, "tp_bench_ranged", False):
-            c.run = graph_range(c.run)
-        with torch.profiler.record_function("tp_auto runner"):
-            return plain_call(self, *args)
-
-    backend._Runner.__call__ = call
+    wrap_runner(lambda runner: torch.profiler.record_function("tp_auto runner"),
+                lambda: torch.profiler.record_function("tp_auto local graph"))
 
 
 def _profile(fn) -> tuple[float, dict]:

@@ -23,42 +23,35 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import run_child, write_json  # noqa: E402
+from _common import run_child, wrap_runner, write_json  # noqa: E402
 
 
 def _instrument():
     """Wrap the runner so each call records (runner, ns in __call__, ns in the graph)."""
-    from tp_backend import backend
-
     calls = []
     inner = [0]
-    plain_call = backend._Runner.__call__
 
-    def timed_run(run):
-        def call(*a):
-            t0 = time.perf_counter_ns()
-            try:
-                return run(*a)
-            finally:
-                inner[0] += time.perf_counter_ns() - t0
-        call.tp_bench_timed = True
-        return call
+    @contextmanager
+    def timed_graph():
+        t0 = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            inner[0] += time.perf_counter_ns() - t0
 
-    def call(self, *args):
-        c = self.compiled
-        if not getattr(c.run, "tp_bench_timed", False):
-            c.run = timed_run(c.run)
+    @contextmanager
+    def timed_call(runner):
         inner[0] = 0
         t0 = time.perf_counter_ns()
-        out = plain_call(self, *args)
-        calls.append((id(self), time.perf_counter_ns() - t0, inner[0]))
-        return out
+        yield
+        calls.append((id(runner), time.perf_counter_ns() - t0, inner[0]))
 
-    backend._Runner.__call__ = call
+    wrap_runner(timed_call, timed_graph)
     return calls
 
 

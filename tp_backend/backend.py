@@ -177,6 +177,23 @@ def _split_value(t: torch.Tensor):
     return t.__dict__.get(_SPLIT_ATTR)
 
 
+def _no_eager_fallback() -> None:
+    """Make Dynamo raise where it would run a frame eagerly after ``recompile_limit``
+    recompilations (``torch._dynamo.config.fail_on_recompile_limit_hit``), once this
+    process holds sharded parameters: that eager run would compute on their one-element
+    NaN placeholders and return NaN (JetMoE did, on its second sequence length: its router's
+    ``.tolist()`` makes Dynamo recompile for every routing). Process-wide, as the setting
+    is; logged once."""
+    cfg = torch._dynamo.config
+    if getattr(cfg, "fail_on_recompile_limit_hit", True):
+        return
+    cfg.fail_on_recompile_limit_hit = True
+    log.info("tp_auto: set torch._dynamo.config.fail_on_recompile_limit_hit = True: a frame "
+             "that reaches torch._dynamo.config.recompile_limit (%s) raises instead of running "
+             "eagerly on the placeholders of sharded parameters; raise the limit if a model "
+             "needs more recompilations", cfg.recompile_limit)
+
+
 def _refuse_eager_call(module, args):
     if not torch.compiler.is_compiling():
         raise TPShardedModuleError(
@@ -457,6 +474,7 @@ class _Runner:
         if owner is not None and owner not in _HOOKED:
             owner.register_forward_pre_hook(_refuse_eager_call)
             _HOOKED.add(owner)
+        _no_eager_fallback()
         return st
 
     def _load(self, args, indices):

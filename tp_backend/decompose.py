@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._decomp import core_aten_decompositions
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
@@ -98,7 +99,10 @@ def decompose(gm: fx.GraphModule, fake_inputs: list, fake_mode,
                         a.copy_(new)
         return out
 
-    with torch.no_grad(), fake_mode:
+    # The Python dispatcher, as AOTAutograd enables it: with Dynamo's symbolic sizes, a meta
+    # function that calls a composite op (linalg_solve_triangular's expand) would otherwise
+    # reach its C++ kernel, which takes only concrete sizes.
+    with torch.no_grad(), fake_mode, enable_python_dispatcher():
         traced = make_fx(run, decomposition_table=_decomposition_table(),
                          tracing_mode="real", _allow_non_fake_inputs=False)(*fake_inputs)
     traced.graph.eliminate_dead_code()
