@@ -38,7 +38,8 @@ def test_plan_cli_llama70b_tp8(tmp_path):
 # transformers' style -> our layout
 _STYLE = {"colwise": "column", "colwise_gather_output": "column", "packed_colwise": "column",
           "rowwise": "row", "rowwise_split_input": "row",
-          "replicated_with_grad_allreduce": "replicate"}
+          "replicated_with_grad_allreduce": "replicate",
+          "embedding_rowwise": "vocab"}  # the table's rows (the vocabulary) split
 
 # Where our automatic plan differs from the hand-written one, and why ours is right.
 DOCUMENTED = {
