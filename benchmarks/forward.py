@@ -9,8 +9,8 @@ with a fresh Inductor cache (so "first call" is a cold compile everywhere). Mode
 * ``llama`` -- a random Llama of 258M parameters (fp32): hidden 1536, 24 heads, 12 KV
   heads, intermediate 4224, vocab 32064 (Phi-3's), 6 layers, untied. Every split dim
   divides 2, 3 and 4, so TP=2 and TP=3 both run on it.
-* ``smollm2`` -- SmolLM2-135M-Instruct (9 heads, 3 KV heads: TP=3; at TP=2 the heads do
-  not divide and tp_auto refuses, as transformers does).
+* ``smollm2`` -- SmolLM2-135M-Instruct (9 heads, 3 KV heads: TP=3 splits them evenly, TP=2
+  5 + 4 with the KV heads whole; transformers refuses TP=2 there).
 
 Measured per configuration:
 

@@ -18,7 +18,8 @@ from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
-from tp_backend.layers import add_bias, local_shard, partial_product, vocab_parallel_embedding
+from tp_backend.layers import (add_bias, kv_head_slice, local_shard, partial_product,
+                               vocab_parallel_embedding)
 from tp_backend.placement import REPLICATE, HeadGroup, Placement
 from tp_backend.rules import lookup
 
@@ -26,8 +27,10 @@ from tp_backend.rules import lookup
 class StubCtx:
     """A rule context over given placements; ``params`` are parameter inputs."""
 
-    def __init__(self, placements: dict, tp_size: int, params=(), seeds_allowed=True):
+    def __init__(self, placements: dict, tp_size: int, params=(), seeds_allowed=True,
+                 tp_rank=0):
         self.tp_size = tp_size
+        self.tp_rank = tp_rank
         self._pl = placements
         self._params = set(params)
         self._seeds = seeds_allowed
@@ -60,6 +63,13 @@ class StubCtx:
     def preference(self, seed):
         return getattr(self, "blocks", None)
 
+    def prefer_units(self, value, dim, units):
+        self.units_asked = units
+        return self.units_ok
+
+    def units_preference(self, seed):
+        return getattr(self, "units", None)
+
     def describe(self, node):
         return node.name
 
@@ -79,19 +89,12 @@ def _gather(parts, p: Placement):
         for q in parts[1:]:
             torch.testing.assert_close(q, parts[0], rtol=0, atol=0)
         return parts[0]
-    if p.blocks is not None:  # per block: concatenate the ranks' chunks of it
-        n = len(parts)
-        pieces = [t.split([b // n for b in p.blocks], dim=p.dim) for t in parts]
-        return torch.cat([torch.cat([pc[i] for pc in pieces], dim=p.dim)
-                          for i in range(len(p.blocks))], dim=p.dim)
-    d, o = p.dim, p.outer
-    chunks = []
-    for t in parts:
-        shape = list(t.shape)
-        chunks.append(t.reshape(shape[:d] + [o, shape[d] // o] + shape[d + 1:]))
-    full = torch.cat(chunks, dim=d + 1)
-    shape = list(full.shape)
-    return full.reshape(shape[:d] + [shape[d] * shape[d + 1]] + shape[d + 2:])
+    # per block: concatenate the ranks' runs of it, in rank order
+    n = len(parts)
+    size = sum(t.shape[p.dim] for t in parts)
+    pieces = [t.split([length for _, length in p.ranges(size, r, n)], dim=p.dim)
+              for r, t in enumerate(parts)]
+    return torch.cat([pc[i] for i in range(len(pieces[0])) for pc in pieces], dim=p.dim)
 
 
 def _local(value, p: Placement, rank, n, gen):
@@ -105,12 +108,12 @@ def _local(value, p: Placement, rank, n, gen):
         parts.append(value - sum(parts))
         return parts[rank]
     if isinstance(p, HeadGroup):
-        return value.narrow(p.dim, p.local_index(rank, n), 1)
-    return local_shard(value, p.dim, p.outer, rank, n, p.blocks)
+        return kv_head_slice(value, p.dim, p.local_heads(rank, n))
+    return local_shard(value, p.dim, p.outer, rank, n, p.blocks, p.units)
 
 
 def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, expect=None,
-          blocks=None):
+          blocks=None, units=None):
     """Trace, decide and simulate; returns the decision (``None`` if the rule refuses).
 
     ``placements`` gives one placement per input; ``params`` the indices of inputs that are
@@ -119,32 +122,42 @@ def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, e
     gm, node = trace(fn, inputs)
     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
     dec, notes = decide(node, ph, placements, tp_size=tp_size, params=params,
-                        seeds_allowed=seeds_allowed, blocks=blocks)
+                        seeds_allowed=seeds_allowed, blocks=blocks, units=units)
     if expect is not None:
         assert dec is not None, f"rule refused: {notes}"
         assert dec.out == expect, f"expected {expect}, got {dec.out}"
     if dec is None:
         return None
-    simulate(node, ph, inputs, placements, dec, tp_size=tp_size)
+    # An uneven split gives each rank its own local sizes: ask the rule once per rank.
+    per_rank = [decide(node, ph, placements, tp_size=tp_size, params=params,
+                       seeds_allowed=seeds_allowed, blocks=blocks, units=units, tp_rank=r)[0]
+                for r in range(tp_size)]
+    simulate(node, ph, inputs, placements, dec, tp_size=tp_size, per_rank=per_rank)
     return dec
 
 
-def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, blocks=None):
+def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, blocks=None,
+           units=None, tp_rank=0, units_ok=True, ctx_out=None):
     """The rule's decision for ``node`` when placeholder ``ph[i]`` has ``placements[i]``;
     returns ``(decision or None, the rule's notes)``."""
     pl = dict(zip(ph, placements))
-    ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed)
+    ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed, tp_rank)
     ctx.blocks = blocks
+    ctx.units = units
+    ctx.units_ok = units_ok  # whether the seed can be asked for an uneven split
+    if ctx_out is not None:
+        ctx_out.append(ctx)
     return lookup(node.target)(ctx, node), ctx.notes
 
 
 def simulate(node, ph, inputs, placements, dec, *, tp_size=2, rtol=1e-5, atol=1e-5,
-             same_rng=False, shape_only=False):
+             same_rng=False, shape_only=False, per_rank=None):
     """Run ``dec`` rank by rank and check that its output placement reassembles ``node``'s
     result on the global ``inputs`` (raises ``AssertionError`` if not, or whatever the
     local op raises). ``same_rng`` seeds every rank's (and the global) call alike, for
     random ops: the ranks of a real run must agree on their generators as well.
-    ``shape_only`` compares shapes only (uninitialised outputs: ``empty``)."""
+    ``shape_only`` compares shapes only (uninitialised outputs: ``empty``). ``per_rank``:
+    the decision made for each rank (its local arguments), where they may differ."""
     pl = dict(zip(ph, placements))
     env = dict(zip(ph, inputs))
 
@@ -177,7 +190,9 @@ def simulate(node, ph, inputs, placements, dec, *, tp_size=2, rtol=1e-5, atol=1e
             if partial_parts.get(a) is not None:
                 return partial_parts[a][r]
             return _local(env[a], want, r, tp_size, gen)
-        largs = tree_map(local, tuple(args))
+        rdec = per_rank[r] if per_rank is not None else dec
+        rargs = rdec.args if rdec.args is not None else node.args
+        largs = tree_map(local, tuple(rargs))
         if dec.action == "vocab_embedding":
             step = largs[0].shape[0]
             outs.append(vocab_parallel_embedding(largs[0], largs[1], r * step, (r + 1) * step))

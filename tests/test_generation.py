@@ -90,6 +90,81 @@ def test_eager_attention_and_sliding_window_caches_stay_split():
             assert v["cache_ratio"] == pytest.approx(0.5), (key, v["cache_ratio"])
 
 
+# SmolLM2-135M's attention in miniature: 9 query heads, 3 KV heads (head size 8), and an
+# intermediate size that 3 and 4 do not divide
+SMOLLM2_SHAPED = dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+                      intermediate_size=100)
+
+
+def _uneven(rank, world_size):
+    import tp_backend
+
+    ref_model = zoo.make_model("llama", **SMOLLM2_SHAPED)
+    model = zoo.make_model("llama", **SMOLLM2_SHAPED)
+    model.compile(backend="tp_auto", options={"fallback": "raise"})
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    same = torch.equal(model.generate(_prompt(), **kw), ref_model.generate(_prompt(), **kw))
+    q = model.model.layers[0].self_attn.q_proj.weight
+    state = model.state_dict()
+    whole = all(torch.equal(state[k], v) for k, v in ref_model.state_dict().items())
+    frac = tp_backend.local_parameter_bytes(model) / sum(
+        p.nbytes for p in ref_model.parameters())
+    return same, tuple(tp_backend.local_shard(q).shape), whole, frac
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_uneven_heads_generate_identical_tokens(tp_size):
+    """Issue 15: 9 query heads at TP=2 go 5 + 4 and at TP=4 3 + 2 + 2 + 2 (the query
+    projection's rows, the output projection's columns); the 3 KV heads stay whole and each
+    rank attends with the ones its query heads use; the MLP's 100 features split 50 + 50 or
+    25 each. Greedy tokens equal one process's, ``fallback="raise"`` (no head count is
+    refused any more) and ``state_dict`` gives the whole weights back. Parameter bytes
+    per rank: at TP=2 within one head's worth of 1/N (query, key, value and output rows of
+    one head, 4 * 8 * 72 floats per layer; the norms are whole, as for any model); at TP=4,
+    where 4 ranks share 3 KV heads, the key and value projections are whole on every rank
+    (vLLM replicates KV heads there too), the rest is split."""
+    res = run_distributed(_uneven, tp_size)
+    heads = [5, 4] if tp_size == 2 else [3, 2, 2, 2]
+    for rank, (same, q_shape, whole, _) in enumerate(res):
+        assert same and whole, rank
+        assert q_shape == (heads[rank] * 8, 72), (rank, q_shape)
+    model = zoo.make_model("llama", **SMOLLM2_SHAPED)
+    n = sum(p.numel() for p in model.parameters())
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    layers = model.config.num_hidden_layers
+    kv = 2 * 24 * 72 * layers  # key and value projections of every layer
+    bound = (n - norms) / tp_size + norms + 4 * 8 * 72 * layers
+    if tp_size == 4:
+        bound += kv * (1 - 1 / tp_size)
+    assert res[0][3] * n <= bound, (res[0][3] * n, bound)
+
+
+def _untied_odd_vocab(rank, world_size):
+    import tp_backend
+
+    kw = dict(tie_word_embeddings=False, vocab_size=257)
+    ref_model, model = zoo.make_model("llama", **kw), zoo.make_model("llama", **kw)
+    ids = _prompt(2, 7)
+    model.compile(backend="tp_auto", options={"fallback": "raise"})
+    with torch.no_grad():
+        err = (model(ids).logits - ref_model(ids).logits).abs().max().item()
+    head = model.lm_head.weight
+    state = model.state_dict()
+    whole = all(torch.equal(state[k], v) for k, v in ref_model.state_dict().items())
+    return err, tuple(tp_backend.local_shard(head).shape), whole
+
+
+def test_untied_head_of_an_odd_vocabulary_splits_unevenly():
+    """An LM head not tied to the embedding, 257 rows at TP=2 (it stayed whole before
+    issue 15): column-parallel 129 + 128 rows, its logits all-gathered from uneven parts;
+    fp32 logits within 1e-5 (the all-reduces of 2 layers add in another order), the whole
+    head back from ``state_dict``."""
+    res = run_distributed(_untied_odd_vocab, 2)
+    for rank, (err, shape, whole) in enumerate(res):
+        assert err <= 1e-5 and whole, (rank, err)
+        assert shape == ((129, 64), (128, 64))[rank], shape
+
+
 def _left_padded(rank, world_size):
     ref_model, model = zoo.make_model("llama"), zoo.make_model("llama")
     long, short = _prompt(1, 7, seed=4)[0], _prompt(1, 4, seed=5)[0]
@@ -138,10 +213,14 @@ def _smollm2(rank, world_size, path):
 
 
 @pytest.mark.slow
-def test_smollm2_tp3_64_tokens():
+@pytest.mark.parametrize("tp_size", [2, 3, 4])
+def test_smollm2_64_tokens(tp_size):
+    """The real SmolLM2-135M-Instruct (9 query heads, 3 KV heads), loaded rank by rank from
+    safetensors: 64 greedy tokens identical to one process at TP=3 (heads split evenly) and
+    at TP=2 and TP=4 (heads split unevenly, issue 15)."""
     from tp_backend.models import smollm2_checkpoint
 
-    for got, ref, stats in run_distributed(_smollm2, 3, smollm2_checkpoint()):
+    for got, ref, stats in run_distributed(_smollm2, tp_size, smollm2_checkpoint()):
         assert got == ref
         assert stats["solves"] <= 5, stats
 

@@ -35,6 +35,30 @@ def test_plan_cli_llama70b_tp8(tmp_path):
     assert per_rank < full / 8 * 1.01  # only the norms are replicated
 
 
+SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+                "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "num_hidden_layers": 30, "vocab_size": 49152, "tie_word_embeddings": True,
+                "max_position_embeddings": 8192, "rms_norm_eps": 1e-05}
+
+
+def test_plan_cli_shows_uneven_heads(tmp_path):
+    """Issue 15: SmolLM2-135M's 9 heads at TP=2 go 5 + 4; the plan shows the ranks' sizes
+    of the query projection's rows and the output projection's columns as ``320|256``,
+    the key/value projections whole (3 KV heads cannot follow 5 + 4), and no warning."""
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    out = subprocess.run([sys.executable, "-m", "tp_backend", "plan", str(tmp_path), "--tp", "2",
+                          "--layers", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    print(text)
+    assert re.search(r"column\s+self_attn\.q_proj\.weight\s+\[576, 576\] -> \[320\|256, 576\]", text)
+    assert re.search(r"row\s+self_attn\.o_proj\.weight\s+\[576, 576\] -> \[576, 320\|256\]", text)
+    assert re.search(r"replicate\s+self_attn\.k_proj\.weight\s+\[192, 576\] -> \[192, 576\]", text)
+    assert re.search(r"row\s+mlp\.down_proj\.weight\s+\[576, 1536\] -> \[576, 768\]", text)
+    assert "layers 0-1 (each): 2 all-reduce" in text
+    assert "TPDivisibilityError" not in out.stderr and "not divisible" not in out.stderr
+
+
 # transformers' style -> our layout
 _STYLE = {"colwise": "column", "colwise_gather_output": "column", "packed_colwise": "column",
           "rowwise": "row", "rowwise_split_input": "row",

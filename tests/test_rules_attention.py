@@ -1,5 +1,6 @@
 """Leaf-op rules: attention split over heads (with GQA and masks) and cross-entropy."""
 
+import pytest
 import torch
 
 import tp_backend.leaf_ops  # noqa: F401 - registers the leaf ops and their rules
@@ -24,6 +25,29 @@ def test_replicated_kv_sliced_and_gqa():
     # 4 query heads, 2 KV heads, TP=2: each rank keeps 2 query heads and their KV head.
     q, k, v = r(2, 4, 5, 3), r(2, 2, 5, 3), r(2, 2, 5, 3)
     check(lambda q, k, v: sdpa(q, k, v, enable_gqa=True), [q, k, v], [Shard(1), R, R],
+          expect=Shard(1))
+
+
+@pytest.mark.parametrize("tp_size", [2, 3, 4])
+def test_uneven_query_heads(tp_size):
+    """SmolLM2's shape (issue 15): 9 query heads, 3 KV heads. The query heads split unevenly
+    (5 + 4 at TP=2); keys and values expanded by ``repeat_kv`` are sliced to the same heads,
+    and with ``enable_gqa`` each rank takes the KV heads its query heads use (rank 1 of
+    TP=2 holds query heads 5..8, which use KV heads 1, 2, 2, 2: repeated per query head)."""
+    uneven = Shard(1, units=9)
+    q, k9, v9 = r(2, 9, 5, 3), r(2, 9, 6, 3), r(2, 9, 6, 2)
+    check(lambda q, k, v: sdpa(q, k, v, is_causal=True), [q, k9, v9], [uneven, R, R],
+          tp_size=tp_size, expect=uneven)
+    mask = r(2, 9, 5, 6)
+    check(lambda q, k, v, m: sdpa(q, k, v, m), [q, k9, v9, mask], [uneven, R, R, R],
+          tp_size=tp_size, expect=uneven)
+    k3, v3 = r(2, 3, 5, 3), r(2, 3, 5, 3)
+    check(lambda q, k, v: sdpa(q, k, v, enable_gqa=True), [q, k3, v3], [uneven, R, R],
+          tp_size=tp_size, expect=uneven)
+    # 12 query heads split evenly at TP=2 (6 + 6) over 3 KV heads: rank 0 needs KV heads
+    # 0 and 1, rank 1 heads 1 and 2
+    q12 = r(2, 12, 5, 3)
+    check(lambda q, k, v: sdpa(q, k, v, enable_gqa=True), [q12, k3, v3], [Shard(1), R, R],
           expect=Shard(1))
 
 

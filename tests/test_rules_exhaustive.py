@@ -74,6 +74,10 @@ def placements_of(x: torch.Tensor, n: int):
             out.append(Shard(d))
         if size % (2 * n) == 0:
             out.append(Shard(d, outer=2))
+        # an uneven split (issue 15): the finest units n does not divide
+        units = [u for u in range(n + 1, size + 1) if size % u == 0 and u % n]
+        if units:
+            out.append(Shard(d, units=units[-1]))
     return out
 
 
@@ -95,9 +99,14 @@ def check_sample(sample):
                 if dec is None:
                     refused += 1
                     continue
+                # uneven splits: each rank's own local arguments
+                per_rank = [decide(node, phs, list(combo), tp_size=n, params=params,
+                                   tp_rank=r)[0] for r in range(n)] if any(
+                    isinstance(p, Shard) and p.units for p in combo) else None
                 try:
                     simulate(node, phs, inputs, list(combo), dec, tp_size=n, rtol=tol,
-                             atol=tol, same_rng=sample.same_rng, shape_only=sample.shape_only)
+                             atol=tol, same_rng=sample.same_rng, shape_only=sample.shape_only,
+                             per_rank=per_rank)
                     ok += 1
                 except Exception as e:  # noqa: BLE001 - a wrong value and a crash both refute
                     failures.append(f"{node.target} at tp_size={n}, inputs {list(combo)}, "

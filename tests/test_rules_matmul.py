@@ -27,8 +27,27 @@ def test_no_seed_for_activations_or_when_vetoed():
           seeds_allowed=False, expect=R)
 
 
-def test_no_seed_when_out_features_do_not_divide():
-    check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 7)], [R, R], params=[1], expect=R)
+def test_uneven_seed_when_out_features_do_not_divide():
+    """7 features at TP=2 split 4 + 3 (issue 15: uneven splits), checked rank by rank."""
+    dec = check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 7)], [R, R], params=[1],
+                expect=Shard(1, units=7))
+    assert dec.seed == "column"
+    check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 2)], [R, R], params=[1], tp_size=3,
+          expect=R)  # fewer features than ranks: whole
+
+
+def test_seed_in_whole_heads_when_asked():
+    """A consumer that views the features as 3 heads of 4 asks for whole heads: at TP=2
+    the heads go 2 + 1 (8 + 4 features); at TP=3 one head each, the plain split."""
+    check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 12)], [R, R], params=[1], units=3,
+          expect=Shard(1, units=3))
+    check(lambda x, b: aten.mm(x, b), [r(5, 8), r(8, 12)], [R, R], params=[1], units=3,
+          tp_size=3, expect=Shard(1))
+
+
+def test_row_parallel_of_an_uneven_split_gives_partial():
+    check(lambda x, b: aten.mm(x, b), [r(5, 9), r(9, 6)], [Shard(1, units=3), R], params=[1],
+          expect=P)
 
 
 def test_row_parallel_gives_partial():

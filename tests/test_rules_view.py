@@ -43,15 +43,46 @@ def test_merge_batch_and_heads_is_a_strided_shard():
     check(lambda x: aten.view(x, [2, 4, 5, 5]), [r(8, 5, 5)], [Shard(0, outer=2)], expect=Shard(1))
 
 
-def test_indivisible_heads_refused_with_a_note():
-    # 9 heads over 2 ranks: no exact split; the note says why (the pipeline warns, or raises
-    # TPDivisibilityError under fallback="raise").
+def test_indivisible_heads_ask_the_seed_for_whole_heads():
+    """9 heads over 2 ranks (issue 15): the view asks the seed to deal out whole heads
+    (5 + 4) and refuses this round; only where no seed can be asked (several seeds, fewer
+    heads than ranks) is it an ``Indivisible`` note (the pipeline warns, or raises
+    TPDivisibilityError under fallback="raise")."""
     gm, node = trace(lambda x: aten.view(x, [2, 3, 9, 4]), [r(2, 3, 36)])
     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    dec, notes = decide(node, ph, [Shard(2)])
+    ctxs = []
+    dec, notes = decide(node, ph, [Shard(2)], ctx_out=ctxs)
+    assert dec is None and ctxs[0].units_asked == 9
+    assert not any(isinstance(n, Indivisible) for n in notes), notes
+    dec, notes = decide(node, ph, [Shard(2)], units_ok=False)
     assert dec is None
     assert len(notes) == 1 and isinstance(notes[0], Indivisible), notes
     assert "9 groups" in notes[0] and "tp_size=2" in notes[0], notes
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_uneven_heads_pass_through_views(tp_size):
+    """Features dealt out in whole heads (9 heads: 5 + 4 at TP=2, 3 + 2 + 2 + 2 at TP=4)
+    become a shard of the heads dim with each rank's own head count, and merge back."""
+    dec = check(lambda x: aten.view(x, [2, 3, 9, 4]), [r(2, 3, 36)], [Shard(2, units=9)],
+                tp_size=tp_size, expect=Shard(2, units=9))
+    assert dec.args[1] == [2, 3, 5 if tp_size == 2 else 3, 4]  # rank 0's heads
+    check(lambda x: aten.view(x, [2, 3, 36]), [r(2, 3, 9, 4)], [Shard(2, units=9)],
+          tp_size=tp_size, expect=Shard(2, units=9))
+    check(lambda x: aten.view(x, [18, 3, 4]), [r(2, 9, 3, 4)], [Shard(1, units=9)],
+          tp_size=tp_size, expect=Shard(0, outer=2, units=9))
+    # a split finer than the units (each head in 3 groups of 12) keeps whole heads
+    check(lambda x: aten.view(x, [2, 3, 27, 12]), [r(2, 3, 324)], [Shard(2, units=9)],
+          tp_size=tp_size, expect=Shard(2, units=9))
+    # repeat_kv's expand of unevenly split KV heads
+    check(lambda x: aten.expand(x, [2, 3, 2, 5, 4]), [r(2, 3, 1, 5, 4)], [Shard(1, units=3)],
+          expect=Shard(1, units=3))
+
+
+def test_uneven_heads_refuse_a_view_that_cuts_a_head():
+    # 3 units (heads of 12) viewed as 2 groups of 18: a head would straddle two indices
+    out, why = map_view_shard((2, 36), (2, 2, 18), Shard(1, units=3), 2)
+    assert out is None and why == ("indivisible", 2, 2)
 
 
 def test_inner_dim_shard_cannot_merge_with_outer():

@@ -35,6 +35,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -66,6 +67,7 @@ class ShardInfo:
     outer: int = 1
     blocks: tuple | None = None  # see tp_backend.placement.Shard
     padded: int | None = None  # dim size after zero padding (a vocabulary, see padding.py)
+    units: int | None = None  # an uneven split (see tp_backend.placement.Shard)
 
     def ranges(self) -> list:
         """``(start, length)`` ranges of dim ``dim`` this rank holds, in local order
@@ -73,7 +75,8 @@ class ShardInfo:
         from .layers import shard_ranges
 
         size = self.padded or self.global_shape[self.dim]
-        return shard_ranges(size, self.outer, self.tp_rank, self.tp_size, self.blocks)
+        return shard_ranges(size, self.outer, self.tp_rank, self.tp_size, self.blocks,
+                            self.units)
 
     def take(self, read, dtype: torch.dtype) -> torch.Tensor:
         """This rank's shard, from ``read(start, length)`` of the real rows (zero rows
@@ -381,7 +384,7 @@ class _Runner:
                 args[idx] = held[1]  # contiguous (see _split_outputs)
             else:  # a whole tensor where a split one was expected: take this rank's part
                 args[idx] = layers.local_shard(t, shard.dim, shard.outer, c.plan.tp_rank,
-                                               c.plan.tp_size, shard.blocks)
+                                               c.plan.tp_size, shard.blocks, shard.units)
         if anchor is not None and c.plan.params:
             # A split graph is an inference graph: run it without recording autograd
             # history, and make backward through its outputs raise a clear error.
@@ -654,7 +657,8 @@ class TPAutoBackend:
 
     def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in,
                            aliases, names: NameIndex, buffer_names: dict, use_shm: bool):
-        pre = {i: Shard(info.dim, info.outer, info.blocks) for i, info in presharded.items()}
+        pre = {i: Shard(info.dim, info.outer, info.blocks, info.units)
+               for i, info in presharded.items()}
         pre.update(local_in)
         # State the graph writes into is named like a buffer; inputs that are neither
         # (a static KV cache) are labelled with Dynamo's description of the input, shown as
@@ -679,24 +683,34 @@ class TPAutoBackend:
                                                sol.param_role[node],
                                                tuple(int(d) for d in node.meta["val"].shape),
                                                opts.tp_rank, opts.tp_size, opts.group_name,
-                                               s.outer, s.blocks, sol.param_padding.get(node))))
+                                               s.outer, s.blocks, sol.param_padding.get(node),
+                                               s.units)))
             specs.sort(key=lambda x: x[0])
             sharded = {i for i, _ in specs}
             params = set(all_params) | set(sol.stored_inputs)
             local_in = {i: s for i, s in all_local_in.items() if i not in sharded}
-            local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size)
+            local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size,
+                                       opts.tp_rank)
             t0 = time.perf_counter()
+            failure = None
             try:
-                selfcheck.check_local_graph(aten_gm, sol, local_fakes, fake_mode, opts.tp_size)
+                selfcheck.check_local_graph(aten_gm, sol, local_fakes, fake_mode, opts.tp_size,
+                                            opts.tp_rank)
             except TPPassError as e:
+                failure = e
+            if _uneven(sol):
+                # The ranks' local shapes differ, so may their self-checks: every rank
+                # vetoes what any rank found (the plans must stay the same).
+                failure = _agree_on_failure(failure, opts)
+            if failure is not None:
                 # Veto the seeds whose split reached the bad value and solve again: a
                 # correct, partly replicated graph. No new seed to blame: give up (the
                 # caller falls back to running the graph replicated).
-                blame = {k: v for k, v in e.seeds.items() if k not in veto}
+                blame = {k: v for k, v in failure.seeds.items() if k not in veto}
                 if not blame:
-                    raise
+                    raise failure
                 log.warning("tp_auto: self-check: %s. Replicating %s and solving again.",
-                            e.detail, ", ".join(blame[k] for k in sorted(blame)))
+                            failure.detail, ", ".join(blame[k] for k in sorted(blame)))
                 veto |= set(blame)
                 continue
             plan.timings["self_check_s"] = time.perf_counter() - t0
@@ -706,6 +720,32 @@ class TPAutoBackend:
         run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
                          local_in, dict(sol.local_outputs), run, labels)
+
+
+def _uneven(sol) -> bool:
+    """Whether a value of the solution is split unevenly (its local shape depends on the
+    rank)."""
+    return any(isinstance(p, Shard) and p.units is not None for p in sol.placements.values())
+
+
+def _agree_on_failure(failure: TPPassError | None, opts) -> TPPassError | None:
+    """The self-check failures of every rank of the group, merged (one all-gather of the
+    blamed seeds' names, which are the same on every rank: the graph is)."""
+    mine = (failure.detail, dict(failure.seeds)) if failure is not None else None
+    found = [None] * opts.tp_size
+    dist.all_gather_object(found, mine, group=opts.tp_group)
+    found = [f for f in found if f is not None]
+    if not found:
+        return None
+    if failure is not None:
+        for _, seeds in found:
+            failure.seeds.update(seeds)
+        return failure
+    detail, seeds = found[0]
+    for _, more in found[1:]:
+        seeds.update(more)
+    msg = f"tp_auto: self-check (on another rank): {detail}"
+    return TPPassError(msg, "self-check", f"(on another rank) {detail}", seeds=seeds)
 
 
 def _input_labels(gm: fx.GraphModule, buffer_names: dict) -> dict:
@@ -723,7 +763,8 @@ def _graph_modules(gm: fx.GraphModule, names: NameIndex) -> str:
     return repr(paths[0]) if paths[0] == paths[-1] else f"{paths[0]!r} ... {paths[-1]!r}"
 
 
-def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: int) -> list:
+def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: int,
+                 tp_rank: int = 0) -> list:
     """Fake inputs of the local graph: a sharded parameter or stored state has its local
     shard's shape (the padded size / N on the split dim), a value kept split its local
     part's; other inputs are as Dynamo traced them. Detached: the local graph is an
@@ -736,7 +777,7 @@ def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: i
         shape = list(f.shape)
         if i in specs:
             info = specs[i]
-            shape[info.dim] = (info.padded or info.global_shape[info.dim]) // tp_size
+            shape[info.dim] = sum(n for _, n in info.ranges())
         elif i in local_in:
             shape[local_in[i].dim] = shape[local_in[i].dim] // tp_size
         else:

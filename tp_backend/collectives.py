@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import shm
+from .placement import Shard
 
 __all__ = ["all_reduce", "all_gather"]
 
@@ -30,8 +31,8 @@ def all_reduce(x: torch.Tensor, group_name: str, use_shm: bool = False) -> torch
 
 def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str,
                blocks: tuple | None = None, tp_rank: int | None = None,
-               use_shm: bool = False) -> torch.Tensor:
-    """Inverse of a ``Shard(dim, outer, blocks)`` split: each rank holds, for every block
+               use_shm: bool = False, units: int | None = None) -> torch.Tensor:
+    """Inverse of a ``Shard(dim, outer, blocks, units)`` split: each rank holds, for every block
     (``outer`` equal blocks, or the given ``blocks``), its chunk of it; returns the whole
     tensor on every rank.
 
@@ -46,6 +47,8 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
     transposing element by element.
     """
     x = x.contiguous()
+    if units is not None:
+        return _all_gather_uneven(x, dim, outer, tp_size, group_name, units, tp_rank)
     shape = list(x.shape)
     pieces = ([b // tp_size for b in blocks] if blocks is not None
               else [shape[dim] // outer] * outer)
@@ -63,3 +66,25 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
         s = list(p.shape)
         parts.append(p.reshape(s[:dim] + [s[dim] * s[dim + 1]] + s[dim + 2:]))
     return torch.cat(parts, dim=dim)
+
+
+def _all_gather_uneven(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str,
+                       units: int, tp_rank: int) -> torch.Tensor:
+    """All-gather of an uneven split (``Shard(dim, outer, units=units)``): rank ``r`` holds
+    ``c_r`` units of every one of the ``outer`` blocks. Every rank pads its part to the
+    largest (``c_0`` units per block), the padded parts are gathered, and each rank's real
+    units are put back in place, block by block."""
+    counts = Shard(dim, outer, units=units).unit_counts(tp_size)
+    unit = x.shape[dim] // (outer * counts[tp_rank])
+    shape = list(x.shape)
+    pad = counts[0] * outer * unit - shape[dim]
+    if pad:
+        x = torch.cat([x, x.new_zeros(shape[:dim] + [pad] + shape[dim + 1:])], dim=dim)
+    g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x, tp_size, group_name))
+    g = g.view(tp_size, *x.shape)  # [N, *padded local]
+    blocks = [[] for _ in range(outer)]
+    for r in range(tp_size):
+        part = g[r].narrow(dim, 0, counts[r] * outer * unit)
+        for j, piece in enumerate(part.split(counts[r] * unit, dim=dim)):
+            blocks[j].append(piece)
+    return torch.cat([t for b in blocks for t in b], dim=dim)

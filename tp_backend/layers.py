@@ -63,29 +63,41 @@ def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_star
 
 
 def shard_ranges(size: int, outer: int, tp_rank: int, tp_size: int,
-                 blocks: tuple | None = None) -> list[tuple[int, int]]:
+                 blocks: tuple | None = None, units: int | None = None) -> list[tuple[int, int]]:
     """``(start, length)`` ranges of a dim of global ``size`` that rank ``tp_rank`` holds
-    under ``Shard(dim, outer, blocks)``, in local order."""
-    out, off = [], 0
-    for b in Shard(0, outer, blocks).block_sizes(size):
-        step = b // tp_size
-        out.append((off + tp_rank * step, step))
-        off += b
-    return out
+    under ``Shard(dim, outer, blocks, units)``, in local order."""
+    return Shard(0, outer, blocks, units).ranges(size, tp_rank, tp_size)
 
 
 def local_shard(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
-                blocks: tuple | None = None) -> torch.Tensor:
+                blocks: tuple | None = None, units: int | None = None) -> torch.Tensor:
     """Chunk ``tp_rank`` of ``tp_size`` of dim ``dim`` of a replicated ``x`` under
-    ``Shard(dim, outer, blocks)`` (see :mod:`tp_backend.placement`), as a contiguous tensor."""
-    ranges = shard_ranges(x.shape[dim], outer, tp_rank, tp_size, blocks)
+    ``Shard(dim, outer, blocks, units)`` (see :mod:`tp_backend.placement`), as a contiguous
+    tensor."""
+    ranges = shard_ranges(x.shape[dim], outer, tp_rank, tp_size, blocks, units)
     if len(ranges) == 1:
         start, step = ranges[0]
         return x.narrow(dim, start, step).contiguous()
     return torch.cat([x.narrow(dim, start, step) for start, step in ranges], dim=dim)
 
 
-def kv_head_slice(x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
-    """KV-head replication: the one KV head (``x: [B, Hkv, S, D]`` -> ``[B, 1, S, D]``)
-    that this rank's query heads attend with (see :class:`~tp_backend.placement.HeadGroup`)."""
-    return x.narrow(dim, index, 1).contiguous()
+def kv_head_slice(x: torch.Tensor, dim: int, heads: tuple) -> torch.Tensor:
+    """The KV heads (``x: [B, Hkv, S, D]`` -> ``[B, len(heads), S, D]``) that this rank's
+    query heads attend with (see :class:`~tp_backend.placement.HeadGroup`): a run of
+    consecutive heads is a slice; a head repeated for several query heads is expanded
+    ``repeat_kv``-style, one run at a time."""
+    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        return x.narrow(dim, heads[0], len(heads)).contiguous()
+    runs = []  # [head, repeats]
+    for h in heads:
+        if runs and runs[-1][0] == h:
+            runs[-1][1] += 1
+        else:
+            runs.append([h, 1])
+    parts = []
+    for h, count in runs:
+        one = x.narrow(dim, h, 1)
+        shape = list(one.shape)
+        shape[dim] = count
+        parts.append(one.expand(shape))
+    return torch.cat(parts, dim=dim)

@@ -102,7 +102,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     pre = {stand_in[ph[i]]: s for i, s in presharded.items()}
     for i, role in (roles or {}).items():
         stand_in[ph[i]].meta["tp_role"] = role
-    sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
+    sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size, tp_rank=tp_rank,
                 params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto))
     for why in sol.indivisible:
         if strict_divisibility:
@@ -127,14 +127,19 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         for d in shape:
             nbytes *= d
         local = list(shape)
+        rank_sizes = ()
         if s is not None:
-            local[s.dim] = sol.param_padding.get(node, local[s.dim]) // tp_size
+            size = sol.param_padding.get(node, local[s.dim])
+            local[s.dim] = s.local_size(size, tp_rank, tp_size)
             nbytes_local = nbytes // shape[s.dim] * local[s.dim]
+            if s.units is not None:
+                rank_sizes = tuple(s.local_size(size, r, tp_size) for r in range(tp_size))
         else:
             nbytes_local = nbytes
         plan.params[fqns[i]] = ParamPlan(fqns[i], sol.param_role[node],
                                          s.dim if s is not None else None, shape, tuple(local),
-                                         nbytes, nbytes_local, (aliases or {}).get(i, ()))
+                                         nbytes, nbytes_local, (aliases or {}).get(i, ()),
+                                         rank_sizes)
     plan.replicated_ops = [(describe(n), why) for n, why in sol.notes]
     plan.demoted = [describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
     for n, why in sol.notes:

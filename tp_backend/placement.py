@@ -11,6 +11,11 @@ one mesh axis:
   ``blocks`` generalises it to unequal consecutive blocks (a fused ``[q | k | v]``
   projection): each block is split into ``N`` chunks and a rank holds its chunk of every
   block, in order.
+  ``units`` makes the split uneven (heads that ``N`` does not divide, 9 heads at TP=2):
+  every block is read as ``units`` equal units (heads, or single features) and rank ``r``
+  holds a consecutive run of them, dealt as :func:`torch.tensor_split` deals ``units``
+  items into ``N`` parts (the first ``units % N`` ranks one more: 9 heads -> 5 + 4). Local
+  sizes then differ by rank; the rules that change shapes ask :meth:`Shard.local_size`.
 * :class:`Partial` -- every rank holds a tensor of the full shape whose element-wise sum
   over the ranks is the true value (the output of a row-parallel matmul before all-reduce).
 
@@ -49,6 +54,7 @@ class Shard(Placement):
     dim: int
     outer: int = 1
     blocks: tuple | None = None  # unequal blocks (fused q/k/v), each split N ways
+    units: int | None = None  # uneven split: each block is this many units, dealt out
 
     def __post_init__(self):
         if self.blocks is not None:
@@ -57,14 +63,51 @@ class Shard(Placement):
                 object.__setattr__(self, "blocks", None)
             elif self.outer != 1:
                 raise ValueError("a Shard has either outer or blocks")
+            elif self.units is not None:
+                raise ValueError("an uneven Shard has no unequal blocks")
 
     def moved(self, dim: int) -> "Shard":
         """The same split on another dim (after a permute, squeeze, broadcast...)."""
-        return Shard(dim, self.outer, self.blocks)
+        return Shard(dim, self.outer, self.blocks, self.units)
 
     @property
     def plain(self) -> bool:
-        return self.outer == 1 and self.blocks is None
+        return self.outer == 1 and self.blocks is None and self.units is None
+
+    def unit_counts(self, tp_size: int) -> list:
+        """Units per rank of every block under an uneven split, as
+        :func:`torch.tensor_split` deals ``units`` items into ``tp_size`` parts."""
+        q, r = divmod(self.units, tp_size)
+        return [q + (k < r) for k in range(tp_size)]
+
+    def ranges(self, size: int, tp_rank: int, tp_size: int) -> list:
+        """``(start, length)`` ranges of a dim of global ``size`` that rank ``tp_rank``
+        holds, in local order (one per block)."""
+        out, off = [], 0
+        for b in self.block_sizes(size):
+            if self.units is None:
+                step = b // tp_size
+                out.append((off + tp_rank * step, step))
+            else:
+                unit = b // self.units
+                counts = self.unit_counts(tp_size)
+                out.append((off + sum(counts[:tp_rank]) * unit, counts[tp_rank] * unit))
+            off += b
+        return out
+
+    def local_size(self, size: int, tp_rank: int, tp_size: int) -> int:
+        """Size on rank ``tp_rank`` of a sharded dim of global ``size``."""
+        if self.units is None:
+            return size // tp_size
+        return size // self.units * self.unit_counts(tp_size)[tp_rank]
+
+    def splits(self, size: int, tp_size: int) -> bool:
+        """Whether every block of a dim of global ``size`` splits as the placement says:
+        ``tp_size`` equal chunks, or (uneven) at least one whole unit per rank."""
+        blocks = self.block_sizes(size)
+        if self.units is None:
+            return all(b >= tp_size and b % tp_size == 0 for b in blocks)
+        return self.units >= tp_size and all(b % self.units == 0 for b in blocks)
 
     def block_sizes(self, size: int) -> tuple:
         """The consecutive blocks of a dim of global ``size``, each split ``N`` ways: the
@@ -76,7 +119,10 @@ class Shard(Placement):
     def __repr__(self) -> str:
         if self.blocks is not None:
             return f"S({self.dim},blocks={list(self.blocks)})"
-        return f"S({self.dim})" if self.outer == 1 else f"S({self.dim},outer={self.outer})"
+        extra = "" if self.outer == 1 else f",outer={self.outer}"
+        if self.units is not None:
+            extra += f",units={self.units}"
+        return f"S({self.dim}{extra})"
 
 
 @dataclass(frozen=True)
@@ -88,21 +134,33 @@ class Partial(Placement):
 @dataclass(frozen=True)
 class HeadGroup(Placement):
     """Conversion target for the keys/values of grouped-query attention when the KV heads
-    do not split across the ranks (vLLM's KV-head replication): dim ``dim`` holds
-    ``kv_heads`` heads, each serving ``q_heads / kv_heads`` query heads; rank ``r`` keeps
-    the single KV head its ``q_heads / N`` query heads use. Never a value's placement, only
-    what a replicated operand is sliced to."""
+    do not split with the query heads (fewer KV heads than ranks, as vLLM replicates them,
+    or query heads split unevenly): dim ``dim`` holds ``kv_heads`` heads, each serving
+    ``q_heads / kv_heads`` query heads; the rank keeps the KV heads its query heads use
+    (split as ``Shard(dim, units=q_units)``). Never a value's placement, only what a
+    replicated operand is sliced to."""
 
     dim: int
     q_heads: int
     kv_heads: int
+    q_units: int | None = None
 
     def __repr__(self) -> str:
         return f"KV({self.dim},{self.kv_heads}->{self.q_heads})"
 
-    def local_index(self, tp_rank: int, tp_size: int) -> int:
+    def local_heads(self, tp_rank: int, tp_size: int) -> tuple:
+        """The KV heads rank ``tp_rank`` keeps, in order: one per group of its query heads
+        when they come in whole groups (the local attention stays grouped), else one per
+        query head (the keys repeated as ``repeat_kv`` would)."""
+        (start, length), = Shard(self.dim, units=self.q_units).ranges(self.q_heads, tp_rank,
+                                                                       tp_size)
         group = self.q_heads // self.kv_heads
-        return (tp_rank * (self.q_heads // tp_size)) // group
+        per_q = [(start + i) // group for i in range(length)]
+        if len(set(per_q)) == 1:
+            return (per_q[0],)
+        if start % group == 0 and length % group == 0:
+            return tuple(range(start // group, (start + length) // group))
+        return tuple(per_q)
 
 
 REPLICATE = Replicate()

@@ -20,7 +20,9 @@ class ParamPlan:
     """One parameter: ``layout`` and ``shard_dim`` (``None`` if replicated); shapes in
     elements, ``nbytes_local``/``nbytes_global`` in bytes. ``fqn`` is the name the model's
     ``named_parameters()`` gives it; ``aliases`` its other names when it is tied (e.g.
-    ``lm_head.weight`` for ``model.embed_tokens.weight``)."""
+    ``lm_head.weight`` for ``model.embed_tokens.weight``). ``rank_sizes``: the split dim's
+    size on each rank, where an uneven split (heads that ``tp_size`` does not divide) gives
+    the ranks different sizes; empty otherwise."""
 
     fqn: str
     layout: str
@@ -30,6 +32,14 @@ class ParamPlan:
     nbytes_global: int
     nbytes_local: int
     aliases: tuple = ()
+    rank_sizes: tuple = ()
+
+    def shape_text(self) -> str:
+        """The local shape, the split dim as ``5|4`` where the ranks' sizes differ."""
+        dims = [str(d) for d in self.local_shape]
+        if self.rank_sizes:
+            dims[self.shard_dim] = "|".join(map(str, self.rank_sizes))
+        return "[" + ", ".join(dims) + "]"
 
 
 @dataclass(frozen=True)

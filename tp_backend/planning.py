@@ -109,7 +109,7 @@ def format_plan(plan: TPPlan, title: str = "") -> str:
     per_ag = plan.collectives_per_layer("all_gather")
 
     def describe(layer):
-        rows = [(_rel(p.fqn), p.layout, p.global_shape, p.local_shape) for p in by_layer[layer]]
+        rows = [(_rel(p.fqn), p.layout, p.global_shape, p.shape_text()) for p in by_layer[layer]]
         return tuple(sorted(rows)), per_ar.get(layer, 0), per_ag.get(layer, 0)
 
     lines = [title] if title else []
@@ -125,11 +125,11 @@ def format_plan(plan: TPPlan, title: str = "") -> str:
     if None in by_layer:
         rows, ar, ag = describe(None)
         lines.append(f"outside the layers: {ar} all-reduce, {ag} all-gather")
-        lines += [f"  {lay:9s} {name:50s} {list(g)} -> {list(l)}" for name, lay, g, l in rows]
+        lines += [f"  {lay:9s} {name:50s} {list(g)} -> {l}" for name, lay, g, l in rows]
     for first, last, (rows, ar, ag) in groups:
         span = f"layer {first}" if first == last else f"layers {first}-{last} (each)"
         lines.append(f"{span}: {ar} all-reduce, {ag} all-gather")
-        lines += [f"  {lay:9s} {name:50s} {list(g)} -> {list(l)}" for name, lay, g, l in rows]
+        lines += [f"  {lay:9s} {name:50s} {list(g)} -> {l}" for name, lay, g, l in rows]
     local, full = plan.param_bytes()
     lines.append(f"parameter bytes per rank: {local / 2**30:.3f} GiB; full model: "
                  f"{full / 2**30:.3f} GiB ({local / max(full, 1):.1%})")

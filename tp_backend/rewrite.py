@@ -67,15 +67,15 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             elif c.kind.startswith("all_gather"):
                 cur = graph.call_function(collectives.all_gather,
                                           (cur, c.have.dim, c.have.outer, tp_size, group_name,
-                                           c.have.blocks, tp_rank, use_shm))
+                                           c.have.blocks, tp_rank, use_shm, c.have.units))
                 record("all_gather", c.src)
             if isinstance(c.want, HeadGroup):
                 cur = graph.call_function(layers.kv_head_slice,
-                                          (cur, c.want.dim, c.want.local_index(tp_rank, tp_size)))
+                                          (cur, c.want.dim, c.want.local_heads(tp_rank, tp_size)))
             elif c.kind.endswith("slice"):
                 cur = graph.call_function(layers.local_shard,
                                           (cur, c.want.dim, c.want.outer, tp_rank, tp_size,
-                                           c.want.blocks))
+                                           c.want.blocks, c.want.units))
         cur.meta.update({k: c.src.meta[k] for k in ("tp_source", "tp_module") if k in c.src.meta})
         cache[key] = cur
         return cur

@@ -35,14 +35,14 @@ def _same(a, b) -> bool:
     return int(a) == int(b)
 
 
-def _expected(node: fx.Node, p: Placement, tp_size: int):
+def _expected(node: fx.Node, p: Placement, tp_rank: int, tp_size: int):
     shape = list(node.meta["val"].shape)
     if p.is_shard():
         d = shape[p.dim]
         if isinstance(d, torch.SymInt):
             shape[p.dim] = None  # not compared
         else:
-            shape[p.dim] = d // tp_size
+            shape[p.dim] = p.local_size(int(d), tp_rank, tp_size)
     return shape
 
 
@@ -54,9 +54,10 @@ class _Recorder(fx.Interpreter):
     """Runs the graph node by node; stops at the first node that fails or whose shape
     differs from its placement's (the reason in ``failure``)."""
 
-    def __init__(self, gm, placements, tp_size):
+    def __init__(self, gm, placements, tp_rank, tp_size):
         super().__init__(gm)
         self.placements = placements  # node -> Placement, for the nodes to compare
+        self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.failure = None
         self.node = None
@@ -71,7 +72,7 @@ class _Recorder(fx.Interpreter):
             raise _Stop from e
         p = self.placements.get(n)
         if p is not None and isinstance(out, torch.Tensor):
-            want = _expected(n, p, self.tp_size)
+            want = _expected(n, p, self.tp_rank, self.tp_size)
             got = list(out.shape)
             if len(got) != len(want) or not all(w is None or _same(g, w)
                                                 for g, w in zip(got, want)):
@@ -83,7 +84,7 @@ class _Recorder(fx.Interpreter):
 
 
 def check_local_graph(gm: fx.GraphModule, sol: Solution, local_inputs: list, fake_mode,
-                      tp_size: int) -> None:
+                      tp_size: int, tp_rank: int = 0) -> None:
     """Run this rank's rewritten graph ``gm`` on ``local_inputs`` (fake tensors of the
     local shapes, in ``fake_mode``) and compare each value with its placement in ``sol``.
 
@@ -96,7 +97,7 @@ def check_local_graph(gm: fx.GraphModule, sol: Solution, local_inputs: list, fak
     placements = {n: p for n in gm.graph.nodes if n.op == "call_function"
                   and isinstance(p := sol.placements.get(n), Placement)
                   and isinstance(n.meta.get("val"), torch.Tensor)}
-    rec = _Recorder(gm, placements, tp_size)
+    rec = _Recorder(gm, placements, tp_rank, tp_size)
     try:
         with fake_mode:
             rec.run(*local_inputs)

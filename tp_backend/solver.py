@@ -12,6 +12,9 @@ Algorithm (iterative, deterministic, linear in graph size per round):
    evaluation), the input must be all-gathered. Inside the graph that is a conflict: the
    tainting seeds are demoted (replicated) and the pass is run again. At graph outputs and
    losses the all-gather is accepted (an LM head gathers its logits).
+   Consumers may also send a seed a *preference* for the next round: the block layout of
+   a fused projection (``ctx.prefer``), or whole units for a split ``N`` does not divide
+   (``ctx.prefer_units``: 9 heads dealt 5 + 4 instead of 288 features each).
 3. Repeat until no conflict is left. Each round demotes at least one seed, so it ends;
    all conflicts of a round are collected at once, so identical layers are fixed in the
    same round and the round count does not grow with depth.
@@ -28,6 +31,7 @@ it stays whole and the uses that need a shard slice it locally.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import time
 from collections import defaultdict
@@ -38,7 +42,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .placement import REPLICATE, Placement, Shard
-from .rules import Decision, Indivisible, divisible, lookup, replicate_all, tensor_inputs
+from .rules import Decision, Indivisible, lookup, replicate_all, static_int, tensor_inputs
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +98,9 @@ class Solution:
 
 class _Ctx:
     def __init__(self, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
-                 new_prefs, forced, largest_param=0):
+                 new_prefs, forced, largest_param=0, tp_rank=0):
         self.tp_size = tp_size
+        self.tp_rank = tp_rank
         self._largest_param = largest_param
         self._reduced = reduced
         self._prefs = prefs
@@ -141,6 +146,31 @@ class _Ctx:
         new = frozenset(cur | set(cuts) | {0, int(size)})
         if new != cur:
             self._new_prefs[seed] = new
+
+    def prefer_units(self, value, dim, units: int) -> bool:
+        """A consumer of ``value`` could use it if its seed dealt dim ``dim`` out in whole
+        groups of ``size / units`` (heads): the seed's units become the greatest common
+        divisor of every such request. ``False`` where no single seed made the dim or the
+        units left would be fewer than the ranks (the caller then keeps it whole)."""
+        seeds = self._taint.get(value, ())
+        if len(seeds) != 1:
+            return False
+        seed, = seeds
+        size = static_int(value.meta["val"].shape[dim])
+        if size is None or seed.meta["val"].shape[-1] != size:
+            return False
+        key = ("units", seed)
+        cur = self._new_prefs.get(key, self._prefs.get(key, size))
+        g = math.gcd(cur, int(units))
+        if g < self.tp_size:
+            return False
+        if g != self._prefs.get(key):
+            self._new_prefs[key] = g
+        return True
+
+    def units_preference(self, seed) -> int | None:
+        """The units a seed's consumers asked it to split in (see :meth:`prefer_units`)."""
+        return self._prefs.get(("units", seed))
 
     def worth_vocab_split(self, table: fx.Node) -> bool:
         """Whether a vocab-parallel split of lookup table ``table`` (``[V, E]``) pays.
@@ -289,7 +319,7 @@ def _is_kv_cache(node: fx.Node, depth: int = 4) -> bool:
     return False
 
 
-def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced):
+def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced, tp_rank=0):
     pl, taint, origin, decisions = {}, {}, {}, {}
     conversions, notes = [], []
     demands = defaultdict(list)  # param -> [(param_dim, outer, role)]
@@ -301,7 +331,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     largest = max((p.meta["val"].numel() for p in params
                    if isinstance(p.meta.get("val"), torch.Tensor)), default=0)
     ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs, forced,
-               largest)
+               largest, tp_rank)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -397,7 +427,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
-          max_rounds: int = 64, veto: frozenset = frozenset()) -> Solution:
+          max_rounds: int = 64, veto: frozenset = frozenset(), tp_rank: int = 0) -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
@@ -406,7 +436,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     t0 = time.perf_counter()
     while True:
         sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
-                          max_rounds=max_rounds, forced=forced, veto=veto)
+                          max_rounds=max_rounds, forced=forced, veto=veto, tp_rank=tp_rank)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
                and sol.param_storage.get(n.args[0], presharded and presharded.get(n.args[0])) != d.out}
@@ -418,7 +448,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
 
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
                 max_rounds: int = 64, forced: set = frozenset(),
-                veto: frozenset = frozenset()) -> Solution:
+                veto: frozenset = frozenset(), tp_rank: int = 0) -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -430,6 +460,8 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             compile of the same model; they keep that layout.
         veto: names of seed nodes replicated from the start (the backend's self-check
             vetoes the seeds behind a value whose local shape was wrong).
+        tp_rank: the rank whose local shapes the decisions' arguments hold (they differ by
+            rank only where a split is uneven); placements are the same on every rank.
 
     Returns:
         a :class:`Solution`. A projection that splits into a number of heads ``tp_size``
@@ -446,7 +478,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
         rounds += 1
         (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs,
          local_outputs, taint) = _propagate(graph, tp_size, params, presharded, demoted,
-                                            reduced, prefs, forced)
+                                            reduced, prefs, forced, tp_rank)
         indivisible += [why for _, why in notes
                         if isinstance(why, Indivisible) and why not in indivisible]
         new = conflicts - demoted
@@ -477,7 +509,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
         size = param.meta["val"].shape
         if uses and param not in r_used and len(wants) == 1:
             want, = wants
-            if all(divisible(b, tp_size) for b in want.block_sizes(int(size[want.dim]))):
+            if want.splits(int(size[want.dim]), tp_size):
                 sol.param_storage[param] = want
                 # A tied embedding / LM head is vocab-parallel for the lookup and
                 # column-parallel for the head: the same split of the [V, E] table.

@@ -46,7 +46,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
         # The local shard holds, per block of the (padded) split dim, this rank's chunk:
         # all_gather is the inverse of that split.
         whole = all_gather(st.local, info.dim, info.outer, info.tp_size, info.group_name,
-                           info.blocks)
+                           info.blocks, info.tp_rank, units=info.units)
         real = info.global_shape[info.dim]
         if whole.shape[info.dim] != real:  # a padded vocabulary: cut the zero rows
             whole = whole.narrow(info.dim, 0, real)

@@ -5,7 +5,9 @@ Attention is independent per (batch, head): ``q: [B, H, S, D]``, ``k, v: [B, Hkv
 may all be split on the heads dim 1 (or the batch dim 0); a replicated operand is sliced
 locally, the mask split along heads only if it has a heads dim of size > 1. With grouped
 query attention each rank keeps ``H / N`` query heads and ``Hkv / N`` KV heads, so the
-head-to-group mapping is preserved when ``Hkv`` is divisible by ``N``.
+head-to-group mapping is preserved when ``Hkv`` is divisible by ``N``. Query heads split
+unevenly (``Shard(1, units=H)``, 9 heads -> 5 + 4) take the keys and values sliced to the
+same heads (after ``repeat_kv``), or, with ``enable_gqa``, the KV heads they use.
 """
 
 from __future__ import annotations
@@ -28,24 +30,29 @@ def _sdpa(ctx, node):
         if isinstance(mask, torch.fx.Node) and not ctx.placement(mask).is_replicate():
             return None
         return Decision(out=REPLICATE)
-    if len(shards) > 1:
+    if pls[0].is_shard():
+        s = pls[0]  # the query heads' split decides; keys/values follow it
+    elif len(shards) > 1:
         return None
-    s, = shards
-    if s.dim not in (0, 1) or s.outer != 1:
+    else:
+        s, = shards
+    if s.dim not in (0, 1) or s.outer != 1 or s.blocks is not None:
         return None
-    need = {t: s for t in qkv}
-    if not all(divisible(ctx.shape(t)[s.dim], ctx.tp_size) for t in qkv):
-        # Grouped-query attention with fewer KV heads than ranks: keep q split and give
-        # each rank the one KV head its query heads use (KV-head replication, as vLLM does).
+    n = ctx.tp_size
+    sizes = [static_int(ctx.shape(t)[s.dim]) for t in qkv]
+    if s.units is None and all(divisible(d, n) for d in sizes) or \
+            s.units is not None and len(set(sizes)) == 1 and s.splits(sizes[0], n):
+        need = {t: s for t in qkv}
+    else:
+        # Grouped-query attention whose KV heads do not split with the query heads (fewer
+        # KV heads than ranks, or query heads split unevenly): keep q split and give each
+        # rank the KV heads its query heads use (KV-head replication, as vLLM does).
         enable_gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
-        hq = static_int(ctx.shape(q)[1])
-        hkv = static_int(ctx.shape(k)[1])
-        n = ctx.tp_size
-        if not (s.dim == 1 and enable_gqa and hq and hkv and divisible(hq, n) and hq % hkv == 0
-                and pls[1].is_replicate() and pls[2].is_replicate()
-                and (hq // hkv) % (hq // n) == 0):
+        hq, hkv = sizes[0], sizes[1]
+        if not (s.dim == 1 and enable_gqa and pls[0].is_shard() and hq and hkv
+                and hq % hkv == 0 and s.splits(hq, n)):
             return None
-        need[k] = need[v] = HeadGroup(1, hq, hkv)
+        need = {q: s, k: HeadGroup(1, hq, hkv, s.units), v: HeadGroup(1, hq, hkv, s.units)}
     if isinstance(mask, torch.fx.Node):
         # The mask / additive bias (e.g. T5's relative position bias, per head) follows the
         # heads split if it has a heads dim; a partial sum is all-reduced first.
@@ -53,7 +60,7 @@ def _sdpa(ctx, node):
         mshape = ctx.shape(mask)
         k_dim = s.dim - (4 - len(mshape))
         if k_dim >= 0 and static_int(mshape[k_dim]) != 1:
-            need[mask] = Shard(k_dim)
+            need[mask] = s.moved(k_dim)
         elif pm.is_partial():
             need[mask] = REPLICATE
         elif not pm.is_replicate():

@@ -70,6 +70,8 @@ def _slice(ctx, node):
         return None
     start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
     end = min(end, size)
+    if p.units is not None:  # an uneven split: the rank's part of a block is not b / N
+        return None
     blocks = None if p.plain else p.block_sizes(size)
     if blocks is not None:
         off = 0
@@ -92,6 +94,8 @@ def _strided_slice(ctx, x, dim, p, start, end, step, size):
     in order, which is the rank's chunk of the corresponding output block (``b / k``
     elements for a block of ``b``)."""
     n = ctx.tp_size
+    if p.units is not None:
+        return None
     if None in (start, end, size, step) or not 0 <= start < step or end < size:
         return None
     blocks = p.block_sizes(size)
@@ -194,7 +198,7 @@ def _split(ctx, node):
     else:
         sizes = [static_int(v) for v in node.args[1]]
     n = ctx.tp_size
-    if not p.plain and list(p.block_sizes(size)) == sizes:
+    if not p.plain and p.units is None and list(p.block_sizes(size)) == sizes:
         if isinstance(node.args[1], int):
             args = (x, node.args[1] // n, dim)
         else:

@@ -29,13 +29,31 @@ def _column_seed(ctx, node, weight, n_features: int, out_dim: int, weight_dim: i
     features are on ``out_dim``. ``None`` if no seed is allowed here.
 
     A fused projection whose output is later split (q|k|v, gate|up) shards each block
-    separately: the consumers' cut points come back as a preference (see the solver)."""
-    if not (ctx.is_param(weight) and ctx.can_seed(node) and divisible(n_features, ctx.tp_size)):
+    separately: the consumers' cut points come back as a preference (see the solver).
+    Features that ``tp_size`` does not divide split unevenly, one feature as the unit; a
+    consumer that needs whole groups (heads: 9 heads at TP=2 go 5 + 4) asks for those as
+    the unit (``ctx.units_preference``)."""
+    if not (ctx.is_param(weight) and ctx.can_seed(node)):
         return None
-    blocks = ctx.preference(node)
-    if blocks and not all(divisible(bl, ctx.tp_size) for bl in blocks):
-        return None
-    out = Shard(out_dim, blocks=blocks) if blocks else Shard(out_dim)
+    n = ctx.tp_size
+    n_features = static_int(n_features)
+    units = ctx.units_preference(node)
+    if units is None and n_features is not None and n_features % n:
+        units = n_features  # (uneven, one feature per unit)
+    if units is not None and units % n == 0 and n_features is not None \
+            and n_features % units == 0:
+        units = None  # whole units per rank, the same count on each: the plain split
+    if units is not None:
+        if n_features is None or units < n or n_features % units or ctx.preference(node):
+            return None
+        out = Shard(out_dim, units=units)
+    else:
+        if not divisible(n_features, n):
+            return None
+        blocks = ctx.preference(node)
+        if blocks and not all(divisible(bl, n) for bl in blocks):
+            return None
+        out = Shard(out_dim, blocks=blocks) if blocks else Shard(out_dim)
     return Decision(out=out, inputs={weight: out.moved(weight_dim)}, roles={weight: "column"},
                     seed="column")
 
@@ -105,6 +123,19 @@ def _addmm(ctx, node):
 
 @register_by_name("transformers::grouped_mm_fallback", "aten::_grouped_mm")
 def _grouped_mm(ctx, node):
+    dec = _grouped_mm_decision(ctx, node)
+    if dec is not None and node.target is aten._grouped_mm.default:
+        # torch._grouped_mm wants every stride a multiple of 16 bytes: so must every rank's
+        # part of the split K or N be (the split is refused otherwise).
+        w = node.args[1]
+        pw = dec.inputs.get(w, ctx.placement(w))
+        if pw.is_shard() and not _aligned(ctx.shape(w)[pw.dim], pw,
+                                          w.meta["val"].element_size(), ctx.tp_size):
+            return None
+    return dec
+
+
+def _grouped_mm_decision(ctx, node):
     """Mixture-of-experts grouped matmul: ``x: [T, K]`` (tokens sorted by expert) times
     ``w: [E, K, N]`` with per-expert token offsets. The experts' weights split like an MLP's:
     column-parallel on ``N`` (a seed), or row-parallel on ``K`` (Partial output); the
@@ -124,3 +155,12 @@ def _grouped_mm(ctx, node):
     if px.is_shard(1) and (pw.is_replicate() or pw == px.moved(1)):
         return Decision(out=PARTIAL, inputs={w: px.moved(1)}, roles={w: "row"})
     return None
+
+
+def _aligned(size, p: Shard, itemsize: int, tp_size: int) -> bool:
+    """Whether every rank's part of a dim of ``size`` elements split as ``p`` spans a
+    multiple of 16 bytes."""
+    size = static_int(size)
+    if size is None:
+        return False
+    return all(p.local_size(size, r, tp_size) * itemsize % 16 == 0 for r in range(tp_size))

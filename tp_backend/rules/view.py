@@ -8,6 +8,9 @@ output dim ``p`` at a whole offset ``o' = L / prod(O[:p])`` and the part of ``F`
 in ``p`` is divisible by ``N``: the output is ``Shard(p, outer=o')``. This covers splitting
 hidden features into heads (``[B,S,H*D] -> [B,S,H,D]``, needs ``H % N == 0``), merging them
 back, and merging batch with heads (``[B,H,S,D] -> [B*H,S,D]``, a strided shard).
+An uneven shard (``units``) passes where the part in ``p`` is a multiple of its units, so
+every rank's run of units is whole indices of ``p``. Heads that ``N`` does not divide ask
+the seed for an uneven split in whole heads (``ctx.prefer_units``) instead of failing.
 Sizes may be symbolic (dynamic batch or sequence); the arithmetic is done on sympy
 expressions so those stay exact.
 """
@@ -70,9 +73,11 @@ def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
                     if f % avail:
                         return None, "sharded features straddle a dim"
                     part = avail
-                if part % n:
+                u = shard.units
+                if u is None and part % n or u is not None and part % u:
+                    # (uneven: the ranks' runs of units must be whole indices of dim k)
                     return None, ("indivisible", part, n)
-                return Shard(k, r), None
+                return Shard(k, r, units=u), None
         elif sympy.fraction(sympy.together(ratio))[1] != 1:
             return None, "sharded features do not start at a dim boundary"
         before = before * _expr(s)
@@ -94,6 +99,12 @@ def _view(ctx, node):
             # attention then gives each rank the KV head it needs.
             ctx.note(node, f"{why[1]} heads cannot split over tp_size={why[2]}: replicated")
             return None
+        if isinstance(why, tuple) and p.outer == 1 and p.blocks is None \
+                and ctx.prefer_units(x, p.dim, why[1]):
+            # Split unevenly instead (9 heads -> 5 + 4): the seed is asked to deal out
+            # whole groups next round.
+            ctx.note(node, f"{why[1]} heads split unevenly over tp_size={why[2]}")
+            return None
         if isinstance(why, tuple):
             # No exact split: the seed stays whole (the pipeline warns, or raises
             # TPDivisibilityError under fallback="raise").
@@ -111,7 +122,7 @@ def _view(ctx, node):
         local = static_int(out_shape[out.dim])
         if local is None:
             return None
-        sizes[out.dim] = local // ctx.tp_size
+        sizes[out.dim] = out.local_size(local, ctx.tp_rank, ctx.tp_size)
     return Decision(out=out, args=(x, sizes) + tuple(node.args[2:]))
 
 
@@ -128,7 +139,7 @@ def _expand(ctx, node):
     d = p.dim + off
     sizes = list(node.args[1])
     if sizes[d] != -1:
-        sizes[d] = static_int(ctx.shape(node)[d]) // ctx.tp_size
+        sizes[d] = p.local_size(static_int(ctx.shape(node)[d]), ctx.tp_rank, ctx.tp_size)
     return Decision(out=p.moved(d), args=(x, sizes) + tuple(node.args[2:]))
 
 
