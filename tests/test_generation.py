@@ -139,6 +139,33 @@ def test_uneven_heads_generate_identical_tokens(tp_size):
     assert res[0][3] * n <= bound, (res[0][3] * n, bound)
 
 
+def _uneven_mha_cache(rank, world_size):
+    import tp_backend
+
+    kw = dict(SMOLLM2_SHAPED, num_key_value_heads=9)
+    ref_model, model = zoo.make_model("llama", **kw), zoo.make_model("llama", **kw)
+    model.compile(backend="tp_auto", options={"fallback": "raise"})
+    g = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    got, ref = model.generate(_prompt(), **g), ref_model.generate(_prompt(), **g)
+    local = sum(tp_backend.local_value(t).nbytes for layer in _cache(got).layers
+                for t in (layer.keys, layer.values))
+    full = sum(t.nbytes for layer in _cache(ref).layers for t in (layer.keys, layer.values))
+    gathers = sum(c.kind == "all_gather" for p in tp_backend.tp_auto.plans for c in p.collectives)
+    return torch.equal(got.sequences, ref.sequences), local / full, gathers, \
+        len(tp_backend.tp_auto.plans)
+
+
+def test_uneven_kv_cache_stays_split():
+    """9 KV heads at TP=2 (multi-head attention): the cache is split like the heads, 5 + 4,
+    and stays split between steps (it was all-gathered at every graph's output): tokens
+    equal one process's, each rank holds 5/9 or 4/9 of the cache, and each graph gathers
+    only its logits."""
+    for rank, (same, ratio, gathers, graphs) in enumerate(run_distributed(_uneven_mha_cache, 2)):
+        assert same, rank
+        assert ratio == pytest.approx((5 / 9, 4 / 9)[rank]), (rank, ratio)
+        assert gathers == graphs, (gathers, graphs)
+
+
 def _untied_odd_vocab(rank, world_size):
     import tp_backend
 

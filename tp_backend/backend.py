@@ -438,11 +438,11 @@ class _Runner:
             if not local.is_contiguous():
                 local = local.contiguous()
             groups.setdefault((kind, local.shape), []).append((idx, shard, local))
-        tp_size = self.compiled.plan.tp_size
+        plan = self.compiled.plan
         for members in groups.values():
             _, shard, first = members[0]
             shape = list(first.shape)
-            shape[shard.dim] *= tp_size
+            shape[shard.dim] = _global_size(shard, shape[shard.dim], plan.tp_rank, plan.tp_size)
             for (idx, shard, local), ph in zip(members, placeholders(
                     len(members), shape, first.dtype, first.device)):
                 ph.__dict__[_SPLIT_ATTR] = (shard, local)
@@ -506,6 +506,14 @@ class _Runner:
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+
+def _global_size(shard: Shard, local: int, tp_rank: int, tp_size: int) -> int:
+    """The global size of a dim split as ``shard`` whose local size on ``tp_rank`` is
+    ``local`` (an outer-1, unblocked shard: even, or uneven in ``units``)."""
+    if shard.units is None:
+        return local * tp_size
+    return local // shard.unit_counts(tp_size)[tp_rank] * shard.units
 
 
 def _split_output_kinds(compiled: _Compiled) -> list:
@@ -779,7 +787,8 @@ def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: i
             info = specs[i]
             shape[info.dim] = sum(n for _, n in info.ranges())
         elif i in local_in:
-            shape[local_in[i].dim] = shape[local_in[i].dim] // tp_size
+            s = local_in[i]
+            shape[s.dim] = s.local_size(int(shape[s.dim]), tp_rank, tp_size)
         else:
             out.append(f.detach())
             continue

@@ -371,9 +371,10 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
             for i, o in enumerate(outs):
                 if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor):
                     p = pl.get(o)
-                    if isinstance(p, Shard) and p.plain and _is_kv_cache(o):
+                    if isinstance(p, Shard) and p.outer == 1 and p.blocks is None \
+                            and _is_kv_cache(o):
                         # A key/value cache returned for the next step: it stays split
-                        # over heads, so each rank keeps 1/N of the cache.
+                        # over heads (evenly or not), so each rank keeps its heads' cache.
                         local_outputs[i] = p
                         continue
                     convert(node, o, REPLICATE, allow_gather=True)
