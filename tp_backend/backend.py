@@ -442,7 +442,7 @@ class _Runner:
         for members in groups.values():
             _, shard, first = members[0]
             shape = list(first.shape)
-            shape[shard.dim] = _global_size(shard, shape[shard.dim], plan.tp_rank, plan.tp_size)
+            shape[shard.dim] = shard.global_size(shape[shard.dim], plan.tp_rank, plan.tp_size)
             for (idx, shard, local), ph in zip(members, placeholders(
                     len(members), shape, first.dtype, first.device)):
                 ph.__dict__[_SPLIT_ATTR] = (shard, local)
@@ -506,14 +506,6 @@ class _Runner:
                 bar.update(1)
         if bar is not None:
             bar.close()
-
-
-def _global_size(shard: Shard, local: int, tp_rank: int, tp_size: int) -> int:
-    """The global size of a dim split as ``shard`` whose local size on ``tp_rank`` is
-    ``local`` (an outer-1, unblocked shard: even, or uneven in ``units``)."""
-    if shard.units is None:
-        return local * tp_size
-    return local // shard.unit_counts(tp_size)[tp_rank] * shard.units
 
 
 def _split_output_kinds(compiled: _Compiled) -> list:

@@ -70,21 +70,19 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
 
 def _all_gather_uneven(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str,
                        units: int, tp_rank: int) -> torch.Tensor:
-    """All-gather of an uneven split (``Shard(dim, outer, units=units)``): rank ``r`` holds
-    ``c_r`` units of every one of the ``outer`` blocks. Every rank pads its part to the
-    largest (``c_0`` units per block), the padded parts are gathered, and each rank's real
-    units are put back in place, block by block."""
-    counts = Shard(dim, outer, units=units).unit_counts(tp_size)
-    unit = x.shape[dim] // (outer * counts[tp_rank])
+    """All-gather of an uneven split (``Shard(dim, outer, units=units)``): every rank pads its
+    part to the largest (rank 0's), the padded parts are gathered, and each rank's real
+    ranges (:meth:`~tp_backend.placement.Shard.ranges`) are put back in place, block by
+    block."""
+    shard = Shard(dim, outer, units=units)
+    size = shard.global_size(x.shape[dim], tp_rank, tp_size)
+    lengths = [[n for _, n in shard.ranges(size, r, tp_size)] for r in range(tp_size)]
     shape = list(x.shape)
-    pad = counts[0] * outer * unit - shape[dim]
+    pad = sum(lengths[0]) - shape[dim]
     if pad:
         x = torch.cat([x, x.new_zeros(shape[:dim] + [pad] + shape[dim + 1:])], dim=dim)
     g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x, tp_size, group_name))
     g = g.view(tp_size, *x.shape)  # [N, *padded local]
-    blocks = [[] for _ in range(outer)]
-    for r in range(tp_size):
-        part = g[r].narrow(dim, 0, counts[r] * outer * unit)
-        for j, piece in enumerate(part.split(counts[r] * unit, dim=dim)):
-            blocks[j].append(piece)
-    return torch.cat([t for b in blocks for t in b], dim=dim)
+    pieces = [g[r].narrow(dim, 0, sum(lengths[r])).split(lengths[r], dim=dim)
+              for r in range(tp_size)]
+    return torch.cat([pieces[r][j] for j in range(outer) for r in range(tp_size)], dim=dim)

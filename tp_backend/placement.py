@@ -101,6 +101,13 @@ class Shard(Placement):
             return size // tp_size
         return size // self.units * self.unit_counts(tp_size)[tp_rank]
 
+    def global_size(self, local: int, tp_rank: int, tp_size: int) -> int:
+        """The global size of a dim whose local size on rank ``tp_rank`` is ``local`` (the
+        inverse of :meth:`local_size`)."""
+        if self.units is None:
+            return local * tp_size
+        return local // self.unit_counts(tp_size)[tp_rank] * self.units
+
     def splits(self, size: int, tp_size: int) -> bool:
         """Whether every block of a dim of global ``size`` splits as the placement says:
         ``tp_size`` equal chunks, or (uneven) at least one whole unit per rank."""
