@@ -188,12 +188,16 @@ def _written():
     add(aten.cat.default, [t(6, 12), t(6, 12, seed=1)], 1)
     add(aten.cat.default, [t(6, 12), t(6, 12, seed=1)])
     add(aten.cat.default, [t(6, 12), t(6, 6, seed=1)], -1)
+    add(aten.cat.default, [t(2, 6), t(2, 6, seed=1), t(2, 12, seed=2)], 1)  # -> blocks
+    add(aten.constant_pad_nd.default, t(2, 6, 12), [0, 0, 1, 2])
+    add(aten.constant_pad_nd.default, t(2, 6, 12), [2, 1], 0.5)
     add(aten.stack.default, [t(6, 12), t(6, 12, seed=1)])
     add(aten.stack.default, [t(6, 12), t(6, 12, seed=1)], 2)
     add(aten.split.Tensor, t(6, 12), 6, 1)
     add(aten.split.Tensor, t(6, 12), 4)
     add(aten.split_with_sizes.default, t(6, 12), [4, 8], 1)
     add(aten.split_with_sizes_copy.default, t(6, 12), [2, 4])
+    add(aten.split_with_sizes.default, t(2, 24), [12, 6, 6], 1)
     add(aten.unbind.int, t(6, 12, 2), 2)
     add(aten.unbind.int, t(6, 12))
     # gathers and lookups
@@ -220,6 +224,22 @@ def _written():
     add(aten.addmm.default, t(6), t(6, 12, seed=1), t(12, 6, seed=2), beta=0.5, alpha=2.0)
     add(aten.baddbmm.default, t(6, 4, 6), t(6, 4, 12, seed=1), t(6, 12, 6, seed=2), alpha=3)
     add(aten.baddbmm.default, t(6, 4, 6), t(6, 4, 12, seed=1), t(6, 12, 6, seed=2))
+    # triangular solves: A [*, n, n] (well conditioned: a unit-ish diagonal), B [*, n, k]
+    a_tri = t(6, 4, 4) + 4 * torch.eye(4, dtype=F64)
+    add(aten.linalg_solve_triangular.default, a_tri, t(6, 4, 6, seed=1), upper=False)
+    add(aten.linalg_solve_triangular.default, a_tri, t(6, 6, 4, seed=1), upper=True,
+        left=False)
+    add(aten.linalg_solve_triangular.default, t(4, 4) + 4 * torch.eye(4, dtype=F64),
+        t(6, 4, 6, seed=1), upper=False, unitriangular=True)
+    # convolutions: x [B, C_in, L], w [C_out, C_in / G, K]
+    add(aten.convolution.default, t(2, 12, 5), t(12, 1, 3, seed=1), t(12, seed=2), [1], [2],
+        [1], False, [0], 12)  # depthwise (gated DeltaNet, Mamba-2)
+    add(aten.convolution.default, t(2, 12, 5), t(18, 2, 3, seed=1), None, [1], [1], [1],
+        False, [0], 6)  # grouped, 2 in / 3 out channels per group
+    add(aten.convolution.default, t(2, 6, 5), t(12, 6, 3, seed=1), t(12, seed=2), [1], [0],
+        [1], False, [0], 1)
+    add(aten.convolution.default, t(2, 6, 4, 4), t(6, 6, 3, 3, seed=1), None, [1, 1], [1, 1],
+        [1, 1], False, [0, 0], 1)
     # reductions
     x = t(6, 12, 2)
     add(aten.sum.dim_IntList, x, [1])

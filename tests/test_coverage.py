@@ -210,3 +210,77 @@ def test_vocabulary_not_divisible_is_padded():
         for name, (err, local) in rows.items():
             assert err <= ATOL, (name, err)
             assert local == (33, 64), (name, local)
+
+
+# Issue 15's hybrids with head and group counts that 2 and 4 divide: Qwen3-Next (gated
+# DeltaNet linear attention, 4 key / 8 value heads, then full attention; MoE MLPs),
+# Nemotron-H (Mamba-2 with 8 heads in 4 groups, attention, MLP and MoE blocks), Mamba-2,
+# Bamba and Falcon-H1.
+HYBRIDS = {
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64, head_dim=16,
+                       layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=8, linear_num_key_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16),
+    "nemotron_h": dict(num_hidden_layers=4, layers_block_type=["mamba", "attention", "mlp",
+                                                                 "moe"],
+                       head_dim=16, ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=16,
+                       n_groups=4, chunk_size=8, n_routed_experts=4, moe_intermediate_size=32,
+                       moe_shared_expert_intermediate_size=32),
+    # Mamba-2 alone, and two Mamba-2 + attention hybrids (8 heads of 16 in 4 groups)
+    "mamba2": dict(num_heads=8, head_dim=16, n_groups=4, state_size=8, chunk_size=8,
+                   expand=2),
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=4,
+                  mamba_d_state=8, mamba_chunk_size=8, mamba_expand=2),
+    "falcon_h1": dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128, mamba_n_groups=4,
+                      mamba_d_state=8, mamba_chunk_size=8, mamba_expand=2, head_dim=16),
+}
+
+
+def _hybrids(rank, world_size, names):
+    import tp_backend
+
+    rows = {}
+    for name in names:
+        torch._dynamo.reset()
+        model = zoo.make_model(name, **HYBRIDS[name])
+        ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+            out = torch.compile(model, backend="tp_auto", options={
+                "compiler": "eager", "fallback": "raise"})(input_ids=ids, use_cache=False).logits
+        plan = tp_backend.last_plan()
+        local, full = plan.param_bytes()
+        whole = sorted(p.fqn for p in plan.params.values() if p.shard_dim is None)
+        rows[name] = {"err": (out - ref).abs().max().item(), "per_rank": local / full,
+                      "whole": whole, "ar": plan.collectives_per_layer("all_reduce"),
+                      "ag": sum(plan.collectives_per_layer("all_gather").values())}
+    return rows
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_linear_attention_and_mamba_hybrids(tp_size, capsys):
+    """Issue 15 items 3 and 4: every projection of gated DeltaNet and Mamba-2 splits per
+    head (per group for Mamba-2's B and C), with the depthwise convolution per channel and
+    the per-head A_log / dt_bias / D with their heads: exact (fp32, 2-4 layers,
+    ``fallback="raise"``), one all-reduce per block (Nemotron-H's layers are one mixer,
+    attention, MLP or MoE each, as Mamba-2's are one mixer; Qwen3-Next's, Bamba's and
+    Falcon-H1's are a mixer (or attention, or both in parallel) and an MLP: 2), one all-gather
+    (the logits), and parameter bytes per rank within 1 % of 1/N: what stays whole is the
+    norms, the routers and the shared-expert gate."""
+    names = [n for n in HYBRIDS if n in __import__("transformers").CONFIG_MAPPING]
+    rows = run_distributed(_hybrids, tp_size, names)[0]
+    with capsys.disabled():
+        print(f"\nhybrids at TP={tp_size}")
+        for name, r in rows.items():
+            print(f"{name:12s} {r['err']:8.1e} {r['per_rank']:7.1%} AR/layer "
+                  f"{ {k: v for k, v in r['ar'].items() if k is not None} } AG {r['ag']}")
+    allowed = ("norm", "mlp.gate.", "mixer.gate.", "shared_expert_gate")
+    blocks = {"qwen3_next": 2, "nemotron_h": 1, "mamba2": 1, "bamba": 2, "falcon_h1": 2}
+    for name, r in rows.items():
+        assert r["err"] <= ATOL, (name, r)
+        assert all(any(a in w for a in allowed) for w in r["whole"]), (name, r["whole"])
+        assert r["per_rank"] <= 1 / tp_size + 0.01, (name, r)
+        per_layer = {k: v for k, v in r["ar"].items() if k is not None}
+        assert set(per_layer.values()) == {blocks[name]}, (name, per_layer)
+        assert r["ag"] == 1, (name, r)

@@ -52,8 +52,47 @@ def test_cat_on_other_dim_slices_replicated_operands():
     # rotate_half: cat((-x2, x1), dim=-1) of head-sharded halves.
     check(lambda a, b: aten.cat([a, b], -1), [r(2, 4, 3), r(2, 4, 3)], [Shard(1), R],
           expect=Shard(1))
-    assert check(lambda a, b: aten.cat([a, b], 1), [r(2, 4, 3), r(2, 4, 3)],
-                 [Shard(1), Shard(1)]) is None
+
+
+def test_cat_on_the_sharded_dim_makes_blocks():
+    """cat((q, k, v), -1) of column-parallel pieces (gated DeltaNet, before its depthwise
+    convolution): each rank holds its chunk of every operand, a block shard; a replicated
+    operand is sliced to its chunk; equal blocks are the strided shard."""
+    check(lambda a, b: aten.cat([a, b], 1), [r(2, 4, 3), r(2, 4, 3)], [Shard(1), Shard(1)],
+          expect=Shard(1, outer=2))
+    check(lambda a, b, c: aten.cat([a, b, c], -1), [r(2, 4), r(2, 4), r(2, 8)],
+          [Shard(1), Shard(1), R], expect=Shard(1, blocks=(4, 4, 8)))
+    check(lambda a, b: aten.cat([a, b], 1), [r(2, 6), r(2, 8)],
+          [Shard(1, blocks=(2, 4)), Shard(1)], expect=Shard(1, blocks=(2, 4, 8)))
+    # an uneven split, a replicated operand N does not divide, a Partial one: refused
+    assert check(lambda a, b: aten.cat([a, b], 1), [r(2, 9), r(2, 4)],
+                 [Shard(1, units=9), Shard(1)]) is None
+    assert check(lambda a, b: aten.cat([a, b], 1), [r(2, 4), r(2, 3)], [Shard(1), R]) is None
+    assert check(lambda a, b: aten.cat([a, b], 1), [r(2, 4), r(2, 4)], [Shard(1), P]) is None
+
+
+def test_split_into_runs_of_blocks():
+    """Mamba-2 splits its projection [z | x B C | dt] (blocks z, x, B, C, dt) into three:
+    the middle piece keeps its blocks; a cut inside a block is refused."""
+    x = r(3, 26)
+    dec = check(lambda t: aten.split_with_sizes(t, [8, 16, 2], 1), [x],
+                [Shard(1, blocks=(8, 8, 4, 4, 2))])
+    assert dec.out == (Shard(1), Shard(1, blocks=(8, 4, 4)), Shard(1)), dec.out
+    assert dec.args[1] == [4, 8, 1], dec.args
+    assert check(lambda t: aten.split_with_sizes(t, [10, 14, 2], 1), [x],
+                 [Shard(1, blocks=(8, 8, 4, 4, 2))]) is None
+
+
+def test_constant_pad():
+    """F.pad keeps a shard on a dim it does not pad (the chunked delta rule pads the
+    sequence of head-sharded values); padding the sharded dim is refused; zero padding is
+    linear (Partial stays Partial), other values are not."""
+    x = r(2, 4, 6)
+    check(lambda t: aten.constant_pad_nd(t, [0, 0, 1, 2]), [x], [Shard(0)], expect=Shard(0))
+    check(lambda t: aten.constant_pad_nd(t, [1, 1]), [x], [Shard(1)], expect=Shard(1))
+    assert check(lambda t: aten.constant_pad_nd(t, [0, 0, 1, 2]), [x], [Shard(1)]) is None
+    check(lambda t: aten.constant_pad_nd(t, [1, 1]), [x], [P], expect=P)
+    check(lambda t: aten.constant_pad_nd(t, [1, 1], 0.5), [x], [P], expect=R)
 
 
 def test_split_other_dim():

@@ -80,3 +80,25 @@ def test_row_addmm_adds_bias_once():
 def test_bmm_heads_and_contraction():
     check(lambda a, b: aten.bmm(a, b), [r(4, 3, 5), r(4, 5, 2)], [Shard(0), R], expect=Shard(0))
     check(lambda a, b: aten.bmm(a, b), [r(4, 3, 6), r(4, 6, 2)], [Shard(2), R], expect=P)
+
+
+def test_triangular_solve_keeps_batch_and_column_shards():
+    """linalg_solve_triangular(A, B): each batch entry and each column of B (row, with
+    left=False) is solved alone, so those shards stay; splitting n couples the ranks."""
+    a = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(0)).tril() \
+        + 6 * torch.eye(6)
+    b = torch.randn(4, 6, 4, generator=torch.Generator().manual_seed(1))
+    solve = torch.ops.aten.linalg_solve_triangular
+    check(lambda x, y: solve(x, y, upper=False), [a, b], [Shard(0), Shard(0)], expect=Shard(0))
+    check(lambda x, y: solve(x, y, upper=False), [a, b], [Shard(0), REPLICATE],
+          expect=Shard(0))  # B is sliced to A's batch entries
+    check(lambda x, y: solve(x, y, upper=False), [a, b], [REPLICATE, Shard(2)],
+          expect=Shard(2))
+    check(lambda x, y: solve(x, y, upper=False, left=False), [a, b.transpose(1, 2)],
+          [REPLICATE, Shard(1)], expect=Shard(1))
+    check(lambda x, y: solve(x, y, upper=False), [a[0], b], [REPLICATE, Shard(0)],
+          expect=Shard(0))  # A broadcast over the batch
+    check(lambda x, y: solve(x, y, upper=False), [a, b], [REPLICATE, PARTIAL], expect=PARTIAL)
+    assert check(lambda x, y: solve(x, y, upper=False), [a, b], [Shard(1), REPLICATE]) is None
+    assert check(lambda x, y: solve(x, y, upper=False), [a, b], [REPLICATE, Shard(1)]) is None
+    assert check(lambda x, y: solve(x, y, upper=False), [a, b], [PARTIAL, REPLICATE]) is None

@@ -275,6 +275,20 @@ def placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     return torch.full((), _fill(dtype), dtype=dtype, device=device).expand(shape)
 
 
+def state_placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """A :func:`placeholder` for state a graph writes into (a recurrent or convolution
+    state that ``copy_`` updates in place): every stride 1, so ``sum(size - 1) + 1``
+    elements back it. An expanded (stride-0) tensor would make Dynamo refuse the write
+    ("more than one element of the written-to tensor refers to a single memory location");
+    stride-1 dims overlap too, but not in a way PyTorch's overlap check proves."""
+    shape = tuple(shape)
+    if not shape:
+        return torch.full((), _fill(dtype), dtype=dtype, device=device)
+    n = sum(max(s - 1, 0) for s in shape) + 1
+    return torch.full((n,), _fill(dtype), dtype=dtype, device=device).as_strided(
+        shape, (1,) * len(shape))
+
+
 def _fill(dtype: torch.dtype):
     return float("nan") if dtype.is_floating_point or dtype.is_complex else 0
 
@@ -469,7 +483,8 @@ class _Runner:
         st = _SHARDED[t] = _Sharded(info, local)
         _SHARD_COUNT += 1
         with torch.no_grad():
-            t.data = placeholder(t.shape, t.dtype, t.device)
+            make = placeholder if isinstance(t, torch.nn.Parameter) else state_placeholder
+            t.data = make(t.shape, t.dtype, t.device)
         # state_dict()/save_pretrained read whole tensors back, load_state_dict re-shards.
         for holder in (found.holders if found is not None else ()):
             state.install_state_hooks(holder)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 
 from .errors import TPPassError
 from .placement import Placement
@@ -99,7 +100,9 @@ def check_local_graph(gm: fx.GraphModule, sol: Solution, local_inputs: list, fak
                   and isinstance(n.meta.get("val"), torch.Tensor)}
     rec = _Recorder(gm, placements, tp_rank, tp_size)
     try:
-        with fake_mode:
+        # The Python dispatcher, as in the decomposition: a composite op's meta function
+        # takes symbolic sizes only through it (constant_pad_nd with a symbolic pad).
+        with fake_mode, enable_python_dispatcher():
             rec.run(*local_inputs)
     except _Stop:
         raise TPPassError(f"tp_auto: self-check: {rec.failure}", "self-check", rec.failure,

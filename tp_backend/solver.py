@@ -13,7 +13,9 @@ Algorithm (iterative, deterministic, linear in graph size per round):
    tainting seeds are demoted (replicated) and the pass is run again. At graph outputs and
    losses the all-gather is accepted (an LM head gathers its logits).
    Consumers may also send a seed a *preference* for the next round: the block layout of
-   a fused projection (``ctx.prefer``), or whole units for a split ``N`` does not divide
+   a fused projection (``ctx.prefer``; the cuts of a piece split off it, even after ops
+   that keep its size, count from where the piece starts: Mamba-2's ``[z | x B C | dt]``
+   then ``[x | B | C]``), or whole units for a split ``N`` does not divide
    (``ctx.prefer_units``: 9 heads dealt 5 + 4 instead of 288 features each).
 3. Repeat until no conflict is left. Each round demotes at least one seed, so it ends;
    all conflicts of a round are collected at once, so identical layers are fixed in the
@@ -24,7 +26,8 @@ right before the first op that is not linear in them: for a standard decoder thi
 residual add after attention and after the MLP -- Megatron's 2 all-reduces per layer.
 
 Parameter storage: a parameter is stored sharded on dim ``d`` when every use of it
-(through layout ops such as ``t``/``permute``/``_to_copy``) asks for that shard; otherwise
+(through layout ops such as ``t``/``permute``/``_to_copy``/``squeeze``, and unary
+element-wise ops such as ``exp``: ``_CHAIN``) asks for that shard; otherwise
 it stays whole and the uses that need a shard slice it locally.
 """
 
@@ -50,8 +53,11 @@ __all__ = ["Solution", "Conversion", "solve"]
 
 aten = torch.ops.aten
 # Layout ops through which a parameter's shard can be pushed back to its storage.
+# Ops that map a parameter to a value whose every slice is the op of the parameter's slice:
+# layout ops, casts, and unary element-wise ops (Mamba-2's A = -exp(A_log)). A value made by
+# a chain of them follows the parameter's storage (computed from the local shard).
 _CHAIN = {aten.t, aten.permute, aten.transpose, aten._to_copy, aten.clone, aten.alias,
-          aten.detach, aten.lift_fresh_copy}
+          aten.detach, aten.lift_fresh_copy, aten.squeeze, aten.unsqueeze, aten.exp, aten.neg}
 
 
 # A lookup table this many times smaller than the graph's largest parameter stays whole
@@ -140,12 +146,69 @@ class _Ctx:
             return
         seed, = seeds
         size = value.meta["val"].shape[dim]
-        if seed.meta["val"].shape[-1] != size:
-            return
+        off = self._offset_in_seed(value, dim, seed)
+        if off is None:
+            if seed.meta["val"].shape[-1] != size:
+                return
+            off = 0
+        total = int(seed.meta["val"].shape[-1])
         cur = self._prefs.get(seed, frozenset())
-        new = frozenset(cur | set(cuts) | {0, int(size)})
+        new = frozenset(cur | {off + c for c in cuts} | {0, off, off + int(size), total})
         if new != cur:
             self._new_prefs[seed] = new
+
+    def _offset_in_seed(self, value, dim, seed) -> int | None:
+        """Where dim ``dim`` of ``value`` starts among the output features of ``seed``, when
+        ``value`` is a run of them: the seed's output through ops that keep the sharded
+        dim's size (views, casts, element-wise ops, a depthwise convolution) and pieces of
+        ``split`` along it (Mamba-2 splits its projection into ``[z | xBC | dt]``, then ``xBC``
+        into ``[x | B | C]`` after a convolution). Several sharded inputs must agree (``x *
+        sigmoid(x)``). ``None`` where no such path is found (a size change, a ``cat``).
+        Memoised per value: the walk visits each value once."""
+        memo: dict = {}
+
+        def walk(node, d, depth=0):
+            key = (node, d)
+            if key not in memo:
+                memo[key] = None
+                if depth < 200:  # (well inside Python's recursion limit)
+                    memo[key] = step(node, d, depth + 1)
+            return memo[key]
+
+        def step(node, d, depth):
+            if node is seed:
+                return 0 if d == len(node.meta["val"].shape) - 1 else None
+            if node.op != "call_function":
+                return None
+            if node.target is operator.getitem:
+                src, idx = node.args
+                op = getattr(src.target, "overloadpacket", None)
+                if op not in (aten.split, aten.split_with_sizes) or not isinstance(idx, int):
+                    return None
+                x = src.args[0]
+                nd = len(x.meta["val"].shape)
+                sdim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0)
+                if sdim % nd != d:
+                    return None
+                sizes = [static_int(t.shape[d]) for t in src.meta["val"]]
+                if None in sizes:
+                    return None
+                off = walk(x, d, depth)
+                return None if off is None else off + sum(sizes[:idx])
+            p = self._pl.get(node)
+            if not isinstance(p, Shard) or p.dim != d:
+                return None
+            size = static_int(node.meta["val"].shape[d])
+            found = set()
+            for a in tensor_inputs(node):
+                pa = self._pl.get(a)
+                if isinstance(pa, Shard) and seed in self._taint.get(a, ()) \
+                        and static_int(a.meta["val"].shape[pa.dim]) == size:
+                    found.add(walk(a, pa.dim, depth))
+            found.discard(None)
+            return found.pop() if len(found) == 1 else None
+
+        return walk(value, dim)
 
     def prefer_units(self, value, dim, units: int) -> bool:
         """A consumer of ``value`` could use it if its seed dealt dim ``dim`` out in whole
@@ -225,9 +288,19 @@ def _classify(have: Placement, want: Placement) -> str:
 
 
 def _chain_map(node, perm):
-    """Map a parameter-origin dim permutation through a layout op (``perm[d]`` = param dim)."""
+    """Map a parameter-origin dim permutation through a layout op (``perm[d]`` = param dim,
+    ``None`` for a size-1 dim that ``unsqueeze`` added)."""
     op = node.target.overloadpacket
     nd = len(node.meta["val"].shape)
+    if op is aten.unsqueeze:
+        p = list(perm)
+        p.insert(node.args[1] % nd, None)
+        return p
+    if op is aten.squeeze:
+        shape = node.args[0].meta["val"].shape
+        dims = node.args[1] if len(node.args) > 1 else range(len(shape))
+        dims = {d % len(shape) for d in ([dims] if isinstance(dims, int) else dims)}
+        return [q for d, q in enumerate(perm) if not (d in dims and shape[d] == 1)]
     if op is aten.t:
         return list(reversed(perm))
     if op is aten.permute:
@@ -339,7 +412,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
         have = have if isinstance(have, Placement) else REPLICATE
         if src in origin:
             param, perm = origin[src]
-            if want == have:
+            if want == have or want.is_shard() and perm[want.dim] is None:
                 r_used.add(param)
             elif want.is_shard():
                 demands[param].append((want.moved(perm[want.dim]), None))
@@ -403,10 +476,12 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
         if dec is None:
             shown = [repr(ctx.placement(a)) for a in tensor_inputs(node)]
             if any(s != "R" for s in shown):
-                why = "no rule for this op" if rule is None else "no proven sharded evaluation"
+                why = f"no rule for {node.target}" if rule is None else \
+                    f"no proven sharded evaluation of {node.target}"
                 notes.append((node, f"{why} with inputs {shown}"))
             elif rule is None:
-                notes.append((node, "no rule for this op (inputs replicated, nothing lost)"))
+                notes.append((node, f"no rule for {node.target} (inputs replicated, nothing "
+                                    "lost)"))
             dec = replicate_all(ctx, node)
         t = set()
         for a in tensor_inputs(node):

@@ -12,7 +12,7 @@ it can prove exact: running the op on the local chunks (with the patched argumen
 the local chunk of the output placement.
 
 Sizes are *global* sizes: ``ctx.shape(x)`` is the shape on one device.
-Families live in one module each: elementwise, view, matmul, reduction, indexing,
+Families live in one module each: elementwise, view, matmul, conv, reduction, indexing,
 attention (leaf ops).
 """
 
@@ -156,4 +156,4 @@ def replicate_all(ctx: RuleContext, node: fx.Node) -> Decision:
     return Decision(out=out, inputs=ins)
 
 
-from . import attention, elementwise, indexing, matmul, reduction, view  # noqa: E402,F401
+from . import attention, conv, elementwise, indexing, matmul, reduction, view  # noqa: E402,F401

@@ -150,10 +150,53 @@ def _cat(ctx, node):
     tensors = [t for t in node.args[0] if isinstance(t, torch.fx.Node)
                and not (len(ctx.shape(t)) == 1 and static_int(ctx.shape(t)[0]) == 0 and nd != 1)]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    if any(ctx.placement(t).is_shard(dim) for t in tensors):
+        return _cat_blocks(ctx, tensors, dim)
     out, need = _common(ctx, tensors)
     if out is None or out.is_shard() and out.dim == dim:
         return None
     return Decision(out=out, inputs=need)
+
+
+def _cat_blocks(ctx, tensors, dim):
+    """``cat`` along the sharded dim (``torch.cat((q, k, v), -1)`` before one depthwise
+    convolution over all channels, as gated DeltaNet and Mamba-2 do): each rank holds its
+    chunk of every operand, in order, which is its chunk of a block shard whose blocks are
+    the operands' blocks. A replicated operand is sliced to a plain shard first (free).
+    Refused for uneven (``units``) or Partial operands, and for symbolic sizes."""
+    blocks, need = [], {}
+    for t in tensors:
+        p, size = ctx.placement(t), static_int(ctx.shape(t)[dim])
+        if size is None or p.is_partial():
+            return None
+        if p.is_replicate():
+            p = need[t] = Shard(dim)
+            if not p.splits(size, ctx.tp_size):
+                return None
+        elif p.dim != dim or p.units is not None:
+            return None
+        blocks += p.block_sizes(size)
+    return Decision(out=Shard(dim, blocks=tuple(blocks)), inputs=need)
+
+
+@register(aten.constant_pad_nd)
+def _constant_pad(ctx, node):
+    """``F.pad(x, pad, value=c)``: ``pad`` holds (before, after) pairs for the last dims,
+    last dim first. A shard on a dim that is not padded stays; padding the sharded dim is
+    not proven. Padding is linear for ``c = 0``, so a Partial input stays Partial then."""
+    x, pad = node.args[0], node.args[1]
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    p = ctx.placement(x)
+    if p.is_partial():
+        if value == 0:
+            return Decision(out=PARTIAL)
+        return Decision(out=REPLICATE, inputs={x: REPLICATE})
+    if p.is_replicate():
+        return Decision(out=REPLICATE)
+    k = len(ctx.shape(x)) - 1 - p.dim  # pairs before the sharded dim's
+    if 2 * k < len(pad) and not (static_int(pad[2 * k]) == 0 and static_int(pad[2 * k + 1]) == 0):
+        return None
+    return Decision(out=p)
 
 
 @register(aten.stack)
@@ -173,7 +216,8 @@ def _stack(ctx, node):
 @register(aten.split_with_sizes, aten.split, aten.unbind, aten.split_with_sizes_copy)
 def _split(ctx, node):
     """Splitting the sharded dim is exact when the pieces are the blocks of a block shard
-    (``torch.split(qkv, [q, k, v])``, ``gate_up.chunk(2)``); otherwise the cut points are
+    (``torch.split(qkv, [q, k, v])``, ``gate_up.chunk(2)``), or runs of whole blocks (a
+    piece of several blocks keeps them: a block shard itself); otherwise the cut points are
     passed back to the seed as a preferred block layout."""
     x = node.args[0]
     p = ctx.placement(x)
@@ -198,14 +242,31 @@ def _split(ctx, node):
     else:
         sizes = [static_int(v) for v in node.args[1]]
     n = ctx.tp_size
-    if not p.plain and p.units is None and list(p.block_sizes(size)) == sizes:
-        if isinstance(node.args[1], int):
+    pieces = _pieces(p.block_sizes(size), sizes) if not p.plain and p.units is None else None
+    if pieces is not None:
+        if isinstance(node.args[1], int) and all(len(bl) == 1 for bl in pieces):
             args = (x, node.args[1] // n, dim)
         else:
-            args = (x, [b // n for b in sizes], dim)
-        return Decision(out=tuple(Shard(dim) for _ in range(n_out)), args=args)
+            args = (x, [sum(b // n for b in bl) for bl in pieces], dim)
+        return Decision(out=tuple(Shard(dim, blocks=bl) for bl in pieces), args=args)
     ctx.prefer(x, dim, _cuts(sizes))
     return None
+
+
+def _pieces(blocks, sizes):
+    """The blocks each piece of ``sizes`` is made of, when every piece is a run of whole
+    consecutive blocks (``[z | x B C | dt]`` split from blocks ``z, x, B, C, dt``), else
+    None."""
+    out, k = [], 0
+    for want in sizes:
+        got = []
+        while k < len(blocks) and sum(got) < want:
+            got.append(blocks[k])
+            k += 1
+        if sum(got) != want:
+            return None
+        out.append(tuple(got))
+    return out if k == len(blocks) else None
 
 
 @register(aten.index_select)
@@ -343,11 +404,12 @@ def _index_put(ctx, node):
 @register(aten.copy_)
 def _copy_(ctx, node):
     """The write-back that ends a functionalised graph: ``copy_(state, new)``. A split
-    new value asks for the state itself to be stored split (see the solver)."""
+    new value asks for the state itself to be stored split the same way (see the solver):
+    a KV cache over heads, a convolution state over channels in blocks (``[x | B | C]``)."""
     dst, src = node.args[:2]
     pd, ps = ctx.placement(dst), ctx.placement(src)
     same_shape = ctx.shape(dst) == ctx.shape(src)  # else src broadcasts into dst
-    if ps.is_shard() and ps.plain and same_shape and not ctx.forced_whole(node) \
+    if ps.is_shard() and same_shape and not ctx.forced_whole(node) \
             and (pd.is_replicate() or pd == ps):
         return Decision(out=ps, inputs={dst: ps}, roles={dst: "shard"})
     return Decision(out=REPLICATE, inputs={dst: REPLICATE, src: REPLICATE})

@@ -1,4 +1,4 @@
-"""Rules for matrix products: mm, addmm, bmm, baddbmm.
+"""Rules for matrix products: mm, addmm, bmm, baddbmm, grouped_mm, and triangular solves.
 
 ``mm(a, b)`` with ``a: [M, K]`` and ``b: [K, N]`` (an ``nn.Linear`` is ``mm(x, W.t())``
 with ``W: [out, in]``, so ``b``'s dim 1 is ``W``'s dim 0):
@@ -164,3 +164,45 @@ def _aligned(size, p: Shard, itemsize: int, tp_size: int) -> bool:
     if size is None:
         return False
     return all(p.local_size(size, r, tp_size) * itemsize % 16 == 0 for r in range(tp_size))
+
+
+@register(aten.linalg_solve_triangular)
+def _solve_triangular(ctx, node):
+    """``X = linalg_solve_triangular(A, B, upper=..., left=True)`` solves ``A X = B``
+    with ``A: [*, n, n]`` triangular and ``B: [*, n, k]`` (``left=False``: ``X A = B``,
+    ``B: [*, k, n]``); batch dims broadcast. Every column of ``X`` (row, for ``left=False``)
+    depends only on the same column of ``B``, and every batch entry only on its own ``A``
+    and ``B``, so a shard on a batch dim (heads: gated DeltaNet's chunked delta rule) or on
+    ``B``'s free dim with ``A`` whole stays. ``X`` is linear in ``B``: Partial ``B`` with a
+    replicated ``A`` stays Partial. Splitting ``n`` couples the ranks: not proven."""
+    a, b = node.args[0], node.args[1]
+    left = node.kwargs.get("left", node.args[3] if len(node.args) > 3 else True)
+    pa, pb = ctx.placement(a), ctx.placement(b)
+    nd, nd_a, nd_b = len(ctx.shape(node)), len(ctx.shape(a)), len(ctx.shape(b))
+    if pa.is_partial():
+        return None
+    if pb.is_partial():
+        return Decision(out=PARTIAL) if pa.is_replicate() else None
+    if pa.is_replicate() and pb.is_replicate():
+        return Decision(out=REPLICATE)
+    free = nd_b - 1 if left else nd_b - 2
+    if pb.is_shard(free) and pa.is_replicate():
+        return Decision(out=pb.moved(nd - nd_b + free))
+    # a batch dim: both operands take the shard where they have that dim (not broadcast)
+    ref = pa if pa.is_shard() else pb
+    d = ref.dim + nd - (nd_a if ref is pa else nd_b)  # the output's dim
+    if d >= nd - 2:
+        return None
+    need = {}
+    for t, p, k in ((a, pa, nd_a), (b, pb, nd_b)):
+        dt = d - (nd - k)
+        if dt < 0 or static_int(ctx.shape(t)[dt]) == 1:
+            if not p.is_replicate():
+                return None
+            continue
+        want = ref.moved(dt)
+        if p.is_replicate():
+            need[t] = want
+        elif p != want:
+            return None
+    return Decision(out=ref.moved(d), inputs=need)
