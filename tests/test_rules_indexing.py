@@ -81,6 +81,9 @@ def test_split_into_runs_of_blocks():
     assert dec.args[1] == [4, 8, 1], dec.args
     assert check(lambda t: aten.split_with_sizes(t, [10, 14, 2], 1), [x],
                  [Shard(1, blocks=(8, 8, 4, 4, 2))]) is None
+    # a split size: pieces of two blocks each, the last one shorter
+    dec = check(lambda t: aten.split(t, 12, 1), [r(3, 28)], [Shard(1, blocks=(8, 4, 8, 4, 4))])
+    assert dec.out == (Shard(1, blocks=(8, 4)),) * 2 + (Shard(1),), dec.out
 
 
 def test_constant_pad():

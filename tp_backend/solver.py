@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Solution", "Conversion", "solve"]
 
 aten = torch.ops.aten
-# Layout ops through which a parameter's shard can be pushed back to its storage.
 # Ops that map a parameter to a value whose every slice is the op of the parameter's slice:
 # layout ops, casts, and unary element-wise ops (Mamba-2's A = -exp(A_log)). A value made by
 # a chain of them follows the parameter's storage (computed from the local shard).

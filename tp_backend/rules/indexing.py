@@ -244,7 +244,7 @@ def _split(ctx, node):
     n = ctx.tp_size
     pieces = _pieces(p.block_sizes(size), sizes) if not p.plain and p.units is None else None
     if pieces is not None:
-        if isinstance(node.args[1], int) and all(len(bl) == 1 for bl in pieces):
+        if isinstance(node.args[1], int):  # every block splits N ways: so does the size
             args = (x, node.args[1] // n, dim)
         else:
             args = (x, [sum(b // n for b in bl) for bl in pieces], dim)
