@@ -117,22 +117,28 @@ UNEVEN = dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
 UNEVEN_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "starcoder2"]
 
 
-def _uneven_zoo(rank, world_size):
+def _strict_run(name: str, overrides: dict):
+    """The tiny ``name`` with ``overrides``, compiled with ``fallback="raise"`` (eager
+    downstream): (max |logits - one process's logits|, its plan)."""
     import tp_backend
 
+    torch._dynamo.reset()
+    model = zoo.make_model(name, **overrides)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        out = torch.compile(model, backend="tp_auto", options={
+            "compiler": "eager", "fallback": "raise"})(input_ids=ids, use_cache=False).logits
+    return (out - ref).abs().max().item(), tp_backend.last_plan()
+
+
+def _uneven_zoo(rank, world_size):
     rows = {}
     for name in UNEVEN_TYPES:
-        torch._dynamo.reset()
-        model = zoo.make_model(name, **UNEVEN)
-        ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            ref = model(input_ids=ids, use_cache=False).logits
-            out = torch.compile(model, backend="tp_auto", options={
-                "compiler": "eager", "fallback": "raise"})(input_ids=ids, use_cache=False).logits
-        plan = tp_backend.last_plan()
+        err, plan = _strict_run(name, UNEVEN)
         sharded = sum(p.nbytes_global for p in plan.params.values() if p.shard_dim is not None)
         q = plan.params["model.layers.0.self_attn.q_proj.weight"]
-        rows[name] = {"err": (out - ref).abs().max().item(),
+        rows[name] = {"err": err,
                       "sharded": sharded / sum(p.nbytes_global for p in plan.params.values()),
                       "q_rows": q.rank_sizes or (q.local_shape[0],) * world_size,
                       "ar": plan.collectives_per_layer("all_reduce")}
@@ -238,21 +244,12 @@ HYBRIDS = {
 
 
 def _hybrids(rank, world_size, names):
-    import tp_backend
-
     rows = {}
     for name in names:
-        torch._dynamo.reset()
-        model = zoo.make_model(name, **HYBRIDS[name])
-        ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            ref = model(input_ids=ids, use_cache=False).logits
-            out = torch.compile(model, backend="tp_auto", options={
-                "compiler": "eager", "fallback": "raise"})(input_ids=ids, use_cache=False).logits
-        plan = tp_backend.last_plan()
+        err, plan = _strict_run(name, HYBRIDS[name])
         local, full = plan.param_bytes()
         whole = sorted(p.fqn for p in plan.params.values() if p.shard_dim is None)
-        rows[name] = {"err": (out - ref).abs().max().item(), "per_rank": local / full,
+        rows[name] = {"err": err, "per_rank": local / full,
                       "whole": whole, "ar": plan.collectives_per_layer("all_reduce"),
                       "ag": sum(plan.collectives_per_layer("all_gather").values())}
     return rows

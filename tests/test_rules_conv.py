@@ -28,7 +28,7 @@ def test_depthwise_channels_split_with_their_weights():
     # the fused [x | B | C] channels of Mamba-2, each block split N ways
     check(conv(12), [x, w, b], [Shard(1, blocks=(8, 2, 2)), R, R], params=(1, 2),
           expect=Shard(1, blocks=(8, 2, 2)))
-    # uneven (9 heads of 1 channel... here 3 units of 4 channels: 8 + 4 at TP=2)
+    # uneven: 3 units of 4 channels, dealt 8 + 4 channels at TP=2
     check(conv(12), [x, w, b], [Shard(1, units=3), R, R], params=(1, 2),
           expect=Shard(1, units=3))
     # a channel multiplier of 2: the output channels follow their groups

@@ -176,7 +176,7 @@ def _solve_triangular(ctx, node):
     ``B``'s free dim with ``A`` whole stays. ``X`` is linear in ``B``: Partial ``B`` with a
     replicated ``A`` stays Partial. Splitting ``n`` couples the ranks: not proven."""
     a, b = node.args[0], node.args[1]
-    left = node.kwargs.get("left", node.args[3] if len(node.args) > 3 else True)
+    left = node.kwargs.get("left", True)  # (upper, left, unitriangular are keyword-only)
     pa, pb = ctx.placement(a), ctx.placement(b)
     nd, nd_a, nd_b = len(ctx.shape(node)), len(ctx.shape(a)), len(ctx.shape(b))
     if pa.is_partial():
