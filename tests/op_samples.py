@@ -162,6 +162,8 @@ def _written():
     add(aten.expand.default, t(1, 6, 1, 12), [2, 6, 4, 12])
     add(aten.expand.default, t(6, 1), [3, 6, 4])
     add(aten.expand_copy.default, t(6, 1), [6, 12])
+    add(aten.repeat.default, t(2, 4, 6), [1, 2, 1])  # JetMoE's k.repeat(1, top_k, 1, 1)
+    add(aten.repeat.default, t(4, 6), [2, 1, 3])  # a new leading dim, the last dim tiled
     add(aten.permute.default, t(2, 6, 12), [2, 0, 1])
     add(aten.permute_copy.default, t(2, 6, 12), [1, 2, 0])
     add(aten.transpose.int, t(2, 6, 12), 0, 2)
@@ -316,6 +318,8 @@ def _written():
     add(sdpa, q, k, v, t(2, 6, 4, 4, seed=3))
     add(sdpa, q, k, v, t(1, 1, 4, 4, seed=3))
     add(sdpa, q, t(2, 2, 4, 3, seed=1), t(2, 2, 4, 3, seed=2), enable_gqa=True)
+    # 4 heads: a strided split of the heads (outer=2) at 2 ranks, as JetMoE's
+    add(sdpa, t(2, 4, 4, 3), t(2, 4, 4, 3, seed=1), t(2, 4, 4, 3, seed=2), None, 0.0, True)
     add(torch.ops.tp_backend.cross_entropy.default, t(6, 12), idx(12, 6))
     # mixture-of-experts grouped matmul: x [T, K] @ w [E, K, N] (CPU needs float32, rows
     # aligned to 16 bytes)

@@ -117,13 +117,14 @@ UNEVEN = dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
 UNEVEN_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "starcoder2"]
 
 
-def _strict_run(name: str, overrides: dict):
-    """The tiny ``name`` with ``overrides``, compiled with ``fallback="raise"`` (eager
-    downstream): (max |logits - one process's logits|, its plan)."""
+def _strict_run(name: str, overrides: dict, tp_size: int | None = None):
+    """The tiny ``name`` with ``overrides`` (widened for ``tp_size=3`` as the zoo is),
+    compiled with ``fallback="raise"`` (eager downstream): (max |logits - one process's
+    logits|, its plan)."""
     import tp_backend
 
     torch._dynamo.reset()
-    model = zoo.make_model(name, **overrides)
+    model = zoo.make_model(name, tp_size=tp_size, **overrides)
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
@@ -240,13 +241,31 @@ HYBRIDS = {
                   mamba_d_state=8, mamba_chunk_size=8, mamba_expand=2),
     "falcon_h1": dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128, mamba_n_groups=4,
                       mamba_d_state=8, mamba_chunk_size=8, mamba_expand=2, head_dim=16),
+    # JetMoE: a mixture of attention experts (each a query and an output projection) and of
+    # MLP experts, stored stacked [E, out, in] and run one expert at a time on the tokens
+    # routed to it (the router's .tolist() kept in the graph: capture_scalar_outputs)
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=16),
 }
+# Head and group counts (and the widths set here) times 1.5 at TP=3, as zoo.make_model
+# widens the rest, so 3 divides them too.
+_HYBRID_COUNTS = {"linear_num_value_heads", "linear_num_key_heads", "mamba_num_heads",
+                  "n_groups", "num_heads", "mamba_n_heads", "mamba_n_groups", "mamba_d_ssm",
+                  "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "moe_shared_expert_intermediate_size"}
+
+
+def _hybrid_config(name: str, tp_size: int) -> dict:
+    kw = dict(HYBRIDS[name])
+    if tp_size == 3:
+        kw = {k: v * 3 // 2 if k in _HYBRID_COUNTS else v for k, v in kw.items()}
+    return kw
 
 
 def _hybrids(rank, world_size, names):
     rows = {}
     for name in names:
-        err, plan = _strict_run(name, HYBRIDS[name])
+        torch._dynamo.config.capture_scalar_outputs = name == "jetmoe"
+        err, plan = _strict_run(name, _hybrid_config(name, world_size), world_size)
         local, full = plan.param_bytes()
         whole = sorted(p.fqn for p in plan.params.values() if p.shard_dim is None)
         rows[name] = {"err": err, "per_rank": local / full,
@@ -255,16 +274,17 @@ def _hybrids(rank, world_size, names):
     return rows
 
 
-@pytest.mark.parametrize("tp_size", [2, 4])
+@pytest.mark.parametrize("tp_size", [2, 3, 4])
 def test_linear_attention_and_mamba_hybrids(tp_size, capsys):
-    """Issue 15 items 3 and 4: every projection of gated DeltaNet and Mamba-2 splits per
+    """Issue 15 items 2, 3 and 4: every projection of gated DeltaNet and Mamba-2 splits per
     head (per group for Mamba-2's B and C), with the depthwise convolution per channel and
-    the per-head A_log / dt_bias / D with their heads: exact (fp32, 2-4 layers,
-    ``fallback="raise"``), one all-reduce per block (Nemotron-H's layers are one mixer,
-    attention, MLP or MoE each, as Mamba-2's are one mixer; Qwen3-Next's, Bamba's and
-    Falcon-H1's are a mixer (or attention, or both in parallel) and an MLP: 2), one all-gather
-    (the logits), and parameter bytes per rank within 1 % of 1/N: what stays whole is the
-    norms, the routers and the shared-expert gate."""
+    the per-head A_log / dt_bias / D with their heads; JetMoE's attention experts split per
+    head and its MLP experts per feature: exact (fp32, 2-4 layers, ``fallback="raise"``),
+    one all-reduce per block (Nemotron-H's layers are one mixer, attention, MLP or MoE each,
+    as Mamba-2's are one mixer; Qwen3-Next's, Bamba's, Falcon-H1's and JetMoE's are a mixer
+    (or attention, or both in parallel) and an MLP: 2), one all-gather (the logits), and
+    parameter bytes per rank within 1 % of 1/N: what stays whole is the norms, the routers,
+    the shared-expert gate and the output biases that JetMoE adds after the all-reduce."""
     names = [n for n in HYBRIDS if n in __import__("transformers").CONFIG_MAPPING]
     rows = run_distributed(_hybrids, tp_size, names)[0]
     with capsys.disabled():
@@ -272,8 +292,10 @@ def test_linear_attention_and_mamba_hybrids(tp_size, capsys):
         for name, r in rows.items():
             print(f"{name:12s} {r['err']:8.1e} {r['per_rank']:7.1%} AR/layer "
                   f"{ {k: v for k, v in r['ar'].items() if k is not None} } AG {r['ag']}")
-    allowed = ("norm", "mlp.gate.", "mixer.gate.", "shared_expert_gate")
-    blocks = {"qwen3_next": 2, "nemotron_h": 1, "mamba2": 1, "bamba": 2, "falcon_h1": 2}
+    allowed = ("norm", "mlp.gate.", "mixer.gate.", "shared_expert_gate", "router.layer",
+               "experts.bias", "mlp.bias")
+    blocks = {"qwen3_next": 2, "nemotron_h": 1, "mamba2": 1, "bamba": 2, "falcon_h1": 2,
+              "jetmoe": 2}
     for name, r in rows.items():
         assert r["err"] <= ATOL, (name, r)
         assert all(any(a in w for a in allowed) for w in r["whole"]), (name, r["whole"])

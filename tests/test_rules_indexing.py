@@ -162,3 +162,33 @@ def test_column_seed_takes_preferred_blocks():
     dec = check(lambda a, b: aten.mm(a, b), [r(3, 8), r(8, 32)], [R, R], params=[1],
                 blocks=(16, 8, 8), expect=S(1, blocks=(16, 8, 8)))
     assert dec.seed == "column"
+
+
+def test_index_put_accumulated_into_zeros_keeps_partial():
+    """zeros.index_add(0, idx, y) (JetMoE's experts' rows put back in token order) is
+    linear in y, so Partial rows give a Partial result; into any other tensor (which every
+    rank would add once) or without accumulate (a write, not a sum) it is refused. The
+    rule sees the zeros' factory node, which the harness cannot feed, so the ranks are
+    simulated here: the sum over ranks of each rank's result must equal the whole op's."""
+    from rule_harness import decide, trace
+
+    idx = torch.tensor([0, 2, 2, 1, 0])
+    y = r(5, 3)
+    parts = [r(5, 4)[:, :3], None]
+    parts[1] = y - parts[0]
+
+    def scatter(base, v, i=idx, acc=True):
+        return aten.index_put(base, [i], v, acc)
+
+    gm, node = trace(lambda v, i: scatter(aten.zeros([4, 3]), v, i), [y, idx])
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dec, _ = decide(node, ph, [P, R])
+    assert dec is not None and dec.out == P
+    whole = scatter(torch.zeros(4, 3), y)
+    torch.testing.assert_close(sum(scatter(torch.zeros(4, 3), t) for t in parts), whole)
+    gm, node = trace(lambda b, v, i: scatter(b, v, i), [r(4, 3), y, idx])
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert decide(node, ph, [R, P, R])[0] is None
+    gm, node = trace(lambda v, i: scatter(aten.zeros([4, 3]), v, i, False), [y, idx])
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert decide(node, ph, [P, R])[0] is None

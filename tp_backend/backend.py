@@ -194,7 +194,9 @@ def _no_eager_fallback() -> None:
     log.info("tp_auto: set torch._dynamo.config.fail_on_recompile_limit_hit = True: a frame "
              "that reaches torch._dynamo.config.recompile_limit (%s) raises instead of running "
              "eagerly on the placeholders of sharded parameters; raise the limit if a model "
-             "needs more recompilations", cfg.recompile_limit)
+             "needs more recompilations, or set torch._dynamo.config.capture_scalar_outputs "
+             "= True for one that recompiles because its Python code reads tensor values "
+             "(.tolist(), .item())", cfg.recompile_limit)
 
 
 def _refuse_eager_call(module, args):

@@ -13,6 +13,9 @@ costs memory and speed, never a wrong number or a crash at run time.
 Local shape of a value of global shape ``G``: ``G`` for Replicate and Partial; for
 ``Shard(d)`` (any ``outer``/``blocks``) ``G`` with ``G[d] / N``. Symbolic sizes are
 compared as expressions (no guards are added); a symbolic split dim is not compared.
+A data-dependent size (an unbacked symbol: ``.tolist()``, ``nonzero``) gets a fresh name
+when the local graph runs; the first time one is met it is bound to the global graph's
+symbol in the same place, and every later use must agree with that binding.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .errors import TPPassError
 from .placement import Placement
@@ -28,10 +32,25 @@ from .solver import Solution, describe
 __all__ = ["check_local_graph"]
 
 
-def _same(a, b) -> bool:
+def _expr(a):
+    return a.node.expr if isinstance(a, torch.SymInt) else a
+
+
+def _fresh(expr) -> bool:
+    """Whether ``expr`` is a bare unbacked symbol (a data-dependent size)."""
+    return getattr(expr, "is_Symbol", False) and bool(free_unbacked_symbols(expr))
+
+
+def _same(a, b, renames: dict) -> bool:
+    """Whether local size ``a`` equals expected size ``b``; a local unbacked symbol met
+    for the first time against an unbacked symbol of the global graph is bound to it in
+    ``renames``."""
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        ea = a.node.expr if isinstance(a, torch.SymInt) else a
-        eb = b.node.expr if isinstance(b, torch.SymInt) else b
+        ea, eb = _expr(a), _expr(b)
+        if _fresh(ea) and _fresh(eb) and ea not in renames:
+            renames[ea] = eb
+        if renames and hasattr(ea, "xreplace"):
+            ea = ea.xreplace(renames)
         return bool(ea == eb)
     return int(a) == int(b)
 
@@ -62,6 +81,7 @@ class _Recorder(fx.Interpreter):
         self.tp_size = tp_size
         self.failure = None
         self.node = None
+        self.renames = {}  # local unbacked symbol -> the global graph's (see _same)
 
     def run_node(self, n):
         self.node = n
@@ -71,11 +91,14 @@ class _Recorder(fx.Interpreter):
             self.failure = (f"{describe(n)} ({n.format_node()}) cannot run on this rank's "
                             f"local shapes: {type(e).__name__}: {str(e).splitlines()[0]}")
             raise _Stop from e
+        val = n.meta.get("val")
+        if isinstance(out, torch.SymInt) and isinstance(val, torch.SymInt):
+            _same(out, val, self.renames)  # binds a data-dependent scalar (.item())
         p = self.placements.get(n)
         if p is not None and isinstance(out, torch.Tensor):
             want = _expected(n, p, self.tp_rank, self.tp_size)
             got = list(out.shape)
-            if len(got) != len(want) or not all(w is None or _same(g, w)
+            if len(got) != len(want) or not all(w is None or _same(g, w, self.renames)
                                                 for g, w in zip(got, want)):
                 self.failure = (f"{describe(n)} ({n.format_node()}) has local shape {got} on "
                                 f"this rank, but its placement {p} means "

@@ -26,8 +26,9 @@ right before the first op that is not linear in them: for a standard decoder thi
 residual add after attention and after the MLP -- Megatron's 2 all-reduces per layer.
 
 Parameter storage: a parameter is stored sharded on dim ``d`` when every use of it
-(through layout ops such as ``t``/``permute``/``_to_copy``/``squeeze``, and unary
-element-wise ops such as ``exp``: ``_CHAIN``) asks for that shard; otherwise
+(through layout ops such as ``t``/``permute``/``_to_copy``/``squeeze``, ``select`` of one
+expert of a stacked ``[E, out, in]`` parameter, and unary element-wise ops such as ``exp``:
+``_CHAIN``) asks for that shard; otherwise
 it stays whole and the uses that need a shard slice it locally.
 """
 
@@ -56,7 +57,8 @@ aten = torch.ops.aten
 # layout ops, casts, and unary element-wise ops (Mamba-2's A = -exp(A_log)). A value made by
 # a chain of them follows the parameter's storage (computed from the local shard).
 _CHAIN = {aten.t, aten.permute, aten.transpose, aten._to_copy, aten.clone, aten.alias,
-          aten.detach, aten.lift_fresh_copy, aten.squeeze, aten.unsqueeze, aten.exp, aten.neg}
+          aten.detach, aten.lift_fresh_copy, aten.squeeze, aten.unsqueeze, aten.exp, aten.neg,
+          aten.select}
 
 
 # A lookup table this many times smaller than the graph's largest parameter stays whole
@@ -139,22 +141,27 @@ class _Ctx:
 
     def prefer(self, value, dim, cuts):
         """A consumer of ``value`` could use it if its seed split ``dim`` into the blocks
-        between ``cuts`` (offsets along the dim, 0 and the size included)."""
+        between ``cuts`` (offsets along the dim, 0 and the size included). Where several
+        seeds made ``value`` (JetMoE's experts, one matmul each, concatenated along the
+        tokens), each must be found at a known offset, and each is asked for the cuts."""
         seeds = self._taint.get(value, ())
-        if len(seeds) != 1:
+        if not seeds:
             return
-        seed, = seeds
         size = value.meta["val"].shape[dim]
-        off = self._offset_in_seed(value, dim, seed)
-        if off is None:
-            if seed.meta["val"].shape[-1] != size:
-                return
-            off = 0
-        total = int(seed.meta["val"].shape[-1])
-        cur = self._prefs.get(seed, frozenset())
-        new = frozenset(cur | {off + c for c in cuts} | {0, off, off + int(size), total})
-        if new != cur:
-            self._new_prefs[seed] = new
+        found = []
+        for seed in sorted(seeds, key=lambda n: n.name):
+            off = self._offset_in_seed(value, dim, seed)
+            if off is None:
+                if len(seeds) != 1 or seed.meta["val"].shape[-1] != size:
+                    return
+                off = 0
+            found.append((seed, off))
+        for seed, off in found:
+            total = int(seed.meta["val"].shape[-1])
+            cur = self._prefs.get(seed, frozenset())
+            new = frozenset(cur | {off + c for c in cuts} | {0, off, off + int(size), total})
+            if new != cur:
+                self._new_prefs[seed] = new
 
     def _offset_in_seed(self, value, dim, seed) -> int | None:
         """Where dim ``dim`` of ``value`` starts among the output features of ``seed``, when
@@ -300,6 +307,10 @@ def _chain_map(node, perm):
         dims = node.args[1] if len(node.args) > 1 else range(len(shape))
         dims = {d % len(shape) for d in ([dims] if isinstance(dims, int) else dims)}
         return [q for d, q in enumerate(perm) if not (d in dims and shape[d] == 1)]
+    if op is aten.select:  # one expert of a stacked [E, ...] parameter
+        p = list(perm)
+        del p[node.args[1] % len(p)]
+        return p
     if op is aten.t:
         return list(reversed(perm))
     if op is aten.permute:

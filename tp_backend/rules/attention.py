@@ -36,12 +36,17 @@ def _sdpa(ctx, node):
         return None
     else:
         s, = shards
-    if s.dim not in (0, 1) or s.outer != 1 or s.blocks is not None:
+    if s.dim not in (0, 1):
         return None
     n = ctx.tp_size
     sizes = [static_int(ctx.shape(t)[s.dim]) for t in qkv]
-    if s.units is None and all(divisible(d, n) for d in sizes) or \
-            s.units is not None and len(set(sizes)) == 1 and s.splits(sizes[0], n):
+    if sizes[0] is not None and len(set(sizes)) == 1 and s.splits(sizes[0], n):
+        # Every (batch, head) is independent, so q, k and v split alike in any layout
+        # (strided: JetMoE's heads, expert-major after k.repeat(1, top_k, 1, 1)).
+        need = {t: s for t in qkv}
+    elif not s.plain and s.units is None:
+        return None
+    elif s.units is None and all(divisible(d, n) for d in sizes):
         need = {t: s for t in qkv}
     else:
         # Grouped-query attention whose KV heads do not split with the query heads (fewer
@@ -49,7 +54,8 @@ def _sdpa(ctx, node):
         # rank the KV heads its query heads use (KV-head replication, as vLLM does).
         enable_gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
         hq, hkv = sizes[0], sizes[1]
-        if not (s.dim == 1 and enable_gqa and pls[0].is_shard() and hq and hkv
+        if not (s.dim == 1 and s.outer == 1 and s.blocks is None and enable_gqa
+                and pls[0].is_shard() and hq and hkv
                 and hq % hkv == 0 and s.splits(hq, n)):
             return None
         need = {q: s, k: HeadGroup(1, hq, hkv, s.units), v: HeadGroup(1, hq, hkv, s.units)}

@@ -380,22 +380,43 @@ def _factory(ctx, node):
     return Decision(out=REPLICATE, inputs={})
 
 
+def _zero_filled(node) -> bool:
+    """Whether ``node`` is a factory's tensor of zeros (``zeros``, ``full(.., 0)``...)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    op = getattr(node.target, "overloadpacket", None)
+    if op in (aten.zeros, aten.new_zeros, aten.zeros_like):
+        return True
+    fill = {aten.full: 1, aten.new_full: 2}.get(op)
+    return fill is not None and len(node.args) > fill and node.args[fill] == 0 \
+        and not isinstance(node.args[fill], bool)
+
+
 @register(aten.index_put)
 def _index_put(ctx, node):
     """``x[indices] = values`` (a static KV cache update: ``cache[:, :, pos] = k``): a shard
-    on a dim that is not indexed stays, with ``values`` split the same way."""
+    on a dim that is not indexed stays, with ``values`` split the same way.
+
+    Accumulated into zeros (``zeros.index_add(0, idx, y)``, how JetMoE and other MoE blocks
+    put the experts' rows back in token order), the result is a sum of ``values`` rows,
+    linear in ``values``: Partial ``values`` give a Partial result. Reducing after the
+    scatter moves ``[T, H]`` instead of the ``[T * top_k, H]`` expert rows."""
     x, indices, values = node.args[:3]
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
     p, pv = ctx.placement(x), ctx.placement(values)
     idx_nodes = [i for i in indices if isinstance(i, torch.fx.Node)]
-    if any(not ctx.placement(i).is_replicate() for i in idx_nodes) or p.is_partial() \
-            or pv.is_partial():
+    if any(not ctx.placement(i).is_replicate() for i in idx_nodes):
+        return None
+    if pv.is_partial() and p.is_replicate() and accumulate is True and _zero_filled(x):
+        return Decision(out=PARTIAL, inputs={values: PARTIAL})
+    if p.is_partial() or pv.is_partial():
         return None
     s = p if p.is_shard() else pv if pv.is_shard() else None
     if s is None:
         return Decision(out=REPLICATE)
     pos = [k for k, i in enumerate(indices) if i is not None]
-    if len(ctx.shape(values)) != len(ctx.shape(x)) or s.dim in pos or not s.plain:
-        return None
+    if len(ctx.shape(values)) != len(ctx.shape(x)) or s.dim in pos:
+        return None  # (any layout of a dim that is not indexed: its columns are independent)
     if static_int(ctx.shape(values)[s.dim]) != static_int(ctx.shape(x)[s.dim]):
         return None  # values broadcast along the split dim: not this rank's slice
     return Decision(out=s, inputs={x: s, values: s})

@@ -1,5 +1,5 @@
-"""Rules for view and layout ops: view/_unsafe_view/reshape, expand, permute/transpose/t,
-unsqueeze/squeeze.
+"""Rules for view and layout ops: view/_unsafe_view/reshape, expand, repeat,
+permute/transpose/t, unsqueeze/squeeze.
 
 The view rule maps a shard through a change of shape. Write the input as a flat index
 space ``[L, F, C]`` where ``F`` is the sharded factor (for ``Shard(d, outer=o)``: ``F =
@@ -141,6 +141,28 @@ def _expand(ctx, node):
     if sizes[d] != -1:
         sizes[d] = p.local_size(static_int(ctx.shape(node)[d]), ctx.tp_rank, ctx.tp_size)
     return Decision(out=p.moved(d), args=(x, sizes) + tuple(node.args[2:]))
+
+
+@register(aten.repeat)
+def _repeat(ctx, node):
+    """``repeat`` tiles: along a dim repeated ``r`` times, output index ``j * G + i`` holds
+    input index ``i``. Tiling each rank's chunks ``r`` times gives the chunks of the same
+    blocks repeated ``r`` times, in order: a shard with its blocks repeated (a plain shard
+    becomes ``outer=r``; JetMoE's keys repeated per expert, ``k.repeat(1, top_k, 1, 1)``,
+    then line up with its queries). The repeats are unchanged; a Partial input stays
+    Partial (tiling is linear)."""
+    x = node.args[0]
+    p = ctx.placement(x)
+    if not p.is_shard():
+        return Decision(out=p)
+    reps = node.args[1]
+    d = p.dim + len(reps) - len(ctx.shape(x))
+    r = reps[d]
+    if not isinstance(r, int) or r < 1:
+        return None
+    if p.blocks is not None:
+        return Decision(out=Shard(d, blocks=tuple(p.blocks) * r))
+    return Decision(out=Shard(d, p.outer * r, None, p.units))
 
 
 def _remap(ctx, node, fn):
