@@ -8,8 +8,8 @@ from .versions import check_versions as _check_versions
 
 _check_versions()  # a clear ImportError for a torch/transformers outside the tested range
 
-from .backend import (ShardInfo, TPAutoBackend, local_parameter_bytes, local_shard,
-                      local_value, sharding_info, tp_auto)
+from .backend import TPAutoBackend, tp_auto
+from .runtime import ShardInfo, local_parameter_bytes, local_shard, local_value, sharding_info
 from .api import parallelize_model
 from .errors import (TPConfigError, TPDivisibilityError, TPError, TPInputMismatchError,
                      TPOptionsError, TPOptionsTypeError, TPPassError, TPProcessGroupError,

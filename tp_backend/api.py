@@ -153,7 +153,7 @@ def _build_on_meta(cls, config, dtype):
 
 def _attach_checkpoint(model, index: CheckpointIndex):
     """Give each parameter a placeholder of its global shape and its ParameterMeta."""
-    from .backend import _PENDING, placeholder
+    from .runtime import STORE, placeholder
 
     names: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -169,7 +169,7 @@ def _attach_checkpoint(model, index: CheckpointIndex):
             raise TPWeightError(f"tensor {source!r} in {file} has shape "
                                 f"{list(index.shape_of(source))}, the model expects {list(shape)}")
         new = torch.nn.Parameter(placeholder(shape, p.dtype), requires_grad=False)
-        _PENDING[new] = ParameterMeta(fqn=fqns[0], source=source, file=file,
+        STORE.pending[new] = ParameterMeta(fqn=fqns[0], source=source, file=file,
                                       global_shape=shape, dtype=p.dtype, tied=tuple(fqns))
         replacement[pid] = new
     for module in model.modules():
@@ -180,12 +180,12 @@ def _attach_checkpoint(model, index: CheckpointIndex):
 
 def _read_all(model):
     """Replace every placeholder parameter by its tensor read from the checkpoint."""
-    from .backend import _PENDING
+    from .runtime import STORE
     from .checkpoint import read_tensor
 
     with torch.no_grad():
         for p in model.parameters():
-            meta = _PENDING.pop(p, None)
+            meta = STORE.pending.pop(p, None)
             if meta is not None:
                 p.data = read_tensor(meta)
 
@@ -193,7 +193,7 @@ def _read_all(model):
 def _warm_up(compiled, config):
     """One short forward so the plan is solved and the weights are read now (errors in
     the checkpoint surface here); its graph runs eagerly (see ``eager_warm_up``)."""
-    from .backend import eager_warm_up
+    from .runtime import eager_warm_up
 
     vocab = getattr(config, "vocab_size", None) or 2
     ids = torch.arange(8).remainder(vocab).unsqueeze(0)

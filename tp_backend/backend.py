@@ -12,24 +12,24 @@ captures, the backend
 4. rewrites the ATen graph for this rank (:mod:`tp_backend.rewrite`);
 5. hands the local graph to the downstream compiler (Inductor by default, on fake inputs
    of this rank's local shapes in Dynamo's fake mode; ``compiler="eager"`` runs it as is);
-6. returns a runner that, on its first call, shards the parameters in place
-   (``param.data`` becomes this rank's slice; the full tensor is freed) and from then on
-   runs the local graph.
+6. returns a runner that, on its first call, stores the parameters split (this rank's
+   slice goes to the store of :mod:`tp_backend.runtime`; ``param.data`` becomes a
+   one-element placeholder of the global shape, so Dynamo's guards still hold) and from
+   then on runs the local graph with the slices in their place.
 
-Sharding a parameter changes its shape, so Dynamo's guards fail on the next call and the
-frame is traced again; the backend recognises its own sharded parameters, rebuilds the
-global shapes and finds the result in its cache (keyed by the graph code and the global
-input shapes), so a recompile neither re-solves nor re-shards. ``torch._dynamo.reset()``
-clears the cache.
+Solved graphs are cached (keyed by the graph code and the global input shapes), so a
+recompile neither re-solves nor re-shards. ``torch._dynamo.reset()`` clears the cache.
+
+Owns: the backend entry, its cache of solved graphs and the runner. Must not: hold split
+values itself (:mod:`tp_backend.runtime`), read checkpoint files
+(:mod:`tp_backend.checkpoint`), or decide placements (the pipeline).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import operator
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -37,174 +37,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import consistency, cpu_matmul, layers, selfcheck, shm, state
-from .errors import TPError, TPPassError, TPShardedModuleError, TPTrainingError
+from . import consistency, cpu_matmul, layers, nodemeta, selfcheck, shm, state
+from .errors import TPError, TPPassError, TPTrainingError
 from .options import TPOptions, validate_options
 from .placement import Shard
 from .naming import NameIndex, roots_of_compiling_frame
 from .pipeline import run_pipeline
 from .plan import TPPlan
+# The runtime state of split values lives in tp_backend.runtime (reached as tp_auto.store);
+# its public accessors are re-exported here and from the package.
+from .runtime import (SPLIT_ATTR, STORE, ShardInfo, local_parameter_bytes,  # noqa: F401
+                      local_shard, local_value, placeholders, sharding_info, split_value)
 
 log = logging.getLogger("tp_backend")
 
 __all__ = ["tp_auto", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
            "local_parameter_bytes", "local_value"]
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """How a parameter was sharded: split on ``dim``; ``global_shape`` before the split."""
-
-    fqn: str
-    dim: int
-    layout: str
-    global_shape: tuple
-    tp_rank: int
-    tp_size: int
-    group_name: str
-    outer: int = 1
-    blocks: tuple | None = None  # see tp_backend.placement.Shard
-    padded: int | None = None  # dim size after zero padding (a vocabulary, see padding.py)
-    units: int | None = None  # an uneven split (see tp_backend.placement.Shard)
-
-    def ranges(self) -> list:
-        """``(start, length)`` ranges of dim ``dim`` this rank holds, in local order
-        (of the padded dim: rows at or past the real size are zeros)."""
-        from .layers import shard_ranges
-
-        size = self.padded or self.global_shape[self.dim]
-        return shard_ranges(size, self.outer, self.tp_rank, self.tp_size, self.blocks,
-                            self.units)
-
-    def take(self, read, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's shard, from ``read(start, length)`` of the real rows (zero rows
-        stand for padding)."""
-        real = self.global_shape[self.dim]
-        parts = []
-        for start, length in self.ranges():
-            n_real = max(0, min(start + length, real) - start)
-            if n_real:
-                parts.append(read(start, n_real))
-            if n_real < length:
-                shape = list(self.global_shape)
-                shape[self.dim] = length - n_real
-                parts.append(torch.zeros(shape, dtype=dtype))
-        return torch.cat(parts, dim=self.dim) if len(parts) > 1 else parts[0]
-
-    def local_of(self, whole: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of ``whole`` (the tensor of ``global_shape``)."""
-        return self.take(lambda start, n: whole.narrow(self.dim, start, n), whole.dtype)
-
-
-@dataclass
-class _Sharded:
-    info: ShardInfo
-    local: torch.Tensor  # this rank's slice, e.g. [out/N, in] for a column-parallel weight
-
-
-# Parameters this process has sharded -> their local shard. Weak: dropping the model frees
-# them. The nn.Parameter itself keeps its identity and global shape, but its data becomes a
-# one-element NaN tensor expanded to that shape (see _Runner): the full tensor is freed,
-# Dynamo keeps seeing global shapes (so a re-trace yields the same graph and hits the cache),
-# and an accidental eager use yields NaN rather than plausible numbers.
-_SHARDED = WeakTensorKeyDictionary()
-# Parameters built by parallelize_model whose values are still in the checkpoint ->
-# their ParameterMeta. The runner reads them (only this rank's slice) on first use.
-_PENDING = WeakTensorKeyDictionary()
-# Values a graph returned split over heads (key/value caches): Python sees a one-element
-# placeholder of the global shape (a DynamicCache holds it, and its shape is right) that
-# carries (Shard, local tensor) in this attribute; the next graph that takes it as input
-# gets the local tensor. An attribute of the placeholder itself (not a weak dictionary): it
-# lives and dies with the placeholder, and reading it costs a fraction of a microsecond on
-# each of the 2 x layers cache entries of every decode step.
-_SPLIT_ATTR = "_tp_split_value"
-_HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-# How many tensors this process has split so far (only grows): runners rescan their whole
-# parameters when it changes.
-_SHARD_COUNT = 0
-
-
-class _WarmUpFlag(threading.local):
-    active = False
-
-
-_EAGER_WARM_UP = _WarmUpFlag()
-
-
-@contextlib.contextmanager
-def eager_warm_up():
-    """Within this context, graphs the backend compiles run eagerly (no downstream
-    compile): ``parallelize_model``'s warm-up call solves the plan and reads the weights
-    without paying an Inductor compile for a graph (8 tokens, no cache) that later calls
-    do not use."""
-    _EAGER_WARM_UP.active = True
-    try:
-        yield
-    finally:
-        _EAGER_WARM_UP.active = False
-
-
-def sharding_info(param: torch.Tensor) -> ShardInfo | None:
-    """The :class:`ShardInfo` of a parameter sharded by ``tp_auto``, else ``None``."""
-    st = _SHARDED.get(param)
-    return st.info if st is not None else None
-
-
-def local_shard(param: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a parameter sharded by ``tp_auto`` (the parameter itself if it
-    is not sharded)."""
-    st = _SHARDED.get(param)
-    return st.local if st is not None else param
-
-
-def local_parameter_bytes(module: torch.nn.Module) -> int:
-    """Bytes of parameter data this rank holds for ``module``: the local shard of every
-    sharded parameter plus every replicated parameter (tied parameters counted once)."""
-    total = 0
-    for p in module.parameters():  # deduplicates tied parameters
-        total += local_shard(p).nbytes
-    return total
-
-
-def local_value(t: torch.Tensor) -> torch.Tensor | None:
-    """The local part of a value a graph returned split over heads (a key/value cache
-    entry), or ``None`` for an ordinary tensor."""
-    held = _split_value(t)
-    return held[1] if held is not None else None
-
-
-def _split_value(t: torch.Tensor):
-    """``(Shard, local tensor)`` if ``t`` is the placeholder of a value returned split."""
-    return t.__dict__.get(_SPLIT_ATTR)
-
-
-def _no_eager_fallback() -> None:
-    """Make Dynamo raise where it would run a frame eagerly after ``recompile_limit``
-    recompilations (``torch._dynamo.config.fail_on_recompile_limit_hit``), once this
-    process holds sharded parameters: that eager run would compute on their one-element
-    NaN placeholders and return NaN (JetMoE did, on its second sequence length: its router's
-    ``.tolist()`` makes Dynamo recompile for every routing). Process-wide, as the setting
-    is; logged once."""
-    cfg = torch._dynamo.config
-    if getattr(cfg, "fail_on_recompile_limit_hit", True):
-        return
-    cfg.fail_on_recompile_limit_hit = True
-    log.info("tp_auto: set torch._dynamo.config.fail_on_recompile_limit_hit = True: a frame "
-             "that reaches torch._dynamo.config.recompile_limit (%s) raises instead of running "
-             "eagerly on the placeholders of sharded parameters; raise the limit if a model "
-             "needs more recompilations, or set torch._dynamo.config.capture_scalar_outputs "
-             "= True for one that recompiles because its Python code reads tensor values "
-             "(.tolist(), .item())", cfg.recompile_limit)
-
-
-def _refuse_eager_call(module, args):
-    if not torch.compiler.is_compiling():
-        raise TPShardedModuleError(
-            f"this {type(module).__name__} holds parameters that tp_auto sharded across the "
-            "tensor-parallel ranks; it only computes correct results through the compiled "
-            "model. Call the object returned by torch.compile instead of the original module.")
 
 
 @dataclass
@@ -268,39 +117,6 @@ def _downstream_compile(gm: fx.GraphModule, local_fakes: list, opts: TPOptions,
     if plan is not None:
         plan.timings["downstream_compile_s"] = time.perf_counter() - t0
     return fn
-
-
-def placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """A one-element tensor expanded to ``shape``: what Python holds in place of data kept
-    elsewhere (a parameter's local shard, a split KV cache, a weight not yet read). NaN (0
-    for integers), so an accidental eager use gives NaN rather than plausible numbers."""
-    return torch.full((), _fill(dtype), dtype=dtype, device=device).expand(shape)
-
-
-def state_placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """A :func:`placeholder` for state a graph writes into (a recurrent or convolution
-    state that ``copy_`` updates in place): every stride 1, so ``sum(size - 1) + 1``
-    elements back it. An expanded (stride-0) tensor would make Dynamo refuse the write
-    ("more than one element of the written-to tensor refers to a single memory location");
-    stride-1 dims overlap too, but not in a way PyTorch's overlap check proves."""
-    shape = tuple(shape)
-    if not shape:
-        return torch.full((), _fill(dtype), dtype=dtype, device=device)
-    n = sum(max(s - 1, 0) for s in shape) + 1
-    return torch.full((n,), _fill(dtype), dtype=dtype, device=device).as_strided(
-        shape, (1,) * len(shape))
-
-
-def _fill(dtype: torch.dtype):
-    return float("nan") if dtype.is_floating_point or dtype.is_complex else 0
-
-
-def placeholders(n: int, shape, dtype: torch.dtype, device=None) -> tuple:
-    """``n`` distinct :func:`placeholder` tensors of one shape, made in one call (a decode
-    step returns two per layer)."""
-    shape = tuple(shape)
-    return torch.full((n,), _fill(dtype), dtype=dtype, device=device).as_strided(
-        (n, *shape), (1,) + (0,) * len(shape)).unbind(0)
 
 
 class _ParamCache:
@@ -378,16 +194,16 @@ class _Runner:
         # Checked on every call while weights wait to be read: Dynamo may share one compiled
         # graph between several model instances (torch.compile(model.forward) on two
         # models), whose weights load apart. Once all are read, the check is skipped.
-        if len(_PENDING):
-            pending = [i for i, _ in self.compiled.shard_specs if args[i] in _PENDING] + \
-                      [i for i in self.compiled.replicated_params if args[i] in _PENDING]
+        if len(STORE.pending):
+            pending = [i for i, _ in self.compiled.shard_specs if args[i] in STORE.pending] + \
+                      [i for i in self.compiled.replicated_params if args[i] in STORE.pending]
             if pending:
                 self._load(args, pending)
         self._substitute_params(args)
         c = self.compiled
-        if _SHARD_COUNT != self._shard_count_seen:
-            self._shard_count_seen = _SHARD_COUNT
-            self._gather = [i for i in c.replicated_params if args[i] in _SHARDED]
+        if STORE.count != self._shard_count_seen:
+            self._shard_count_seen = STORE.count
+            self._gather = [i for i in c.replicated_params if args[i] in STORE.sharded]
         for idx in self._gather:
             # Kept whole here but split by a graph compiled later (a graph that fell back
             # to replicated next to split ones): its placeholder holds no values, so gather
@@ -395,7 +211,7 @@ class _Runner:
             args[idx] = state.full_tensor(args[idx])
         for idx, shard in c.local_inputs.items():
             t = args[idx]
-            held = t.__dict__.get(_SPLIT_ATTR)
+            held = t.__dict__.get(SPLIT_ATTR)
             if held is not None:
                 args[idx] = held[1]  # contiguous (see _split_outputs)
             else:  # a whole tensor where a split one was expected: take this rank's part
@@ -428,7 +244,7 @@ class _Runner:
             return
         for idx, info in specs:
             t = args[idx]
-            st = _SHARDED.get(t)
+            st = STORE.sharded.get(t)
             if st is None:
                 st = self._shard(t, info, idx)
             elif st.info.dim != info.dim:
@@ -443,7 +259,7 @@ class _Runner:
 
     def _split_outputs(self, outs: list) -> tuple:
         """Replace each output returned split over heads by a :func:`placeholder` of its
-        global shape that carries the local tensor (``_SPLIT_ATTR``). A local tensor is
+        global shape that carries the local tensor (``SPLIT_ATTR``). A local tensor is
         stored contiguous: the graphs that take it back were compiled for contiguous
         inputs (a prefill returns its keys transposed; later steps return contiguous
         ones). The placeholders of one shape, dtype and device (the keys and values of
@@ -461,13 +277,15 @@ class _Runner:
             shape[shard.dim] = shard.global_size(shape[shard.dim], plan.tp_rank, plan.tp_size)
             for (idx, shard, local), ph in zip(members, placeholders(
                     len(members), shape, first.dtype, first.device)):
-                ph.__dict__[_SPLIT_ATTR] = (shard, local)
+                ph.__dict__[SPLIT_ATTR] = (shard, local)
                 outs[idx] = ph
         return tuple(outs)
 
     def _shard(self, t, info, idx, local=None):
-        global _SHARD_COUNT
-        held = t.__dict__.pop(_SPLIT_ATTR, None)
+        """Store ``t`` split as ``info`` says (:meth:`ShardStore.record`): ``local`` if
+        given (read from a checkpoint), else the part an earlier graph returned split,
+        else this rank's slice of ``t``'s data."""
+        held = t.__dict__.pop(SPLIT_ATTR, None)
         if local is None and held is not None:  # returned split by an earlier graph
             local = held[1]
         if local is None:
@@ -479,50 +297,15 @@ class _Runner:
                 # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table split
                 # on dim 0 is vocab-parallel. A fused [q|k|v] weight is split per block.
                 local = info.local_of(t.detach()).clone()
-        found = self._names.tensor(t)
-        if found is not None and found.name != info.fqn:
-            info = dataclasses.replace(info, fqn=found.name)
-        st = _SHARDED[t] = _Sharded(info, local)
-        _SHARD_COUNT += 1
-        with torch.no_grad():
-            make = placeholder if isinstance(t, torch.nn.Parameter) else state_placeholder
-            t.data = make(t.shape, t.dtype, t.device)
-        # state_dict()/save_pretrained read whole tensors back, load_state_dict re-shards.
-        for holder in (found.holders if found is not None else ()):
-            state.install_state_hooks(holder)
-        owner = found.owner if found is not None else None
-        if owner is not None and owner not in _HOOKED:
-            owner.register_forward_pre_hook(_refuse_eager_call)
-            _HOOKED.add(owner)
-        _no_eager_fallback()
-        return st
+        return STORE.record(t, info, local, self._names.tensor(t))
 
     def _load(self, args, indices):
-        """Read parameters built by parallelize_model: this rank's slice of each sharded
-        one, the whole of each replicated one (safetensors ``get_slice``)."""
-        from .checkpoint import read_tensor
+        """Read the weights ``parallelize_model`` left in the checkpoint
+        (:func:`tp_backend.checkpoint.load_pending`); the split ones are stored split."""
+        from .checkpoint import load_pending
 
-        specs = dict(self.compiled.shard_specs)
-        show = specs and next(iter(specs.values())).tp_rank == 0
-        bar = None
-        if show:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(indices), desc="loading weights (rank 0)", unit="tensor")
-        for idx in indices:
-            t = args[idx]
-            meta = _PENDING.pop(t)
-            info = specs.get(idx)
-            if info is None:
-                with torch.no_grad():
-                    t.data = read_tensor(meta)
-            else:
-                local = info.take(lambda start, n: read_tensor(meta, info.dim, start, n), meta.dtype)
-                self._shard(t, info, idx, local)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        load_pending([(i, args[i]) for i in indices], dict(self.compiled.shard_specs),
+                     STORE.pending, self._shard)
 
 
 def _split_output_kinds(compiled: _Compiled) -> list:
@@ -551,9 +334,12 @@ class TPAutoBackend:
     Attributes:
         stats: counters -- ``graphs`` (backend calls), ``solves``, ``cache_hits``.
         plans: the :class:`~tp_backend.plan.TPPlan` of every solved graph, in order.
+        store: the process's :class:`~tp_backend.runtime.ShardStore` (parameters and
+            state stored split, weights still in the checkpoint).
     """
 
     def __init__(self):
+        self.store = STORE  # what this process holds split (tp_backend.runtime)
         self._cache: dict = {}
         self.stats = {"graphs": 0, "solves": 0, "cache_hits": 0}
         self.plans: list[TPPlan] = []
@@ -570,7 +356,7 @@ class TPAutoBackend:
             raise TypeError(f"tp_auto got unexpected arguments {sorted(kwargs)}; pass "
                             "settings through torch.compile(..., options={...})")
         opts = validate_options(options)
-        if _EAGER_WARM_UP.active:
+        if STORE.warm_up.active:
             opts = dataclasses.replace(opts, compiler="eager")
         self.stats["graphs"] += 1
         if opts.tp_size == 1:  # nothing to split: the graph goes to the downstream compiler
@@ -606,7 +392,7 @@ class TPAutoBackend:
                 fqns[i] = buffer_names.pop(i, n.name)
             # Inputs whose data is a placeholder are traced as contiguous tensors of their
             # global shape.
-            st = _SHARDED.get(real) if isinstance(real, torch.Tensor) else None
+            st = STORE.sharded.get(real) if isinstance(real, torch.Tensor) else None
             if st is not None:  # a parameter, or state, that an earlier graph stored split
                 info = st.info
                 if info.group_name != opts.group_name:
@@ -616,9 +402,9 @@ class TPAutoBackend:
                 fqns.setdefault(i, info.fqn)
                 params.add(i)
                 fake = _contiguous_fake(fake_mode, info.global_shape, real)
-            elif isinstance(real, torch.Tensor) and real in _PENDING:  # not loaded yet
+            elif isinstance(real, torch.Tensor) and real in STORE.pending:  # not loaded yet
                 fake = _contiguous_fake(fake_mode, real.shape, real)
-            elif isinstance(real, torch.Tensor) and (held := _split_value(real)) is not None:
+            elif isinstance(real, torch.Tensor) and (held := split_value(real)) is not None:
                 local_in[i] = held[0]
                 fake = _contiguous_fake(fake_mode, fake.shape, fake)
             fakes.append(fake)
@@ -694,7 +480,7 @@ class TPAutoBackend:
             self.stats["solves"] += 1
             specs = []
             for node, s in sol.param_storage.items():
-                i = node.meta["tp_index"]
+                i = nodemeta.input_index(node)
                 if s is not None:
                     specs.append((i, ShardInfo(sol.stored_inputs.get(i, node.name), s.dim,
                                                sol.param_role[node],

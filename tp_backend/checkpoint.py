@@ -24,7 +24,7 @@ import torch
 from .errors import TPWeightError
 
 __all__ = ["ParameterMeta", "CheckpointIndex", "read_tensor", "resolve_model_dir", "READS",
-           "NEEDED_FILES"]
+           "NEEDED_FILES", "load_pending"]
 
 NEEDED_FILES = ["config.json", "generation_config.json", "*.safetensors",
                 "model.safetensors.index.json"]
@@ -160,3 +160,36 @@ def read_tensor(meta: ParameterMeta, dim: int | None = None, start: int = 0,
     t = t.to(meta.dtype).contiguous()
     READS.append((meta.source, tuple(t.shape), t.nbytes))
     return t
+
+
+def load_pending(items: list, specs: dict, pending, shard) -> None:
+    """Read the weights of ``items`` (``[(input index, parameter)]``, each a key of
+    ``pending`` whose value is its :class:`ParameterMeta`): the whole tensor of a
+    parameter kept whole (``param.data`` becomes it), only this rank's slice of one split
+    as ``specs[index]`` (a :class:`~tp_backend.runtime.ShardInfo`) says, handed to
+    ``shard(param, info, index, local)`` (safetensors ``get_slice``: the rest of the
+    tensor is never read). A progress bar (tqdm) on rank 0.
+
+    Raises:
+        TPWeightError: a missing or unreadable file or tensor (see :func:`read_tensor`).
+    """
+    show = bool(specs) and next(iter(specs.values())).tp_rank == 0
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="loading weights (rank 0)", unit="tensor")
+    for idx, t in items:
+        meta = pending.pop(t)
+        info = specs.get(idx)
+        if info is None:
+            with torch.no_grad():
+                t.data = read_tensor(meta)
+        else:
+            local = info.take(lambda start, n: read_tensor(meta, info.dim, start, n),
+                              meta.dtype)
+            shard(t, info, idx, local)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()

@@ -11,8 +11,8 @@ functorch's ``torch.func.functionalize`` is not used: it is a functorch transfor
 graph that runs its own (``torch.vmap`` in Zamba's Mamba scan) breaks its layer stack
 (``INTERNAL ASSERT FAILED ... TransformType::Functionalize``, issue 14).
 
-Provenance: every ATen node gets ``node.meta["tp_source"]``, the name of the Dynamo node
-whose evaluation created it, and ``node.meta["tp_module"]``, the path of that node's
+Provenance: every ATen node gets (:mod:`tp_backend.nodemeta`) the name of the Dynamo node
+whose evaluation created it, and the path of that node's
 innermost module (e.g. ``model.layers.3.self_attn.o_proj``) as the caller's
 ``module_path`` names it (:meth:`tp_backend.naming.NameIndex.module_path`: by identity).
 """
@@ -29,6 +29,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
+from . import nodemeta
 from .leaf_ops import LEAF_FUNCTIONS
 
 __all__ = ["decompose"]
@@ -65,8 +66,7 @@ class _LeafInterpreter(fx.Interpreter):
             path = self._module_path(n)
             node = last.next
             while node is not graph._root:
-                node.meta.setdefault("tp_source", n.name)
-                node.meta.setdefault("tp_module", path)
+                nodemeta.set_provenance(node, n.name, path)
                 node = node.next
         return result
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from . import nodemeta
+
 aten = torch.ops.aten
 
 __all__ = ["pad_vocabularies"]
@@ -71,8 +73,7 @@ def pad_vocabularies(gm: fx.GraphModule, param_nodes: list, tp_size: int, fake_m
             pad = graph.call_function(aten.constant_pad_nd.default,
                                       (w, [0, 0, 0, padded - rows], 0.0))
         _refresh(pad, fake_mode)
-        pad.meta.update({k: w.meta[k] for k in ("tp_source", "tp_module", "tp_param_fqn")
-                         if k in w.meta})
+        nodemeta.copy_provenance(pad, w, with_param=True)
         w.replace_all_uses_with(pad, delete_user_cb=lambda u: u is not pad)
         changed = {pad}
         for node in graph.nodes:  # shapes between the pad and the matmuls change
@@ -85,8 +86,8 @@ def pad_vocabularies(gm: fx.GraphModule, param_nodes: list, tp_size: int, fake_m
             with graph.inserting_after(mm):
                 cut = graph.call_function(aten.slice.Tensor, (mm, 1, 0, rows))
             _refresh(cut, fake_mode)
-            cut.meta.update({k: mm.meta[k] for k in ("tp_source", "tp_module") if k in mm.meta})
-            cut.meta["tp_unpad"] = True
+            nodemeta.copy_provenance(cut, mm)
+            nodemeta.mark_unpad(cut)
             mm.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
         out[w] = pad
     if out:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from . import nodemeta
 from .decompose import decompose
 from .padding import pad_vocabularies
 from .errors import TPDivisibilityError, TPError, TPPassError
@@ -81,27 +82,26 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     t_decomposed = time.perf_counter()
     ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(ph):
-        n.meta["tp_index"] = i
+        nodemeta.set_input_index(n, i)
     for i, name in fqns.items():
-        ph[i].meta["tp_param_fqn"] = name
-        ph[i].meta["tp_module"] = name.rpartition(".")[0]
+        nodemeta.set_param_fqn(ph[i], name, with_module=True)
     # Inputs the graph writes back into (a static KV cache: functionalisation ends the graph
     # with copy_(input, new value)) are state, like parameters: they may be stored split.
     params = set(params)
     for n in aten_gm.graph.nodes:
         if n.op == "call_function" and n.target is torch.ops.aten.copy_.default \
                 and n.args[0].op == "placeholder":
-            i = n.args[0].meta["tp_index"]
+            i = nodemeta.input_index(n.args[0])
             if i not in params:
                 params.add(i)
                 fqns[i] = stateful_names.get(i, n.args[0].name)
-                n.args[0].meta["tp_param_fqn"] = fqns[i]
+                nodemeta.set_param_fqn(n.args[0], fqns[i])
     pads = _pass("vocabulary padding", pad_vocabularies, aten_gm, [ph[i] for i in sorted(params)],
                  tp_size, fake_mode)
     stand_in = {n: pads.get(n, n) for n in ph}  # a padded parameter is solved as its pad
     pre = {stand_in[ph[i]]: s for i, s in presharded.items()}
     for i, role in (roles or {}).items():
-        stand_in[ph[i]].meta["tp_role"] = role
+        nodemeta.set_role(stand_in[ph[i]], role)
     sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size, tp_rank=tp_rank,
                 params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto))
     for why in sol.indivisible:

@@ -52,7 +52,7 @@ class Replicate(Placement):
 @dataclass(frozen=True)
 class Shard(Placement):
     dim: int
-    outer: int = 1
+    outer: int = 1  # a strided shard: the dim read as [outer, G // outer], split inside
     blocks: tuple | None = None  # unequal blocks (fused q/k/v), each split N ways
     units: int | None = None  # uneven split: each block is this many units, dealt out
 

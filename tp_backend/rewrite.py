@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 
 import torch.fx as fx
 
-from . import collectives, layers
+from . import collectives, layers, nodemeta
 from .placement import HeadGroup
 from .solver import Solution
 
@@ -50,7 +50,7 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
     inserted: list[dict] = []
 
     def record(kind, src):
-        mod = src.meta.get("tp_module", "")
+        mod = nodemeta.module(src) or ""
         val = src.meta.get("val")
         inserted.append({"kind": kind, "module": mod, "layer": layer_index(mod),
                          "shape": tuple(val.shape) if hasattr(val, "shape") else None})
@@ -76,7 +76,7 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                 cur = graph.call_function(layers.local_shard,
                                           (cur, c.want.dim, c.want.outer, tp_rank, tp_size,
                                            c.want.blocks, c.want.units))
-        cur.meta.update({k: c.src.meta[k] for k in ("tp_source", "tp_module") if k in c.src.meta})
+        nodemeta.copy_provenance(cur, c.src)
         cache[key] = cur
         return cur
 

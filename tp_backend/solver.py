@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from . import nodemeta
 from .placement import REPLICATE, Placement, Shard
 from .rules import Decision, Indivisible, lookup, replicate_all, static_int, tensor_inputs
 
@@ -270,9 +271,9 @@ class _Ctx:
 
 def describe(node: fx.Node) -> str:
     """A user-facing name for an ATen value: its module and Dynamo op."""
-    mod = node.meta.get("tp_module") or "<root>"
-    src = node.meta.get("tp_source", node.name)
-    fqn = node.meta.get("tp_param_fqn")
+    mod = nodemeta.module(node) or "<root>"
+    src = nodemeta.source(node)
+    fqn = nodemeta.param_fqn(node)
     if fqn:
         return f"parameter {fqn!r}"
     return f"the output of {src!r} in module {mod!r}"
@@ -587,7 +588,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     for param in params:
         if param in presharded:
             sol.param_storage[param] = presharded[param]
-            sol.param_role[param] = param.meta.get("tp_role", "shard")
+            sol.param_role[param] = nodemeta.role(param)
             continue
         uses = demands.get(param, [])
         wants = {w for w, _ in uses}

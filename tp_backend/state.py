@@ -3,9 +3,9 @@
 Owns: ``state_dict()`` and ``load_state_dict()`` of modules whose parameters (or buffers)
 ``tp_auto`` sharded. After sharding, an ``nn.Parameter`` keeps its identity and global
 shape but its data is a one-element NaN placeholder (the rank's slice lives in the
-backend's store, :func:`tp_backend.local_shard`). Without this module ``state_dict()`` --
-and so ``torch.save(model.state_dict())`` and transformers' ``save_pretrained`` -- would
-return those placeholders. Must not: keep a whole copy of any tensor beyond the call that
+store of :mod:`tp_backend.runtime`, :func:`tp_backend.local_shard`). Without this module
+``state_dict()`` -- and so ``torch.save(model.state_dict())`` and transformers'
+``save_pretrained`` -- would return those placeholders. Must not: keep a whole copy of any tensor beyond the call that
 asked for it.
 
 * ``state_dict()``: a post-hook on every module holding a sharded tensor replaces the
@@ -23,6 +23,8 @@ import weakref
 
 import torch
 
+from .runtime import STORE
+
 __all__ = ["full_tensor", "install_state_hooks"]
 
 _INSTALLED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -35,10 +37,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     Collective: every rank of the group must call it, for the same tensors, in the same
     order.
     """
-    from .backend import _SHARDED
     from .collectives import all_gather
 
-    st = _SHARDED.get(t)
+    st = STORE.sharded.get(t)
     if st is None:
         return t.detach()
     info = st.info
@@ -54,11 +55,10 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sharded_members(module: torch.nn.Module):
-    from .backend import _SHARDED
 
     for kind in ("_parameters", "_buffers"):
         for name, t in getattr(module, kind).items():
-            if t is not None and t in _SHARDED:
+            if t is not None and t in STORE.sharded:
                 yield name, t
 
 
@@ -71,14 +71,13 @@ def _state_dict_post_hook(module, state_dict, prefix, local_metadata) -> None:
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
                    unexpected_keys, error_msgs) -> None:
-    from .backend import _SHARDED
 
     for name, t in _sharded_members(module):
         key = prefix + name
         value = state_dict.get(key)
         if value is None:
             continue
-        st = _SHARDED[t]
+        st = STORE.sharded[t]
         info = st.info
         if tuple(value.shape) != info.global_shape:
             continue  # load_state_dict reports the size mismatch itself

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import nodemeta
 from ..placement import PARTIAL, REPLICATE, Shard
 from . import Decision, divisible, norm_dim, register, static_int, tensor_inputs
 
@@ -54,7 +55,7 @@ def _slice(ctx, node):
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
     if dim != p.dim:
         return Decision(out=p)
-    if node.meta.get("tp_unpad"):
+    if nodemeta.is_unpad(node):
         # Cutting a padded vocabulary back to size (tp_backend.padding): gather, then cut,
         # as an LM head gathers its logits anyway.
         return Decision(out=REPLICATE, inputs={x: REPLICATE}, allow_gather=True)
