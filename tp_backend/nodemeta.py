@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-__all__ = ["source", "module", "set_provenance", "copy_provenance", "input_index",
+__all__ = ["describe", "source", "module", "set_provenance", "copy_provenance", "input_index",
            "set_input_index", "param_fqn", "set_param_fqn", "role", "set_role", "is_unpad",
            "mark_unpad"]
 
@@ -89,3 +89,13 @@ def is_unpad(node: fx.Node) -> bool:
 
 def mark_unpad(node: fx.Node) -> None:
     node.meta[_UNPAD] = True
+
+
+def describe(node: fx.Node) -> str:
+    """A user-facing name for an ATen value: its module and Dynamo op."""
+    mod = module(node) or "<root>"
+    src = source(node)
+    fqn = param_fqn(node)
+    if fqn:
+        return f"parameter {fqn!r}"
+    return f"the output of {src!r} in module {mod!r}"

@@ -21,7 +21,8 @@ from .errors import TPDivisibilityError, TPError, TPPassError
 from .placement import Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
 from .rewrite import rewrite
-from .solver import Solution, describe, solve
+from .nodemeta import describe
+from .solver import Solution, solve
 
 log = logging.getLogger("tp_backend")
 

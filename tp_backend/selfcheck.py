@@ -27,7 +27,8 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .errors import TPPassError
 from .placement import Placement
-from .solver import Solution, describe
+from .nodemeta import describe
+from .solver import Solution
 
 __all__ = ["check_local_graph"]
 

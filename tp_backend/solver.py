@@ -45,9 +45,10 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from . import nodemeta
+from .nodemeta import describe, role
 from .placement import REPLICATE, Placement, Shard
 from .rules import Decision, Indivisible, lookup, replicate_all, static_int, tensor_inputs
+from .rules.attention import is_kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,11 @@ class Solution:
 
 
 class _Ctx:
-    def __init__(self, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
+    """What a rule sees of the solver during one propagation pass (the
+    :class:`~tp_backend.rules.RuleContext` protocol): the placements so far, the seeds'
+    taint and demotions, and the preferences consumers send back to seeds."""
+
+    def __init__(self, *, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
                  new_prefs, forced, largest_param=0, tp_rank=0):
         self.tp_size = tp_size
         self.tp_rank = tp_rank
@@ -269,16 +274,6 @@ class _Ctx:
         return describe(node)
 
 
-def describe(node: fx.Node) -> str:
-    """A user-facing name for an ATen value: its module and Dynamo op."""
-    mod = nodemeta.module(node) or "<root>"
-    src = nodemeta.source(node)
-    fqn = nodemeta.param_fqn(node)
-    if fqn:
-        return f"parameter {fqn!r}"
-    return f"the output of {src!r} in module {mod!r}"
-
-
 def _is_tensor_node(node) -> bool:
     v = node.meta.get("val")
     if isinstance(v, torch.Tensor):
@@ -324,86 +319,28 @@ def _chain_map(node, perm):
     return list(perm)
 
 
-_PASS_THROUGH = {aten.view, aten._unsafe_view, aten.expand, aten.unsqueeze, aten.clone,
-                 aten._to_copy, aten.permute, aten.transpose, aten.alias, aten.reshape,
-                 aten.slice}
+@dataclass
+class _Round:
+    """What one propagation pass over the graph found."""
+
+    placements: dict  # value -> Placement (a tuple of them for multi-output ops)
+    decisions: dict  # node -> the rule's Decision
+    conversions: list  # [Conversion]: inputs converted for their consumer
+    demands: dict  # parameter -> [(Shard of the parameter, role)] its uses asked for
+    r_used: set  # parameters some use needs whole
+    conflicts: set  # seeds whose shard reached an op that needs the value whole
+    notes: list  # [(node, reason)] values kept whole and why
+    origin: dict  # value on a parameter's layout chain -> (parameter, dim permutation)
+    new_reduced: set  # Partial values to all-reduce where they are made (next pass)
+    new_prefs: dict  # seed -> the block cuts / units its consumers asked for (next pass)
+    local_outputs: dict  # output index -> Shard of a key/value cache returned split
+    taint: dict  # value -> the seeds whose shard reached it
 
 
-_SOFTMAX = {aten._softmax, aten._safe_softmax, aten.softmax}
-# what eager attention does between the scores bmm and its softmax (scale, mask, soft-cap,
-# sink logits concatenated then cut off, the max subtracted) and between the softmax and the
-# values bmm (dropout, a cast)
-_SCORE_OPS = _PASS_THROUGH | {aten.mul, aten.div, aten.add, aten.sub, aten.tanh, aten.cat,
-                              aten.where, aten.masked_fill, aten.native_dropout}
-
-
-def _near(node: fx.Node, targets: set, forward: bool, depth: int = 8) -> bool:
-    """Whether a value in ``targets`` (op packets) is within ``depth`` ops of ``node``,
-    following users (``forward``) or tensor inputs, through ``_SCORE_OPS`` only."""
-    frontier, seen = [node], {node}
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for m in (n.users if forward else n.all_input_nodes):
-                if m in seen or m.op != "call_function":
-                    continue
-                seen.add(m)
-                op = getattr(m.target, "overloadpacket", None)
-                if op in targets:
-                    return True
-                if op in _SCORE_OPS or m.target is operator.getitem:
-                    nxt.append(m)
-        frontier = nxt
-    return False
-
-
-def _is_attention_kv_use(user: fx.Node, n: fx.Node) -> bool:
-    """Whether ``n`` is the key or value operand of attention op ``user``: the fused
-    ``tp_backend.sdpa``, or eager attention's two batched matmuls (``softmax(q @ k^T) @ v``
-    decomposes to ``bmm(q, k^T)`` whose output reaches a softmax, and ``bmm(p, v)`` whose
-    first operand comes from one)."""
-    if user.target is torch.ops.tp_backend.sdpa.default:
-        return n in user.args[1:3]
-    if user.target is aten.bmm.default and len(user.args) > 1 and user.args[1] is n:
-        return _near(user, _SOFTMAX, forward=True) or _near(user.args[0], _SOFTMAX, False)
-    return False
-
-
-def _feeds_attention_kv(node: fx.Node, depth: int = 10) -> bool:
-    """Whether ``node`` reaches the key or value operand of an attention op through layout
-    ops only (``repeat_kv``'s expand/reshape, a dtype cast): a key/value cache."""
-    from .leaf_ops import sdpa  # noqa: F401 - ensures the op exists
-
-    frontier = [node]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for user in n.users:
-                if user.op != "call_function":
-                    continue
-                if _is_attention_kv_use(user, n):
-                    return True
-                if getattr(user.target, "overloadpacket", None) in _PASS_THROUGH:
-                    nxt.append(user)
-        frontier = nxt
-    return False
-
-
-def _is_kv_cache(node: fx.Node, depth: int = 4) -> bool:
-    """Whether output ``node`` is a key/value cache: it feeds attention as keys or values
-    (:func:`_feeds_attention_kv`), or it is a layout op or slice of such a value (a sliding
-    window cache keeps the last ``W - 1`` positions of the keys attention used)."""
-    for _ in range(depth + 1):
-        if _feeds_attention_kv(node):
-            return True
-        if node.op != "call_function" or \
-                getattr(node.target, "overloadpacket", None) not in _PASS_THROUGH:
-            return False
-        node = node.args[0]
-    return False
-
-
-def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced, tp_rank=0):
+def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
+               tp_rank=0) -> _Round:
+    """One pass over ``graph`` in topological order: each op's rule decides its output
+    placement from its inputs' (see the module docstring)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
     conversions, notes = [], []
     demands = defaultdict(list)  # param -> [(param_dim, outer, role)]
@@ -414,8 +351,9 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     local_outputs = {}
     largest = max((p.meta["val"].numel() for p in params
                    if isinstance(p.meta.get("val"), torch.Tensor)), default=0)
-    ctx = _Ctx(tp_size, demoted, origin, pl, notes, reduced, prefs, taint, new_prefs, forced,
-               largest, tp_rank)
+    ctx = _Ctx(tp_size=tp_size, demoted=demoted, origin=origin, placements=pl, notes=notes,
+               reduced=reduced, prefs=prefs, taint=taint, new_prefs=new_prefs, forced=forced,
+               largest_param=largest, tp_rank=tp_rank)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -456,7 +394,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
                 if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor):
                     p = pl.get(o)
                     if isinstance(p, Shard) and p.outer == 1 and p.blocks is None \
-                            and _is_kv_cache(o):
+                            and is_kv_cache(o):
                         # A key/value cache returned for the next step: it stays split
                         # over heads (evenly or not), so each rank keeps its heads' cache.
                         local_outputs[i] = p
@@ -509,8 +447,10 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
         pl[node] = dec.out
         taint[node] = frozenset(t)
         decisions[node] = dec
-    return (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, new_reduced,
-            new_prefs, local_outputs, taint)
+    return _Round(placements=pl, decisions=decisions, conversions=conversions,
+                  demands=demands, r_used=r_used, conflicts=conflicts, notes=notes,
+                  origin=origin, new_reduced=new_reduced, new_prefs=new_prefs,
+                  local_outputs=local_outputs, taint=taint)
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
@@ -563,32 +503,32 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     indivisible: list = []
     while True:
         rounds += 1
-        (pl, decisions, conversions, demands, r_used, conflicts, notes, origin, red, new_prefs,
-         local_outputs, taint) = _propagate(graph, tp_size, params, presharded, demoted,
-                                            reduced, prefs, forced, tp_rank)
-        indivisible += [why for _, why in notes
+        rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
+                         tp_rank)
+        indivisible += [why for _, why in rnd.notes
                         if isinstance(why, Indivisible) and why not in indivisible]
-        new = conflicts - demoted
-        new_red = red - reduced
-        if not new and not new_red and not new_prefs or rounds >= max_rounds:
+        new = rnd.conflicts - demoted
+        new_red = rnd.new_reduced - reduced
+        if not new and not new_red and not rnd.new_prefs or rounds >= max_rounds:
             break
-        if new_red or new_prefs:
+        if new_red or rnd.new_prefs:
             # Settle where partial sums are reduced and how fused projections are split
             # first: conflicts seen before that may be artefacts of either.
             reduced |= new_red
-            prefs.update(new_prefs)
+            prefs.update(rnd.new_prefs)
             continue
         for seed in sorted(new, key=lambda n: n.name):
             log.debug("tp_auto: replicating %s (its shard reaches an op that needs it whole)",
                       describe(seed))
         demoted |= new
-    sol = Solution(tp_size=tp_size, placements=pl, decisions=decisions, demoted=demoted,
-                   notes=notes, rounds=rounds, local_outputs=local_outputs, taint=taint,
-                   indivisible=indivisible)
+    pl, origin, demands, r_used = rnd.placements, rnd.origin, rnd.demands, rnd.r_used
+    sol = Solution(tp_size=tp_size, placements=pl, decisions=rnd.decisions, demoted=demoted,
+                   notes=rnd.notes, rounds=rounds, local_outputs=rnd.local_outputs,
+                   taint=rnd.taint, indivisible=indivisible)
     for param in params:
         if param in presharded:
             sol.param_storage[param] = presharded[param]
-            sol.param_role[param] = nodemeta.role(param)
+            sol.param_role[param] = role(param)
             continue
         uses = demands.get(param, [])
         wants = {w for w, _ in uses}
@@ -596,7 +536,10 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
         size = param.meta["val"].shape
         if uses and param not in r_used and len(wants) == 1:
             want, = wants
-            if want.splits(int(size[want.dim]), tp_size):
+            # (every value on the parameter's chain must keep the split dim: a select of
+            # one expert along it would index a local shard with a global index)
+            if want.splits(int(size[want.dim]), tp_size) and all(
+                    want.dim in perm for p, perm in origin.values() if p is param):
                 sol.param_storage[param] = want
                 # A tied embedding / LM head is vocab-parallel for the lookup and
                 # column-parallel for the head: the same split of the [V, E] table.
@@ -614,7 +557,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             pl[node] = stored.moved(perm.index(stored.dim))
             chain.add(node)
     kept = []
-    for c in conversions:
+    for c in rnd.conversions:
         if c.src in chain:
             have = pl[c.src]
             if have == c.want:

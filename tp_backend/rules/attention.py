@@ -12,10 +12,15 @@ same heads (after ``repeat_kv``), or, with ``enable_gqa``, the KV heads they use
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.fx as fx
 
 from ..placement import REPLICATE, HeadGroup, Shard
 from . import Decision, divisible, register, static_int
+
+aten = torch.ops.aten
 
 
 def _sdpa(ctx, node):
@@ -84,3 +89,88 @@ def _cross_entropy(ctx, node):
 def register_leaf_rules(sdpa_op, ce_op):
     register(sdpa_op)(_sdpa)
     register(ce_op)(_cross_entropy)
+
+
+# --- Which graph outputs are key/value caches -------------------------------------------
+# The solver returns an output split (each rank keeps its heads' part for the next step)
+# only when it is a key/value cache: a value that feeds attention as keys or values in
+# this graph, through layout ops only. Eager attention is recognised by its shape: a
+# batched matmul whose scores reach a softmax within a few score ops.
+
+_PASS_THROUGH = {aten.view, aten._unsafe_view, aten.expand, aten.unsqueeze, aten.clone,
+                 aten._to_copy, aten.permute, aten.transpose, aten.alias, aten.reshape,
+                 aten.slice}
+
+
+_SOFTMAX = {aten._softmax, aten._safe_softmax, aten.softmax}
+# what eager attention does between the scores bmm and its softmax (scale, mask, soft-cap,
+# sink logits concatenated then cut off, the max subtracted) and between the softmax and the
+# values bmm (dropout, a cast)
+_SCORE_OPS = _PASS_THROUGH | {aten.mul, aten.div, aten.add, aten.sub, aten.tanh, aten.cat,
+                              aten.where, aten.masked_fill, aten.native_dropout}
+
+
+def _near(node: fx.Node, targets: set, forward: bool, depth: int = 8) -> bool:
+    """Whether a value in ``targets`` (op packets) is within ``depth`` ops of ``node``,
+    following users (``forward``) or tensor inputs, through ``_SCORE_OPS`` only."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for m in (n.users if forward else n.all_input_nodes):
+                if m in seen or m.op != "call_function":
+                    continue
+                seen.add(m)
+                op = getattr(m.target, "overloadpacket", None)
+                if op in targets:
+                    return True
+                if op in _SCORE_OPS or m.target is operator.getitem:
+                    nxt.append(m)
+        frontier = nxt
+    return False
+
+
+def _is_attention_kv_use(user: fx.Node, n: fx.Node) -> bool:
+    """Whether ``n`` is the key or value operand of attention op ``user``: the fused
+    ``tp_backend.sdpa``, or eager attention's two batched matmuls (``softmax(q @ k^T) @ v``
+    decomposes to ``bmm(q, k^T)`` whose output reaches a softmax, and ``bmm(p, v)`` whose
+    first operand comes from one)."""
+    if user.target is torch.ops.tp_backend.sdpa.default:
+        return n in user.args[1:3]
+    if user.target is aten.bmm.default and len(user.args) > 1 and user.args[1] is n:
+        return _near(user, _SOFTMAX, forward=True) or _near(user.args[0], _SOFTMAX, False)
+    return False
+
+
+def _feeds_attention_kv(node: fx.Node, depth: int = 10) -> bool:
+    """Whether ``node`` reaches the key or value operand of an attention op through layout
+    ops only (``repeat_kv``'s expand/reshape, a dtype cast): a key/value cache."""
+    from ..leaf_ops import sdpa  # noqa: F401 - ensures the op exists
+
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.op != "call_function":
+                    continue
+                if _is_attention_kv_use(user, n):
+                    return True
+                if getattr(user.target, "overloadpacket", None) in _PASS_THROUGH:
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
+def is_kv_cache(node: fx.Node, depth: int = 4) -> bool:
+    """Whether output ``node`` is a key/value cache: it feeds attention as keys or values
+    (:func:`_feeds_attention_kv`), or it is a layout op or slice of such a value (a sliding
+    window cache keeps the last ``W - 1`` positions of the keys attention used)."""
+    for _ in range(depth + 1):
+        if _feeds_attention_kv(node):
+            return True
+        if node.op != "call_function" or \
+                getattr(node.target, "overloadpacket", None) not in _PASS_THROUGH:
+            return False
+        node = node.args[0]
+    return False
