@@ -49,6 +49,7 @@ from .nodemeta import describe, role
 from .placement import REPLICATE, Placement, Shard
 from .rules import Decision, Indivisible, lookup, replicate_all, static_int, tensor_inputs
 from .rules.attention import is_kv_cache
+from .rules.view import layout_dim_map
 
 log = logging.getLogger(__name__)
 
@@ -291,32 +292,18 @@ def _classify(have: Placement, want: Placement) -> str:
 
 def _chain_map(node, perm):
     """Map a parameter-origin dim permutation through a layout op (``perm[d]`` = param dim,
-    ``None`` for a size-1 dim that ``unsqueeze`` added)."""
-    op = node.target.overloadpacket
-    nd = len(node.meta["val"].shape)
-    if op is aten.unsqueeze:
-        p = list(perm)
-        p.insert(node.args[1] % nd, None)
-        return p
-    if op is aten.squeeze:
-        shape = node.args[0].meta["val"].shape
-        dims = node.args[1] if len(node.args) > 1 else range(len(shape))
-        dims = {d % len(shape) for d in ([dims] if isinstance(dims, int) else dims)}
-        return [q for d, q in enumerate(perm) if not (d in dims and shape[d] == 1)]
-    if op is aten.select:  # one expert of a stacked [E, ...] parameter
-        p = list(perm)
-        del p[node.args[1] % len(p)]
-        return p
-    if op is aten.t:
-        return list(reversed(perm))
-    if op is aten.permute:
-        return [perm[d % nd] for d in node.args[1]]
-    if op is aten.transpose:
-        a, b = node.args[1] % nd, node.args[2] % nd
-        p = list(perm)
-        p[a], p[b] = p[b], p[a]
-        return p
-    return list(perm)
+    ``None`` for a size-1 dim that ``unsqueeze`` added), with the layout rules' own dim map
+    (:func:`~tp_backend.rules.view.layout_dim_map`); ops that keep every dim (casts,
+    ``clone``, ``exp``) keep the permutation."""
+    fwd = layout_dim_map(node)
+    if fwd is None:
+        return list(perm)
+    out = [None] * len(node.meta["val"].shape)
+    for d, q in enumerate(perm):
+        e = fwd(d)
+        if e is not None:
+            out[e] = q
+    return out
 
 
 @dataclass

@@ -173,40 +173,44 @@ def _remap(ctx, node, fn):
     return Decision(out=p.moved(d)) if d is not None else None
 
 
+def layout_dim_map(node):
+    """For an op that moves, adds or drops dims without changing any kept dim's size --
+    ``permute``, ``transpose``, ``t``, ``unsqueeze``, ``squeeze``, ``select`` -- the map
+    from an input dim to the output dim that holds it (``None`` where the dim is dropped);
+    ``None`` for any other op. The rules below move a shard with it, and the solver maps a
+    parameter's dims along its chain with it (``solver._chain_map``)."""
+    op = getattr(node.target, "overloadpacket", None)
+    in_shape = node.args[0].meta["val"].shape
+    nd, nd_in = len(node.meta["val"].shape), len(in_shape)
+    if op in (aten.permute, aten.permute_copy):
+        dims = [norm_dim(d, nd) for d in node.args[1]]
+        return dims.index
+    if op in (aten.transpose, aten.transpose_copy):
+        a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+        return lambda d: b if d == a else a if d == b else d
+    if op in (aten.t, aten.t_copy, aten.numpy_T):
+        return lambda d: nd - 1 - d
+    if op in (aten.unsqueeze, aten.unsqueeze_copy):
+        k = norm_dim(node.args[1], nd)
+        return lambda d: d + 1 if d >= k else d
+    if op in (aten.squeeze, aten.squeeze_copy):
+        if len(node.args) == 1:
+            dims = [i for i, s in enumerate(in_shape) if static_int(s) == 1]
+        else:
+            dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+            dims = [norm_dim(d, nd_in) for d in dims
+                    if static_int(in_shape[norm_dim(d, nd_in)]) == 1]
+        return lambda d: None if d in dims else d - sum(1 for k in dims if k < d)
+    if op is aten.select:
+        k = norm_dim(node.args[1], nd_in)
+        return lambda d: None if d == k else d - (d > k)
+    return None
+
+
 @register(aten.permute, aten.permute_copy)
-def _permute(ctx, node):
-    nd = len(ctx.shape(node))
-    dims = [norm_dim(d, nd) for d in node.args[1]]
-    return _remap(ctx, node, lambda d: dims.index(d))
-
-
 @register(aten.transpose, aten.transpose_copy)
-def _transpose(ctx, node):
-    nd = len(ctx.shape(node))
-    a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
-    return _remap(ctx, node, lambda d: b if d == a else a if d == b else d)
-
-
 @register(aten.t, aten.t_copy, aten.numpy_T)
-def _t(ctx, node):
-    nd = len(ctx.shape(node))
-    return _remap(ctx, node, lambda d: nd - 1 - d)
-
-
 @register(aten.unsqueeze, aten.unsqueeze_copy)
-def _unsqueeze(ctx, node):
-    nd = len(ctx.shape(node))
-    k = norm_dim(node.args[1], nd)
-    return _remap(ctx, node, lambda d: d + 1 if d >= k else d)
-
-
 @register(aten.squeeze, aten.squeeze_copy)
-def _squeeze(ctx, node):
-    in_shape = ctx.shape(node.args[0])
-    nd = len(in_shape)
-    if len(node.args) == 1:
-        dims = [i for i, s in enumerate(in_shape) if static_int(s) == 1]
-    else:
-        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-        dims = [norm_dim(d, nd) for d in dims if static_int(in_shape[norm_dim(d, nd)]) == 1]
-    return _remap(ctx, node, lambda d: None if d in dims else d - sum(1 for k in dims if k < d))
+def _layout(ctx, node):
+    return _remap(ctx, node, layout_dim_map(node))
