@@ -512,6 +512,9 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     sol = Solution(tp_size=tp_size, placements=pl, decisions=rnd.decisions, demoted=demoted,
                    notes=rnd.notes, rounds=rounds, local_outputs=rnd.local_outputs,
                    taint=rnd.taint, indivisible=indivisible)
+    dropped = defaultdict(set)  # parameter -> its dims some value on its chain dropped
+    for param, perm in origin.values():
+        dropped[param].update(set(range(len(param.meta["val"].shape))) - set(perm))
     for param in params:
         if param in presharded:
             sol.param_storage[param] = presharded[param]
@@ -525,8 +528,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             want, = wants
             # (every value on the parameter's chain must keep the split dim: a select of
             # one expert along it would index a local shard with a global index)
-            if want.splits(int(size[want.dim]), tp_size) and all(
-                    want.dim in perm for p, perm in origin.values() if p is param):
+            if want.splits(int(size[want.dim]), tp_size) and want.dim not in dropped[param]:
                 sol.param_storage[param] = want
                 # A tied embedding / LM head is vocab-parallel for the lookup and
                 # column-parallel for the head: the same split of the [V, E] table.
