@@ -246,26 +246,12 @@ HYBRIDS = {
     # routed to it (the router's .tolist() kept in the graph: capture_scalar_outputs)
     "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=16),
 }
-# Head and group counts (and the widths set here) times 1.5 at TP=3, as zoo.make_model
-# widens the rest, so 3 divides them too.
-_HYBRID_COUNTS = {"linear_num_value_heads", "linear_num_key_heads", "mamba_num_heads",
-                  "n_groups", "num_heads", "mamba_n_heads", "mamba_n_groups", "mamba_d_ssm",
-                  "moe_intermediate_size", "shared_expert_intermediate_size",
-                  "moe_shared_expert_intermediate_size"}
-
-
-def _hybrid_config(name: str, tp_size: int) -> dict:
-    kw = dict(HYBRIDS[name])
-    if tp_size == 3:
-        kw = {k: v * 3 // 2 if k in _HYBRID_COUNTS else v for k, v in kw.items()}
-    return kw
-
-
 def _hybrids(rank, world_size, names):
     rows = {}
     for name in names:
         torch._dynamo.config.capture_scalar_outputs = name == "jetmoe"
-        err, plan = _strict_run(name, _hybrid_config(name, world_size), world_size)
+        # (at TP=3 zoo.make_model widens the head and group counts too: 3 divides them)
+        err, plan = _strict_run(name, HYBRIDS[name], world_size)
         local, full = plan.param_bytes()
         whole = sorted(p.fqn for p in plan.params.values() if p.shard_dim is None)
         rows[name] = {"err": err, "per_rank": local / full,

@@ -2,7 +2,7 @@
 
 Every config is shrunk to 2 layers, hidden 64, 4 heads of 16, 4 KV heads, vocab 256, so
 TP = 2 and 4 divide every head count; ``make_model(..., tp_size=3)`` widens it by 1.5
-(hidden 96, 6 heads of 16, vocab 258) so TP = 3 divides them too. The same seed builds the
+(hidden 96, 6 heads of 16, vocab 258), overrides included, so TP = 3 divides them too. The same seed builds the
 same weights in every process.
 """
 
@@ -54,21 +54,30 @@ _EXTRA = {
     "roformer": dict(is_decoder=True),
 }
 
-# Widths (not head sizes) scaled by 1.5 for TP=3; the vocabulary becomes 258 = 3 * 86.
+# Widths and head / group counts (not head sizes) scaled by 1.5 for TP=3, in the base
+# config and in the overrides (the linear-attention and Mamba-2 counts of the hybrids test);
+# the vocabulary becomes 258 = 3 * 86.
 _WIDTHS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
            "n_inner", "ffn_dim", "word_embed_proj_dim", "d_model", "d_ff", "num_heads",
-           "num_kv_heads", "moe_intermediate_size", "shared_expert_intermediate_size"}
+           "num_kv_heads", "moe_intermediate_size", "shared_expert_intermediate_size",
+           "moe_shared_expert_intermediate_size", "linear_num_value_heads",
+           "linear_num_key_heads", "mamba_num_heads", "n_groups", "mamba_n_heads",
+           "mamba_n_groups", "mamba_d_ssm"}
 
 
 def make_config(model_type: str, tp_size: int | None = None, **overrides):
     """The tiny config of ``model_type``; ``tp_size=3`` widens it so 3 divides its heads."""
     from transformers import AutoConfig
 
+    def widen(d: dict) -> dict:
+        return {k: v * 3 // 2 if k in _WIDTHS else v for k, v in d.items()}
+
     kw = dict(_BASE)
     kw.update(_EXTRA.get(model_type, {}))
     if tp_size == 3:
-        kw = {k: v * 3 // 2 if k in _WIDTHS else v for k, v in kw.items()}
+        kw = widen(kw)
         kw["vocab_size"] = 258
+        overrides = widen(overrides)
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 

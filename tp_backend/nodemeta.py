@@ -65,9 +65,9 @@ def param_fqn(node: fx.Node) -> str | None:
 
 
 def set_param_fqn(node: fx.Node, fqn: str, with_module: bool = False) -> None:
-    """Name the parameter ``node`` holds; with ``with_module``, its module is the name's
-    owner (``"model.layers.0.mlp"`` for ``"model.layers.0.mlp.up_proj.weight"``... less the
-    last part)."""
+    """Name the parameter ``node`` holds; with ``with_module``, also record its module:
+    the name less its last part (``"model.layers.0.mlp.up_proj"`` for
+    ``"model.layers.0.mlp.up_proj.weight"``)."""
     node.meta[_FQN] = fqn
     if with_module:
         node.meta[_MODULE] = fqn.rpartition(".")[0]

@@ -21,7 +21,6 @@ from .errors import TPDivisibilityError, TPError, TPPassError
 from .placement import Shard
 from .plan import CollectivePlan, ParamPlan, TPPlan
 from .rewrite import rewrite
-from .nodemeta import describe
 from .solver import Solution, solve
 
 log = logging.getLogger("tp_backend")
@@ -141,10 +140,10 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                                          s.dim if s is not None else None, shape, tuple(local),
                                          nbytes, nbytes_local, (aliases or {}).get(i, ()),
                                          rank_sizes)
-    plan.replicated_ops = [(describe(n), why) for n, why in sol.notes]
-    plan.demoted = [describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
+    plan.replicated_ops = [(nodemeta.describe(n), why) for n, why in sol.notes]
+    plan.demoted = [nodemeta.describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
     for n, why in sol.notes:
-        log.info("tp_auto: replicated %s (%s)", describe(n), why)
+        log.info("tp_auto: replicated %s (%s)", nodemeta.describe(n), why)
     t0 = time.perf_counter()
     aten_gm, inserted = _pass("rewrite", rewrite, aten_gm, sol, tp_rank=tp_rank, tp_size=tp_size,
                               group_name=group_name, use_shm=use_shm)

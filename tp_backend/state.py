@@ -5,8 +5,8 @@ Owns: ``state_dict()`` and ``load_state_dict()`` of modules whose parameters (or
 shape but its data is a one-element NaN placeholder (the rank's slice lives in the
 store of :mod:`tp_backend.runtime`, :func:`tp_backend.local_shard`). Without this module
 ``state_dict()`` -- and so ``torch.save(model.state_dict())`` and transformers'
-``save_pretrained`` -- would return those placeholders. Must not: keep a whole copy of any tensor beyond the call that
-asked for it.
+``save_pretrained`` -- would return those placeholders. Must not: keep a whole copy of any
+tensor beyond the call that asked for it.
 
 * ``state_dict()``: a post-hook on every module holding a sharded tensor replaces the
   placeholder by the whole tensor, all-gathered from the ranks' slices (padding rows cut).
@@ -55,7 +55,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sharded_members(module: torch.nn.Module):
-
     for kind in ("_parameters", "_buffers"):
         for name, t in getattr(module, kind).items():
             if t is not None and t in STORE.sharded:
@@ -71,7 +70,6 @@ def _state_dict_post_hook(module, state_dict, prefix, local_metadata) -> None:
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
                    unexpected_keys, error_msgs) -> None:
-
     for name, t in _sharded_members(module):
         key = prefix + name
         value = state_dict.get(key)

@@ -1,8 +1,9 @@
 """Rules for slicing, concatenation, splitting, gathering and embedding lookups, and for
 factory ops (which make replicated values).
 
-Slicing, selecting, concatenating or splitting along a dim other than the sharded one keeps
-the shard; doing it along the sharded dim is not proven (falls back). Vocab-parallel
+Slicing, concatenating or splitting along a dim other than the sharded one keeps the shard
+(``select`` is a layout op: :mod:`~tp_backend.rules.view`); doing it along the sharded dim
+is not proven (falls back). Vocab-parallel
 embedding (Megatron-LM ``VocabParallelEmbedding``): the table ``W: [V, E]`` split on ``V``,
 each rank looks up the ids in its range and writes zeros elsewhere, giving a ``Partial``
 output. The lookup is Partial for any replicated ids, positions included (``arange``), and
@@ -107,18 +108,6 @@ def _strided_slice(ctx, x, dim, p, start, end, step, size):
     else:
         out = p
     return Decision(out=out, args=(x, dim, start, None, step))
-
-
-@register(aten.select)
-def _select(ctx, node):
-    x, dim = node.args[0], node.args[1]
-    p = ctx.placement(x)
-    if not p.is_shard():
-        return Decision(out=p)
-    dim = norm_dim(dim, len(ctx.shape(x)))
-    if dim == p.dim:
-        return None
-    return Decision(out=p.moved(p.dim - (dim < p.dim)))
 
 
 def _common(ctx, tensors):

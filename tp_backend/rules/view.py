@@ -1,5 +1,5 @@
 """Rules for view and layout ops: view/_unsafe_view/reshape, expand, repeat,
-permute/transpose/t, unsqueeze/squeeze.
+permute/transpose/t, unsqueeze/squeeze, select.
 
 The view rule maps a shard through a change of shape. Write the input as a flat index
 space ``[L, F, C]`` where ``F`` is the sharded factor (for ``Shard(d, outer=o)``: ``F =
@@ -212,5 +212,7 @@ def layout_dim_map(node):
 @register(aten.t, aten.t_copy, aten.numpy_T)
 @register(aten.unsqueeze, aten.unsqueeze_copy)
 @register(aten.squeeze, aten.squeeze_copy)
+@register(aten.select)
 def _layout(ctx, node):
+    """A shard moves with its dim; selecting along the split dim is refused."""
     return _remap(ctx, node, layout_dim_map(node))
