@@ -4,13 +4,16 @@
 the rule of that op for a decision given the input placements, then *runs* the decision:
 for every simulated rank it builds the local inputs (in the placements the decision asks
 for: a shard is this rank's chunk, a partial sum is one of N random addends), calls the op
-with the decision's local arguments, reassembles the output from its placement
+with its local arguments (``tp_backend.local_args``, from the decided placements, per rank),
+reassembles the output from its placement
 (concatenate shards, sum partials, or check every rank holds the same replicated value)
 and compares with the op on the global inputs. A rule that claims something it cannot
 deliver fails here.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.fx as fx
@@ -20,17 +23,24 @@ from torch.utils._pytree import tree_map
 
 from tp_backend.layers import (add_bias, kv_head_slice, local_shard, partial_product,
                                vocab_parallel_embedding)
+from tp_backend.local_args import local_args
 from tp_backend.placement import REPLICATE, HeadGroup, Placement
-from tp_backend.rules import lookup
+from tp_backend.rules import Action, Decision, lookup
+
+
+@dataclass
+class Checked(Decision):
+    """A decision :func:`check` simulated, with rank 0's local arguments (``None`` where
+    they are the node's own)."""
+
+    args: tuple | None = None
 
 
 class StubCtx:
     """A rule context over given placements; ``params`` are parameter inputs."""
 
-    def __init__(self, placements: dict, tp_size: int, params=(), seeds_allowed=True,
-                 tp_rank=0):
+    def __init__(self, placements: dict, tp_size: int, params=(), seeds_allowed=True):
         self.tp_size = tp_size
-        self.tp_rank = tp_rank
         self._pl = placements
         self._params = set(params)
         self._seeds = seeds_allowed
@@ -128,20 +138,26 @@ def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, e
         assert dec.out == expect, f"expected {expect}, got {dec.out}"
     if dec is None:
         return None
-    # An uneven split gives each rank its own local sizes: ask the rule once per rank.
-    per_rank = [decide(node, ph, placements, tp_size=tp_size, params=params,
-                       seeds_allowed=seeds_allowed, blocks=blocks, units=units, tp_rank=r)[0]
-                for r in range(tp_size)]
-    simulate(node, ph, inputs, placements, dec, tp_size=tp_size, per_rank=per_rank)
-    return dec
+    simulate(node, ph, inputs, placements, dec, tp_size=tp_size)
+    local = rank_args(node, ph, placements, dec, 0, tp_size)
+    return Checked(**{f.name: getattr(dec, f.name) for f in fields(dec)},
+                   args=local[0] if local else None)
+
+
+def rank_args(node, ph, placements, dec, tp_rank, tp_size):
+    """Rank ``tp_rank``'s local ``(args, kwargs)`` of ``node`` under ``dec`` (``None``:
+    unchanged)."""
+    pl = dict(zip(ph, placements))
+    return local_args(node, dec.out, lambda a: dec.inputs.get(a, pl.get(a, REPLICATE)),
+                      tp_rank, tp_size)
 
 
 def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, blocks=None,
-           units=None, tp_rank=0, units_ok=True, ctx_out=None):
+           units=None, units_ok=True, ctx_out=None):
     """The rule's decision for ``node`` when placeholder ``ph[i]`` has ``placements[i]``;
     returns ``(decision or None, the rule's notes)``."""
     pl = dict(zip(ph, placements))
-    ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed, tp_rank)
+    ctx = StubCtx(pl, tp_size, [ph[i] for i in params], seeds_allowed)
     ctx.blocks = blocks
     ctx.units = units
     ctx.units_ok = units_ok  # whether the seed can be asked for an uneven split
@@ -151,26 +167,25 @@ def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, bl
 
 
 def simulate(node, ph, inputs, placements, dec, *, tp_size=2, rtol=1e-5, atol=1e-5,
-             same_rng=False, shape_only=False, per_rank=None):
+             same_rng=False, shape_only=False):
     """Run ``dec`` rank by rank and check that its output placement reassembles ``node``'s
     result on the global ``inputs`` (raises ``AssertionError`` if not, or whatever the
     local op raises). ``same_rng`` seeds every rank's (and the global) call alike, for
     random ops: the ranks of a real run must agree on their generators as well.
-    ``shape_only`` compares shapes only (uninitialised outputs: ``empty``). ``per_rank``:
-    the decision made for each rank (its local arguments), where they may differ."""
+    ``shape_only`` compares shapes only (uninitialised outputs: ``empty``). Each rank runs
+    the op with its own local arguments (they differ by rank for an uneven split)."""
     pl = dict(zip(ph, placements))
     env = dict(zip(ph, inputs))
 
-    def call(args):
+    def call(args, kwargs=None):
         if same_rng:
             torch.manual_seed(1234)
         # fresh copies: an in-place op (copy_) must not write into the inputs
         args = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
-        out = node.target(*args, **node.kwargs)
+        out = node.target(*args, **(node.kwargs if kwargs is None else kwargs))
         return tree_map(torch.zeros_like, out) if shape_only else out
 
     expected = call(tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, node.args))
-    args = dec.args if dec.args is not None else node.args
     gen = torch.Generator().manual_seed(0)
     # Partial inputs: the same random addends on every rank, drawn once.
     partial_parts = {}
@@ -190,17 +205,17 @@ def simulate(node, ph, inputs, placements, dec, *, tp_size=2, rtol=1e-5, atol=1e
             if partial_parts.get(a) is not None:
                 return partial_parts[a][r]
             return _local(env[a], want, r, tp_size, gen)
-        rdec = per_rank[r] if per_rank is not None else dec
-        rargs = rdec.args if rdec.args is not None else node.args
+        rargs, rkwargs = rank_args(node, ph, placements, dec, r, tp_size) \
+            or (node.args, node.kwargs)
         largs = tree_map(local, tuple(rargs))
-        if dec.action == "vocab_embedding":
+        if dec.action is Action.VOCAB_EMBEDDING:
             step = largs[0].shape[0]
             outs.append(vocab_parallel_embedding(largs[0], largs[1], r * step, (r + 1) * step))
-        elif dec.action == "row_addmm":
+        elif dec.action is Action.ROW_ADDMM:
             outs.append(partial_product(largs[1], largs[2]))  # bias added below
         else:
-            outs.append(call(largs))
-    if dec.action == "row_addmm":  # the layer all-reduces, then adds the bias once
+            outs.append(call(largs, rkwargs))
+    if dec.action is Action.ROW_ADDMM:  # the layer all-reduces, then adds the bias once
         total = add_bias(sum(outs), env.get(node.args[0], node.args[0]), **node.kwargs)
         outs = [total for _ in outs]
     if isinstance(expected, (tuple, list)):

@@ -99,14 +99,9 @@ def check_sample(sample):
                 if dec is None:
                     refused += 1
                     continue
-                # uneven splits: each rank's own local arguments
-                per_rank = [decide(node, phs, list(combo), tp_size=n, params=params,
-                                   tp_rank=r)[0] for r in range(n)] if any(
-                    isinstance(p, Shard) and p.units for p in combo) else None
                 try:
                     simulate(node, phs, inputs, list(combo), dec, tp_size=n, rtol=tol,
-                             atol=tol, same_rng=sample.same_rng, shape_only=sample.shape_only,
-                             per_rank=per_rank)
+                             atol=tol, same_rng=sample.same_rng, shape_only=sample.shape_only)
                     ok += 1
                 except Exception as e:  # noqa: BLE001 - a wrong value and a crash both refute
                     failures.append(f"{node.target} at tp_size={n}, inputs {list(combo)}, "

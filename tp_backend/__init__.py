@@ -2,6 +2,12 @@
 
 ``torch.compile(model, backend="tp_auto", options={"tp_group": group})`` splits any model
 across the ranks of ``group`` with no per-model code. See README.md.
+
+Owns: the package's public surface -- the names in ``__all__`` (re-exported from the modules
+that define them), ``__version__``, :func:`last_plan`, and calling the version check first
+on import. Must not: implement what it re-exports: compiling is :mod:`tp_backend.backend`'s,
+loading :mod:`tp_backend.api`'s, split values and their accessors :mod:`tp_backend.runtime`'s,
+the version check itself :mod:`tp_backend.versions`'s.
 """
 
 from .versions import check_versions as _check_versions

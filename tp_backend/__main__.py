@@ -1,4 +1,9 @@
-"""Command line: ``python -m tp_backend plan MODEL --tp N``."""
+"""Command line: ``python -m tp_backend plan MODEL --tp N``.
+
+Owns: the command line (``main``: its arguments and what it prints). Must not: plan or
+format anything itself (:func:`tp_backend.planning.plan_model` and
+:func:`~tp_backend.planning.format_plan` do), start processes or read weights.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,14 @@ slices of its weights (the reference design's workflow, steps 1-7).
 3. Compile with ``tp_auto`` and run one short warm-up forward: the first call solves the
    plan, then reads each sharded parameter's slice with safetensors ``get_slice`` and each
    replicated parameter whole. No rank ever holds a full sharded tensor.
+
+Owns: :func:`parallelize_model` and its steps (the model class from ``architectures``,
+``**overrides`` split into ``tp_auto`` options and config fields, the build on meta, the
+placeholders and :class:`~tp_backend.checkpoint.ParameterMeta` put in the store's
+``pending``, the warm-up forward), and :func:`check_transformers_version`. Must not: read
+safetensors files (:mod:`tp_backend.checkpoint` does), validate options
+(:mod:`tp_backend.options`), decide which slice a rank reads (the backend, from the solved
+plan, on the warm-up call), or keep split values (:mod:`tp_backend.runtime`).
 """
 
 from __future__ import annotations

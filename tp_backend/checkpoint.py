@@ -11,6 +11,14 @@ never materialises the rest of a sharded tensor.
 :class:`ParameterMeta` is the reference design's per-parameter record: global shape and
 dtype, which checkpoint tensor (file and name) the parameter comes from, and the other
 names a tied parameter is known by.
+
+Owns: finding a model's files (:func:`resolve_model_dir`, ``NEEDED_FILES``), the name ->
+file and shape index (:class:`CheckpointIndex`), :class:`ParameterMeta`, every read of a
+checkpoint tensor (:func:`read_tensor`, :func:`load_pending`) and the record of reads
+(``READS``). Must not: decide which slice a rank reads (the
+:class:`~tp_backend.runtime.ShardInfo` from the solved plan says), keep what it read (the
+``shard`` callback hands it to the store of :mod:`tp_backend.runtime`), or build models
+(:mod:`tp_backend.api`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ user code, and this module guards both (issue 14):
 
 Both are collectives: every rank must call them, in the same order (the runner does, on a
 compiled graph's first call by default; see the ``sync_rng`` and ``check_inputs`` options).
+
+Owns: the ranks' agreement outside the graphs: :func:`sync_rng_state`,
+:func:`check_inputs_agree` (with :func:`checksum`) and :func:`any_rank`. Must not: decide
+when they run (the runner of :mod:`tp_backend.backend`, per the options
+:mod:`tp_backend.options` validates), or provide the collectives inside the graphs
+(:mod:`tp_backend.collectives`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,13 @@ tolerances are stated for that.
 
 Letter key: M rows (tokens), K contraction dim (``in_features``), N output dim
 (``out_features``).
+
+Owns: the CPU fp32 matmul kernel of the compiled local graphs: the custom op
+:func:`onednn_linear`, the choice :func:`use_onednn`, the table :func:`decompositions` and
+``CPU_MATMUL_KERNELS``. Must not: validate the ``cpu_matmul`` option
+(:mod:`tp_backend.options`), call the downstream compiler (:mod:`tp_backend.backend` passes
+the table to Inductor), or touch placements and collectives (the solver and
+:mod:`tp_backend.rewrite`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ Provenance: every ATen node gets (:mod:`tp_backend.nodemeta`) the name of the Dy
 whose evaluation created it, and the path of that node's
 innermost module (e.g. ``model.layers.3.self_attn.o_proj``) as the caller's
 ``module_path`` names it (:meth:`tp_backend.naming.NameIndex.module_path`: by identity).
+
+Owns: :func:`decompose` -- tracing to functional core ATen on fake tensors (the
+decomposition table, functionalisation with the write-back of mutated inputs, leaf
+functions routed to leaf ops) and stamping provenance on every ATen node. Must not: define
+the leaf ops (:mod:`tp_backend.leaf_ops`) or the meta keys (:mod:`tp_backend.nodemeta`),
+find module names (:mod:`tp_backend.naming`, through ``module_path``), or look at
+placements or ranks (the later passes of :mod:`tp_backend.pipeline`).
 """
 
 from __future__ import annotations

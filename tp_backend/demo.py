@@ -8,6 +8,12 @@ ranks (TP = the number of processes), and decodes greedily with ``model.generate
 cache split over the ranks). Rank 0 prints the answer, the plan summary, tokens/s and parameter memory per
 rank. ``--check`` also runs the single-process eager model and exits non-zero unless the
 generated tokens are identical.
+
+Owns: the demo script (``main``): process group set-up, prompt and chat template, timing,
+rank 0's printout, and the ``--check`` comparison with the single-process model. Must not:
+hold any of the parallelism (it calls :func:`tp_backend.parallelize_model` and
+:func:`tp_backend.last_plan` as a user would), or convert checkpoints
+(:mod:`tp_backend.models`).
 """
 
 from __future__ import annotations

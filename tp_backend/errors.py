@@ -4,6 +4,11 @@ Every user-facing failure raises a subclass of :class:`TPError`, so callers can 
 package's errors in one place. Option errors also subclass ``ValueError``/``TypeError`` and
 divisibility errors ``ValueError``, the training error ``NotImplementedError``, matching the
 exception types PyTorch users expect.
+
+Owns: the exception classes (:class:`TPError` and its subclasses) and which builtin type
+each also is. Must not: decide when to raise or what a message says (the module that finds
+the failure does: e.g. :mod:`tp_backend.options`, :mod:`tp_backend.checkpoint`,
+:mod:`tp_backend.pipeline`), or import any other tp_backend module.
 """
 
 __all__ = [

@@ -11,6 +11,13 @@ them, so a layer is a function of local tensors, not a module with weights:
 * :func:`row_parallel_linear` -- ``W`` split on ``in``: local product, all-reduce, bias once.
 * :func:`vocab_parallel_embedding` -- the table ``[V, E]`` split on ``V``.
 * :func:`local_shard` -- this rank's chunk of a replicated value (no communication).
+
+Owns: the functions the local graphs call for parallel layers and local slices:
+:func:`row_parallel_linear` (with :func:`partial_product` and :func:`add_bias`),
+:func:`vocab_parallel_embedding`, :func:`local_shard`, :func:`shard_ranges` and
+:func:`kv_head_slice`. Must not: decide placements (:mod:`tp_backend.rules` and the solver
+do) or where a layer goes (:mod:`tp_backend.rewrite` inserts the calls), or implement a
+collective (:mod:`tp_backend.collectives`).
 """
 
 from __future__ import annotations

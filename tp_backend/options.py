@@ -1,6 +1,13 @@
 """Validation of the ``options`` dict of ``torch.compile(..., backend="tp_auto", options=...)``.
 
 All checks live here; the backend receives a :class:`TPOptions`.
+
+Owns: the option names and their help (``OPTION_DOCS``), their defaults, the checks of
+:func:`validate_options` (the default process group included) and :class:`TPOptions`.
+Must not: act on an option (the backend, :mod:`tp_backend.consistency`,
+:mod:`tp_backend.shm` and :mod:`tp_backend.cpu_matmul` do), list the kernels itself
+(``CPU_MATMUL_KERNELS`` and ``ALL_REDUCE_CHOICES`` come from those two), or decide whether
+the shared-memory kernel can serve a group (:mod:`tp_backend.shm`, at set-up).
 """
 
 from __future__ import annotations

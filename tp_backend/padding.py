@@ -8,6 +8,12 @@ zero rows. Lookups never touch the padding (ids < V). A matmul against ``W_pad``
 off, after gathering. The solver then shards ``W_pad`` like any table (vocab-parallel,
 column-parallel head), so every rank holds ``V_pad / N`` rows -- the last rank's include
 the zero padding (vLLM pads its vocabulary the same way).
+
+Owns: :func:`pad_vocabularies`: which tables need padding, the ``constant_pad_nd`` node,
+the fake values it changes, and the slices marked ``tp_unpad``. Must not: decide how the
+padded table is split (the solver does), pad or cut the stored weights
+(:mod:`tp_backend.runtime`'s :class:`~tp_backend.runtime.ShardInfo` and
+:mod:`tp_backend.state`), or drop the pad node after the rewrite (:mod:`tp_backend.pipeline`).
 """
 
 from __future__ import annotations

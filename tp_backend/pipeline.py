@@ -3,6 +3,14 @@
 Shared by the backend (which then runs the local graph) and by planning without a
 process group (:mod:`tp_backend.planning`). A pass that fails with an unexpected error is
 re-raised as :class:`~tp_backend.errors.TPPassError` naming the pass.
+
+Owns: :func:`run_pipeline`: the order of the passes (decomposition, vocabulary padding,
+solver, rewrite), tagging the placeholders (input index, FQN, role), taking written-back
+inputs as state, the divisibility warning or error, building the
+:class:`~tp_backend.plan.TPPlan`, and wrapping failures as ``TPPassError``. Must not: do a
+pass's own work (:mod:`tp_backend.decompose`, :mod:`tp_backend.padding`,
+:mod:`tp_backend.solver`, :mod:`tp_backend.rewrite`), compile or run the local graph, or
+touch process groups or stored weights (:mod:`tp_backend.backend`).
 """
 
 from __future__ import annotations
@@ -102,7 +110,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     pre = {stand_in[ph[i]]: s for i, s in presharded.items()}
     for i, role in (roles or {}).items():
         nodemeta.set_role(stand_in[ph[i]], role)
-    sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size, tp_rank=tp_rank,
+    sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
                 params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto))
     for why in sol.indivisible:
         if strict_divisibility:

@@ -20,14 +20,38 @@ one mesh axis:
   over the ranks is the true value (the output of a row-parallel matmul before all-reduce).
 
 Converting ``Replicate -> Shard`` is free (a local slice), ``Partial -> Replicate`` costs an
-all-reduce and ``Shard -> Replicate`` an all-gather.
+all-reduce and ``Shard -> Replicate`` an all-gather (:class:`Collective`).
+
+Owns: the placement types (:class:`Replicate`, :class:`Shard`, :class:`Partial`,
+:class:`HeadGroup`), a shard's arithmetic (``ranges``, ``local_size``, ``global_size``,
+``splits``, ``block_sizes``), :class:`Collective` and :class:`StrEnum`. Must not: choose a
+value's placement (:mod:`tp_backend.rules` and :mod:`tp_backend.solver`) or move data
+(:mod:`tp_backend.collectives`, :mod:`tp_backend.layers`); it imports no torch.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "HeadGroup", "REPLICATE", "PARTIAL"]
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "HeadGroup", "REPLICATE", "PARTIAL",
+           "StrEnum", "Collective"]
+
+
+class StrEnum(str, enum.Enum):
+    """An enum whose members are strings (``enum.StrEnum`` of Python 3.11, here for 3.10):
+    a member equals, prints and serialises (JSON, the plan) as its value."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Collective(StrEnum):
+    """The collective a conversion away from a placement costs: ``Partial -> *`` an
+    all-reduce, ``Shard -> *`` an all-gather (a slice after it is free)."""
+
+    ALL_REDUCE = "all_reduce"
+    ALL_GATHER = "all_gather"
 
 
 class Placement:

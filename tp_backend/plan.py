@@ -5,12 +5,22 @@ A :class:`TPPlan` lists, per parameter FQN, its layout (``column``, ``row``, ``v
 with global and local shapes, and the collectives inserted into the forward graph with the
 module and layer they belong to. It is logged at INFO when a graph is compiled and kept on
 the backend (:func:`tp_backend.last_plan`) for tests and tools.
+
+Owns: the plan as data (:class:`TPPlan`, :class:`ParamPlan`, :class:`CollectivePlan`), its
+queries (``layouts``, ``collectives_per_layer``, ``param_bytes``) and ``summary()``.
+Must not: compute a plan (:mod:`tp_backend.pipeline` builds it from the solver's
+:class:`~tp_backend.solver.Solution`), or print the per-layer table
+(:func:`tp_backend.planning.format_plan`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .rules import Role
 
 __all__ = ["ParamPlan", "CollectivePlan", "TPPlan"]
 
@@ -25,7 +35,7 @@ class ParamPlan:
     the ranks different sizes; empty otherwise."""
 
     fqn: str
-    layout: str
+    layout: Role
     shard_dim: int | None
     global_shape: tuple
     local_shape: tuple

@@ -4,6 +4,11 @@
 its forward on a meta input, and runs the same pass pipeline as the backend (no process
 group is needed to decompose, solve or rewrite). ``python -m tp_backend plan MODEL --tp N``
 prints the result (see :func:`format_plan`).
+
+Owns: :func:`plan_model` (the model on meta, captured by a Dynamo backend of its own) and
+:func:`format_plan`. Must not: run the passes another way than the backend (it calls
+:func:`~tp_backend.pipeline.run_pipeline` as is), read weights or need a process group, or
+parse the command line (:mod:`tp_backend.__main__`).
 """
 
 from __future__ import annotations

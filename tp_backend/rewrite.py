@@ -2,8 +2,9 @@
 
 ``rewrite(gm, solution, ...)`` applies a :class:`~tp_backend.solver.Solution` in place:
 
-* arguments that hold global sizes are patched to local ones (``view(x, [B, S, 9, 64])``
-  -> ``view(x, [B, S, 3, 64])`` at TP=3), as the rules decided;
+* arguments that hold global sizes become this rank's local sizes (``view(x, [B, S, 9,
+  64])`` -> ``view(x, [B, S, 3, 64])`` at TP=3), from the solved placements
+  (:func:`tp_backend.local_args.local_args`);
 * redistributions are inserted on the edges the solver marked: a local slice of a
   replicated value, an all-reduce of a partial sum, an all-gather of a shard; each is
   inserted once per (value, placement) and reused by later consumers;
@@ -11,6 +12,13 @@
   :mod:`tp_backend.layers`.
 
 Sharded parameters need no graph change: their placeholders receive the local shard.
+
+Owns: :func:`rewrite` (local arguments set, conversions inserted once per value and
+placement, :class:`~tp_backend.rules.Action` nodes replaced by layer calls), the list of
+inserted collectives it returns, and :func:`layer_index`. Must not: decide placements or
+conversions (:mod:`tp_backend.rules`, :mod:`tp_backend.solver`), compute local argument
+values (:mod:`tp_backend.local_args`), or implement what it inserts
+(:mod:`tp_backend.collectives`, :mod:`tp_backend.layers`).
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from collections import Counter, defaultdict
 import torch.fx as fx
 
 from . import collectives, layers, nodemeta
-from .placement import HeadGroup
+from .local_args import local_args
+from .placement import Collective, HeadGroup
+from .rules import Action
 from .solver import Solution
 
 __all__ = ["rewrite", "layer_index"]
@@ -61,18 +71,18 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             return cache[key]
         with graph.inserting_before(before):
             cur = replaced.get(c.src, c.src)
-            if c.kind.startswith("all_reduce"):
+            if c.collective is Collective.ALL_REDUCE:
                 cur = graph.call_function(collectives.all_reduce, (cur, group_name, use_shm))
-                record("all_reduce", c.src)
-            elif c.kind.startswith("all_gather"):
+                record(Collective.ALL_REDUCE, c.src)
+            elif c.collective is Collective.ALL_GATHER:
                 cur = graph.call_function(collectives.all_gather,
                                           (cur, c.have.dim, c.have.outer, tp_size, group_name,
                                            c.have.blocks, tp_rank, use_shm, c.have.units))
-                record("all_gather", c.src)
+                record(Collective.ALL_GATHER, c.src)
             if isinstance(c.want, HeadGroup):
                 cur = graph.call_function(layers.kv_head_slice,
                                           (cur, c.want.dim, c.want.local_heads(tp_rank, tp_size)))
-            elif c.kind.endswith("slice"):
+            elif c.slices:
                 cur = graph.call_function(layers.local_shard,
                                           (cur, c.want.dim, c.want.outer, tp_rank, tp_size,
                                            c.want.blocks, c.want.units))
@@ -82,28 +92,30 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
 
     for node in list(graph.nodes):
         dec = sol.decisions.get(node)
-        if dec is not None and dec.args is not None:
-            node.args = dec.args
-        if dec is not None and dec.kwargs is not None:
-            node.kwargs = dec.kwargs
+        if dec is not None:
+            wants = {c.src: c.want for c in by_node.get(node, ())}
+            local = local_args(node, sol.placements.get(node, dec.out),
+                               lambda a: wants.get(a) or sol.placements[a], tp_rank, tp_size)
+            if local is not None:
+                node.args, node.kwargs = local
         for c in by_node.get(node, ()):
             node.replace_input_with(replaced.get(c.src, c.src), convert(c, node))
         if dec is None or dec.action is None:
             continue
-        if dec.action == "vocab_embedding":
+        if dec.action is Action.VOCAB_EMBEDDING:
             w, ids = node.args[0], node.args[1]
             v_global = _global_rows(node, sol)
             step = v_global // tp_size
             with graph.inserting_before(node):
                 new = graph.call_function(layers.vocab_parallel_embedding,
                                           (w, ids, tp_rank * step, (tp_rank + 1) * step))
-        elif dec.action == "row_addmm":
+        elif dec.action is Action.ROW_ADDMM:
             bias, a, b = node.args[:3]
             with graph.inserting_before(node):
                 new = graph.call_function(
                     layers.row_parallel_linear, (bias, a, b, group_name, use_shm),
                     {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs})
-            record("all_reduce", node)
+            record(Collective.ALL_REDUCE, node)
         else:  # pragma: no cover - internal invariant
             raise AssertionError(f"unknown rewrite action {dec.action}")
         new.meta.update(node.meta)

@@ -22,11 +22,15 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import TPShardedModuleError
+
+if TYPE_CHECKING:
+    from .rules import Role
 
 log = logging.getLogger("tp_backend")
 
@@ -42,7 +46,7 @@ class ShardInfo:
 
     fqn: str
     dim: int
-    layout: str
+    layout: Role
     global_shape: tuple
     tp_rank: int
     tp_size: int

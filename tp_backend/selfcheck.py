@@ -16,6 +16,11 @@ compared as expressions (no guards are added); a symbolic split dim is not compa
 A data-dependent size (an unbacked symbol: ``.tolist()``, ``nonzero``) gets a fresh name
 when the local graph runs; the first time one is met it is bound to the global graph's
 symbol in the same place, and every later use must agree with that binding.
+
+Owns: :func:`check_local_graph` (the local graph run on fake local inputs, each value's
+shape compared with its placement) and :func:`seeds_behind`. Must not: repair what it
+finds -- vetoing seeds, solving again or falling back is :mod:`tp_backend.backend`'s -- or
+change the graph or the solution.
 """
 
 from __future__ import annotations

@@ -30,6 +30,13 @@ Parameter storage: a parameter is stored sharded on dim ``d`` when every use of 
 expert of a stacked ``[E, out, in]`` parameter, and unary element-wise ops such as ``exp``:
 ``_CHAIN``) asks for that shard; otherwise
 it stays whole and the uses that need a shard slice it locally.
+
+Owns: :func:`solve` and its result (:class:`Solution`, :class:`Conversion`): the rounds,
+seeds and their taint, conflicts and demotion, preferences, where ``Partial`` values are
+all-reduced, parameter storage (``_CHAIN``) and outputs kept split (key/value caches).
+Must not: decide what one op can do with a sharded input (its rule in
+:mod:`tp_backend.rules` does), rewrite the graph or its arguments (:mod:`tp_backend.rewrite`,
+:mod:`tp_backend.local_args`), or build the user's plan (:mod:`tp_backend.pipeline`).
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .nodemeta import describe, role
-from .placement import REPLICATE, Placement, Shard
-from .rules import Decision, Indivisible, lookup, replicate_all, static_int, tensor_inputs
+from .placement import REPLICATE, Collective, Placement, Shard
+from .rules import (Decision, Indivisible, Role, arg, lookup, replicate_all, static_int,
+                    tensor_inputs)
 from .rules.attention import is_kv_cache
 from .rules.view import layout_dim_map
 
@@ -71,14 +79,25 @@ SMALL_TABLE_RATIO = 8
 
 @dataclass
 class Conversion:
-    """Redistribution of input ``src`` before ``node``: ``kind`` is ``"slice"`` (free),
-    ``"all_reduce"``, ``"all_gather"``, or ``"all_reduce+slice"``/``"all_gather+slice"``."""
+    """Redistribution of input ``src`` before ``node``, from placement ``have`` to ``want``:
+    a :attr:`collective` (none from ``Replicate``), then a free local slice where
+    :attr:`slices`."""
 
     node: fx.Node
     src: fx.Node
     have: Placement
     want: Placement
-    kind: str
+
+    @property
+    def collective(self) -> Collective | None:
+        if self.have.is_partial():
+            return Collective.ALL_REDUCE
+        return Collective.ALL_GATHER if self.have.is_shard() else None
+
+    @property
+    def slices(self) -> bool:
+        """Whether this rank's part of the value is taken after the collective."""
+        return self.have.is_replicate() or not self.want.is_replicate()
 
 
 @dataclass
@@ -90,7 +109,7 @@ class Solution:
     decisions: dict = field(default_factory=dict)
     conversions: list = field(default_factory=list)
     param_storage: dict = field(default_factory=dict)  # placeholder -> Shard | None
-    param_role: dict = field(default_factory=dict)  # placeholder -> role str
+    param_role: dict = field(default_factory=dict)  # placeholder -> Role
     local_outputs: dict = field(default_factory=dict)  # output index -> Shard (KV cache)
     param_padding: dict = field(default_factory=dict)  # placeholder -> padded size of dim 0
     # input index -> name of every input that may be stored split: parameters, and state
@@ -112,9 +131,8 @@ class _Ctx:
     taint and demotions, and the preferences consumers send back to seeds."""
 
     def __init__(self, *, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
-                 new_prefs, forced, largest_param=0, tp_rank=0):
+                 new_prefs, forced, largest_param=0):
         self.tp_size = tp_size
-        self.tp_rank = tp_rank
         self._largest_param = largest_param
         self._reduced = reduced
         self._prefs = prefs
@@ -282,14 +300,6 @@ def _is_tensor_node(node) -> bool:
     return isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v)
 
 
-def _classify(have: Placement, want: Placement) -> str:
-    if have.is_replicate():
-        return "slice"
-    if have.is_partial():
-        return "all_reduce" if want.is_replicate() else "all_reduce+slice"
-    return "all_gather" if want.is_replicate() else "all_gather+slice"
-
-
 def _chain_map(node, perm):
     """Map a parameter-origin dim permutation through a layout op (``perm[d]`` = param dim,
     ``None`` for a size-1 dim that ``unsqueeze`` added), with the layout rules' own dim map
@@ -324,8 +334,7 @@ class _Round:
     taint: dict  # value -> the seeds whose shard reached it
 
 
-def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
-               tp_rank=0) -> _Round:
+def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced) -> _Round:
     """One pass over ``graph`` in topological order: each op's rule decides its output
     placement from its inputs' (see the module docstring)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
@@ -340,7 +349,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
                    if isinstance(p.meta.get("val"), torch.Tensor)), default=0)
     ctx = _Ctx(tp_size=tp_size, demoted=demoted, origin=origin, placements=pl, notes=notes,
                reduced=reduced, prefs=prefs, taint=taint, new_prefs=new_prefs, forced=forced,
-               largest_param=largest, tp_rank=tp_rank)
+               largest_param=largest)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -361,7 +370,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
             # Once reduced for one consumer, every consumer should use the reduced value:
             # reducing at each of them would multiply the all-reduces.
             new_reduced.add(src)
-        conversions.append(Conversion(node, src, have, want, _classify(have, want)))
+        conversions.append(Conversion(node, src, have, want))
 
     for node in graph.nodes:
         if node.op == "placeholder" or node in params:
@@ -441,7 +450,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
-          max_rounds: int = 64, veto: frozenset = frozenset(), tp_rank: int = 0) -> Solution:
+          max_rounds: int = 64, veto: frozenset = frozenset()) -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
@@ -450,10 +459,11 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     t0 = time.perf_counter()
     while True:
         sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
-                          max_rounds=max_rounds, forced=forced, veto=veto, tp_rank=tp_rank)
+                          max_rounds=max_rounds, forced=forced, veto=veto)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
-               and sol.param_storage.get(n.args[0], presharded and presharded.get(n.args[0])) != d.out}
+               and sol.param_storage.get(arg(n, "self"),
+                                         presharded and presharded.get(arg(n, "self"))) != d.out}
         if not bad - forced:
             sol.seconds = time.perf_counter() - t0
             return sol
@@ -462,7 +472,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
 
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
                 max_rounds: int = 64, forced: set = frozenset(),
-                veto: frozenset = frozenset(), tp_rank: int = 0) -> Solution:
+                veto: frozenset = frozenset()) -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -474,8 +484,6 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             compile of the same model; they keep that layout.
         veto: names of seed nodes replicated from the start (the backend's self-check
             vetoes the seeds behind a value whose local shape was wrong).
-        tp_rank: the rank whose local shapes the decisions' arguments hold (they differ by
-            rank only where a split is uneven); placements are the same on every rank.
 
     Returns:
         a :class:`Solution`. A projection that splits into a number of heads ``tp_size``
@@ -490,8 +498,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     indivisible: list = []
     while True:
         rounds += 1
-        rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
-                         tp_rank)
+        rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced)
         indivisible += [why for _, why in rnd.notes
                         if isinstance(why, Indivisible) and why not in indivisible]
         new = rnd.conflicts - demoted
@@ -518,7 +525,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     for param in params:
         if param in presharded:
             sol.param_storage[param] = presharded[param]
-            sol.param_role[param] = role(param)
+            sol.param_role[param] = Role(role(param))
             continue
         uses = demands.get(param, [])
         wants = {w for w, _ in uses}
@@ -532,12 +539,12 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
                 sol.param_storage[param] = want
                 # A tied embedding / LM head is vocab-parallel for the lookup and
                 # column-parallel for the head: the same split of the [V, E] table.
-                if roles == {"vocab", "column"}:
-                    roles = {"vocab"}
-                sol.param_role[param] = roles.pop() if len(roles) == 1 else "shard"
+                if roles == {Role.VOCAB, Role.COLUMN}:
+                    roles = {Role.VOCAB}
+                sol.param_role[param] = roles.pop() if len(roles) == 1 else Role.SHARD
                 continue
         sol.param_storage[param] = None
-        sol.param_role[param] = "replicate"
+        sol.param_role[param] = Role.REPLICATE
     # Values on a parameter's layout chain follow the parameter's storage.
     chain = set()
     for node, (param, perm) in origin.items():
@@ -551,7 +558,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             have = pl[c.src]
             if have == c.want:
                 continue
-            c = Conversion(c.node, c.src, have, c.want, _classify(have, c.want))
+            c = Conversion(c.node, c.src, have, c.want)
         kept.append(c)
     sol.conversions = kept
     sol.seconds = time.perf_counter() - t0

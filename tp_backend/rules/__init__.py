@@ -2,18 +2,27 @@
 
 Contract. A rule is a function ``rule(ctx, node) -> Decision | None`` registered for one or
 more ATen overload packets with :func:`register`. It reads the current placements of the
-node's inputs through ``ctx`` and returns a :class:`Decision`: the placement of the output,
-the placement each tensor input must be converted to first (``Replicate -> Shard`` is a free
-local slice, ``Partial -> Replicate`` an all-reduce, ``Shard -> Replicate`` an all-gather),
-and the op's arguments patched for local shapes when they differ (e.g. the head count of a
-``view``). Returning ``None`` means "no proof of a sharded evaluation": the solver then
-replicates every input and the output, and logs the op. A rule must only return a decision
-it can prove exact: running the op on the local chunks (with the patched arguments) yields
-the local chunk of the output placement.
+node's inputs through ``ctx`` and returns a :class:`Decision`: the placement of the output
+and the placement each tensor input must be converted to first (``Replicate -> Shard`` is a
+free local slice, ``Partial -> Replicate`` an all-reduce, ``Shard -> Replicate`` an
+all-gather). A rule decides placements only: arguments that hold global sizes (the head
+count of a ``view``) are rewritten to local sizes from those placements, in one place
+(:mod:`tp_backend.local_args`). Returning ``None`` means "no proof of a sharded
+evaluation": the solver then replicates every input and the output, and logs the op. A rule
+must only return a decision it can prove exact: running the op on the local chunks (with
+its local arguments) yields the local chunk of the output placement.
 
 Sizes are *global* sizes: ``ctx.shape(x)`` is the shape on one device.
 Families live in one module each: elementwise, view, matmul, conv, reduction, indexing,
 attention (leaf ops).
+
+Owns: the rule contract and registry (:class:`Decision`, :class:`Role`, :class:`Action`,
+:class:`Indivisible`, :class:`RuleContext`, :func:`register`, :func:`register_by_name`,
+:func:`lookup`, ``RULES``) and the helpers the families share (:func:`arg`,
+:func:`static_int`, :func:`divisible`, :func:`norm_dim`, :func:`tensor_inputs`,
+:func:`replicate_all`). Must not: hold an op's rule (the family modules do), rewrite
+arguments (:mod:`tp_backend.local_args`), change the graph (:mod:`tp_backend.rewrite`), or
+resolve conflicts and veto seeds (:mod:`tp_backend.solver`).
 """
 
 from __future__ import annotations
@@ -25,14 +34,34 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ..placement import REPLICATE, Placement
+from ..placement import REPLICATE, Placement, StrEnum
 
-__all__ = ["Decision", "Indivisible", "RuleContext", "register", "register_by_name", "lookup",
-           "RULES"]
+__all__ = ["Decision", "Role", "Action", "Indivisible", "RuleContext", "register",
+           "register_by_name", "lookup", "arg", "RULES"]
 
 RULES: dict[Any, Callable] = {}
 # Rules for ops of other libraries, by qualified name (the library may load after us).
 RULES_BY_NAME: dict[str, Callable] = {}
+
+
+class Role(StrEnum):
+    """How a parameter is stored across the ranks, as the plan's layer table says it:
+    Megatron-LM's column-parallel (split on output features), row-parallel (split on input
+    features, output a partial sum), vocab-parallel (an embedding table split on rows);
+    ``SHARD`` another split, ``REPLICATE`` whole on every rank."""
+
+    COLUMN = "column"
+    ROW = "row"
+    VOCAB = "vocab"
+    SHARD = "shard"
+    REPLICATE = "replicate"
+
+
+class Action(StrEnum):
+    """A rewrite that replaces the op by a parallel layer of :mod:`tp_backend.layers`."""
+
+    VOCAB_EMBEDDING = "vocab_embedding"  # lookups outside the rank's rows give zeros
+    ROW_ADDMM = "row_addmm"  # all-reduce the partial product, then add the bias once
 
 
 @dataclass
@@ -42,12 +71,11 @@ class Decision:
     Attributes:
         out: placement of the output; a tuple of placements for multi-output ops.
         inputs: required placement per input node (inputs not listed keep theirs).
-        roles: for inputs derived from a parameter, the role the conversion gives it
-            (``"column"``, ``"row"``, ``"vocab"``): used for the plan's layer table.
-        args / kwargs: the op's arguments for local shapes, or ``None`` if unchanged.
-        seed: ``"column"`` or ``"vocab"`` if this node *chose* to shard a parameter; the
-            solver may veto that choice (demote the seed) if it leads to a conflict.
-        action: a special rewrite: ``"vocab_embedding"`` or ``"row_addmm"``.
+        roles: for inputs derived from a parameter, the :class:`Role` the conversion gives
+            it: used for the plan's layer table.
+        seed: ``Role.COLUMN`` or ``Role.VOCAB`` if this node *chose* to shard a parameter;
+            the solver may veto that choice (demote the seed) if it leads to a conflict.
+        action: an :class:`Action` (a special rewrite), or ``None``.
         allow_gather: an all-gather of a sharded input is acceptable here (graph outputs,
             losses) instead of replicating the seeds that sharded it.
     """
@@ -55,10 +83,8 @@ class Decision:
     out: Placement | tuple
     inputs: dict = field(default_factory=dict)
     roles: dict = field(default_factory=dict)
-    args: tuple | None = None
-    kwargs: dict | None = None
-    seed: str | None = None
-    action: str | None = None
+    seed: Role | None = None
+    action: Action | None = None
     allow_gather: bool = False
 
 
@@ -72,7 +98,6 @@ class Indivisible(str):
 
 class RuleContext(Protocol):
     tp_size: int
-    tp_rank: int  # whose local sizes a decision's arguments hold (uneven splits)
 
     def placement(self, arg: Any) -> Placement | None: ...
     def shape(self, arg: Any) -> tuple: ...
@@ -120,6 +145,38 @@ def lookup(target) -> Callable | None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+# overload -> {argument name: (position, keyword-only, default)}, from its schema (the
+# default is None where the schema gives none); filled on first use (a rule asks for
+# arguments on every node of every round, so a plain dict rather than functools.cache)
+_ARGUMENTS: dict = {}
+
+
+def _arguments(target) -> dict:
+    table = _ARGUMENTS[target] = {
+        a.name: (i, a.kwarg_only, a.default_value if a.has_default_value() else None)
+        for i, a in enumerate(target._schema.arguments)}
+    return table
+
+
+def arg(node: fx.Node, *names: str, default: Any = None) -> Any:
+    """The argument called ``name`` (the first of ``names`` the overload has) in the call
+    ``node``, however it was passed: by position, by keyword, or left to the schema's
+    default. ``default`` where the overload has no argument of any of those names (``sum``
+    over all dims has no ``dim``). Rules read arguments with it, never by position: the
+    overloads of one op packet place them differently (``sort(x, dim)`` and
+    ``sort(x, stable=, dim=)``; ``norm(x, p, dim)``), and the schema is the one source."""
+    args = _ARGUMENTS.get(node.target) or _arguments(node.target)
+    for name in names:
+        spec = args.get(name)
+        if spec is not None:
+            i, kwarg_only, dflt = spec
+            if not kwarg_only and i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, dflt)
+    return default
+
 
 
 def static_int(size) -> int | None:

@@ -8,6 +8,13 @@ query attention each rank keeps ``H / N`` query heads and ``Hkv / N`` KV heads, 
 head-to-group mapping is preserved when ``Hkv`` is divisible by ``N``. Query heads split
 unevenly (``Shard(1, units=H)``, 9 heads -> 5 + 4) take the keys and values sliced to the
 same heads (after ``repeat_kv``), or, with ``enable_gqa``, the KV heads they use.
+
+Owns: the rules of ``tp_backend::sdpa`` and ``tp_backend::cross_entropy`` (installed by
+:func:`register_leaf_rules`, which :mod:`tp_backend.leaf_ops` calls) and
+:func:`is_kv_cache`, which the solver asks. Must not: define the leaf ops
+(:mod:`tp_backend.leaf_ops`), take the KV heads (:func:`tp_backend.layers.kv_head_slice`,
+inserted by :mod:`tp_backend.rewrite` for a ``HeadGroup`` target), or rewrite arguments
+(:mod:`tp_backend.local_args`).
 """
 
 from __future__ import annotations
@@ -18,14 +25,14 @@ import torch
 import torch.fx as fx
 
 from ..placement import REPLICATE, HeadGroup, Shard
-from . import Decision, divisible, register, static_int
+from . import Decision, arg, divisible, register, static_int
 
 aten = torch.ops.aten
 
 
 def _sdpa(ctx, node):
-    q, k, v = node.args[:3]
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    q, k, v = arg(node, "query"), arg(node, "key"), arg(node, "value")
+    mask = arg(node, "attn_mask")
     qkv = [q, k, v]
     pls = [ctx.placement(t) for t in qkv]
     if any(p.is_partial() for p in pls):
@@ -57,7 +64,7 @@ def _sdpa(ctx, node):
         # Grouped-query attention whose KV heads do not split with the query heads (fewer
         # KV heads than ranks, or query heads split unevenly): keep q split and give each
         # rank the KV heads its query heads use (KV-head replication, as vLLM does).
-        enable_gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
+        enable_gqa = arg(node, "enable_gqa")
         hq, hkv = sizes[0], sizes[1]
         if not (s.dim == 1 and s.outer == 1 and s.blocks is None and enable_gqa
                 and pls[0].is_shard() and hq and hkv
@@ -136,9 +143,9 @@ def _is_attention_kv_use(user: fx.Node, n: fx.Node) -> bool:
     decomposes to ``bmm(q, k^T)`` whose output reaches a softmax, and ``bmm(p, v)`` whose
     first operand comes from one)."""
     if user.target is torch.ops.tp_backend.sdpa.default:
-        return n in user.args[1:3]
-    if user.target is aten.bmm.default and len(user.args) > 1 and user.args[1] is n:
-        return _near(user, _SOFTMAX, forward=True) or _near(user.args[0], _SOFTMAX, False)
+        return n is arg(user, "key") or n is arg(user, "value")
+    if user.target is aten.bmm.default and arg(user, "mat2") is n:
+        return _near(user, _SOFTMAX, forward=True) or _near(arg(user, "self"), _SOFTMAX, False)
     return False
 
 
@@ -172,5 +179,5 @@ def is_kv_cache(node: fx.Node, depth: int = 4) -> bool:
         if node.op != "call_function" or \
                 getattr(node.target, "overloadpacket", None) not in _PASS_THROUGH:
             return False
-        node = node.args[0]
+        node = arg(node, "self")
     return False

@@ -14,6 +14,10 @@ Output channels ``[g * C_out / G, (g + 1) * C_out / G)`` read only the input cha
   on channels).
 
 Transposed convolutions and splits of ``C_in`` that cut a group are not proven.
+
+Owns: the rule of ``aten.convolution``. Must not: set the local ``groups`` argument
+(:mod:`tp_backend.local_args` does), change the graph (:mod:`tp_backend.rewrite`), or veto
+the column seed it meets (:mod:`tp_backend.solver`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..placement import PARTIAL, REPLICATE, Shard
-from . import Decision, register, static_int
+from . import Decision, arg, register, static_int
 
 aten = torch.ops.aten
 
@@ -45,8 +49,8 @@ def _scaled(p: Shard, size: int, per_in: int, per_out: int, tp_size: int) -> Sha
 
 @register(aten.convolution)
 def _convolution(ctx, node):
-    x, w, bias = node.args[:3]
-    transposed, groups = node.args[6], static_int(node.args[8])
+    x, w, bias = arg(node, "input"), arg(node, "weight"), arg(node, "bias")
+    transposed, groups = arg(node, "transposed"), static_int(arg(node, "groups"))
     px, pw = ctx.placement(x), ctx.placement(w)
     pbias = ctx.placement(bias) if isinstance(bias, torch.fx.Node) else None
     if pw.is_partial() or (pbias is not None and pbias.is_partial()):
@@ -77,6 +81,4 @@ def _convolution(ctx, node):
     need = {w: out.moved(0)}
     if pbias is not None:
         need[bias] = out.moved(0)
-    local_groups = px.local_size(c_in, ctx.tp_rank, ctx.tp_size) // per_in
-    args = tuple(node.args[:8]) + (local_groups,) + tuple(node.args[9:])
-    return Decision(out=out, inputs=need, args=args)
+    return Decision(out=out, inputs=need)  # groups: the local count (tp_backend.local_args)

@@ -22,6 +22,12 @@ combination, all-reduces its Partial operands first:
 * ``CASTS``: ``cast(sum x_r) = sum cast(x_r)`` for the value cast (first operand) when the
   cast is exact for every addend: the same dtype, or a float widened to a float at least as
   wide. A narrowing cast rounds each addend; an int64 addend may round in float32.
+
+Owns: the rule of the element-wise ops, casts and copies (``UNARY_OR_BINARY``, ``COPIES``)
+and the tables of which operands a ``Partial`` passes through (``LINEAR``, ``ADDITIVE``,
+``BILINEAR``, ``LINEAR_IN_FIRST``, ``CASTS``). Must not: insert the all-reduce or slice it
+asks for (:mod:`tp_backend.rewrite`), rewrite arguments (:mod:`tp_backend.local_args`), or
+resolve conflicts (:mod:`tp_backend.solver`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..placement import PARTIAL, REPLICATE
-from . import Decision, register, static_int, tensor_inputs
+from . import Decision, arg, register, static_int, tensor_inputs
 
 aten = torch.ops.aten
 
@@ -79,19 +85,20 @@ def _partial_ok(node, pls) -> bool:
     op = node.target.overloadpacket
     partial = [a for a, p in pls.items() if p.is_partial()]
     others = [p for a, p in pls.items() if not p.is_partial()]
-    tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    first = [arg(node, "self")]  # the operand a division or a cast is linear in
     if op in LINEAR:
         return True
     if op in ADDITIVE:
         # Both operands Partial and tensors (a scalar addend would be added N times).
-        return len(tensor_args) == 2 and len(partial) == 2 and not others
+        return isinstance(arg(node, "other"), torch.fx.Node) and len(partial) == 2 \
+            and not others
     if op in BILINEAR:
         return len(partial) == 1 and all(p.is_replicate() for p in others)
     if op in LINEAR_IN_FIRST:  # true division only: a rounding mode is not linear
-        return (node.kwargs.get("rounding_mode") is None and partial == tensor_args[:1]
+        return (arg(node, "rounding_mode") is None and partial == first
                 and all(p.is_replicate() for p in others))
     if op in CASTS:  # the value is the first operand; type_as's second only lends a dtype
-        return (partial == tensor_args[:1]
+        return (partial == first
                 and _exact_cast(partial[0].meta["val"].dtype, node.meta["val"].dtype))
     return False
 

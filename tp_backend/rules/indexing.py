@@ -13,6 +13,14 @@ ones whole (``worth_vocab_split``).
 
 Slicing, selecting, concatenating and index lookups are linear, so a ``Partial`` input gives a
 ``Partial`` output when every other tensor operand is an index (replicated) or Partial too.
+
+Owns: the rules of ``slice``, ``cat``, ``constant_pad_nd``, ``stack``, ``split``/``unbind``,
+``index_select``, ``gather``, ``index``, ``index_put``, ``copy_``, the factory ops
+(``FACTORIES``) and ``embedding`` (the vocab-parallel seed). Must not: compute local slice
+bounds or split sizes (:mod:`tp_backend.local_args`), do the masked lookup
+(:func:`tp_backend.layers.vocab_parallel_embedding`, inserted by :mod:`tp_backend.rewrite`
+for ``Action.VOCAB_EMBEDDING``), or decide which tables are worth splitting (the solver's
+``worth_vocab_split``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 
 from .. import nodemeta
 from ..placement import PARTIAL, REPLICATE, Shard
-from . import Decision, divisible, norm_dim, register, static_int, tensor_inputs
+from . import Action, Decision, Role, arg, divisible, norm_dim, register, static_int, tensor_inputs
 
 aten = torch.ops.aten
 
@@ -48,26 +56,26 @@ def _slice(ctx, node):
     """A slice of the sharded dim is exact when it is exactly one block of a block shard
     (one of q/k/v of a fused projection): locally it is the rank's chunk of that block.
     Otherwise the slice's bounds are passed back to the seed as a preferred block layout."""
-    x = node.args[0]
+    x = arg(node, "self")
     p = ctx.placement(x)
     if not p.is_shard():
         return Decision(out=p)
     nd = len(ctx.shape(x))
-    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    dim = norm_dim(arg(node, "dim"), nd)
     if dim != p.dim:
         return Decision(out=p)
     if nodemeta.is_unpad(node):
         # Cutting a padded vocabulary back to size (tp_backend.padding): gather, then cut,
         # as an LM head gathers its logits anyway.
         return Decision(out=REPLICATE, inputs={x: REPLICATE}, allow_gather=True)
-    args = list(node.args) + [None] * (5 - len(node.args))
+    start, end, step = arg(node, "start"), arg(node, "end"), arg(node, "step")
     size = static_int(ctx.shape(x)[dim])
-    if _full_range(args[2], args[3], args[4], size):
-        return Decision(out=p, args=(x, dim))
-    start = static_int(0 if args[2] is None else args[2])
-    end = static_int(size if args[3] is None else args[3])
-    if args[4] not in (None, 1):
-        return _strided_slice(ctx, x, dim, p, start, end, static_int(args[4]), size)
+    if _full_range(start, end, step, size):
+        return Decision(out=p)
+    start = static_int(0 if start is None else start)
+    end = static_int(size if end is None else end)
+    if step not in (None, 1):
+        return _strided_slice(ctx, x, dim, p, start, end, static_int(step), size)
     if None in (start, end, size):
         return None
     start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
@@ -79,8 +87,7 @@ def _slice(ctx, node):
         off = 0
         for b in blocks:
             if (start, end) == (off, off + b):
-                n = ctx.tp_size
-                return Decision(out=Shard(dim), args=(x, dim, off // n, (off + b) // n))
+                return Decision(out=Shard(dim))
             off += b
     ctx.prefer(x, dim, {start, end} | (_cuts(blocks) if blocks else set()))
     return None
@@ -107,7 +114,7 @@ def _strided_slice(ctx, x, dim, p, start, end, step, size):
         out = Shard(dim, blocks=tuple(b // step for b in blocks))
     else:
         out = p
-    return Decision(out=out, args=(x, dim, start, None, step))
+    return Decision(out=out)
 
 
 def _common(ctx, tensors):
@@ -137,9 +144,9 @@ def _common(ctx, tensors):
 def _cat(ctx, node):
     nd = len(ctx.shape(node))
     # torch.cat skips 1-D empty tensors of any other rank (legacy; e.g. an empty KV cache).
-    tensors = [t for t in node.args[0] if isinstance(t, torch.fx.Node)
+    tensors = [t for t in arg(node, "tensors") if isinstance(t, torch.fx.Node)
                and not (len(ctx.shape(t)) == 1 and static_int(ctx.shape(t)[0]) == 0 and nd != 1)]
-    dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    dim = norm_dim(arg(node, "dim"), nd)
     if any(ctx.placement(t).is_shard(dim) for t in tensors):
         return _cat_blocks(ctx, tensors, dim)
     out, need = _common(ctx, tensors)
@@ -174,8 +181,7 @@ def _constant_pad(ctx, node):
     """``F.pad(x, pad, value=c)``: ``pad`` holds (before, after) pairs for the last dims,
     last dim first. A shard on a dim that is not padded stays; padding the sharded dim is
     not proven. Padding is linear for ``c = 0``, so a Partial input stays Partial then."""
-    x, pad = node.args[0], node.args[1]
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    x, pad, value = arg(node, "self"), arg(node, "pad"), arg(node, "value")
     p = ctx.placement(x)
     if p.is_partial():
         if value == 0:
@@ -191,9 +197,9 @@ def _constant_pad(ctx, node):
 
 @register(aten.stack)
 def _stack(ctx, node):
-    tensors = list(node.args[0])
+    tensors = list(arg(node, "tensors"))
     nd = len(ctx.shape(node))
-    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    dim = norm_dim(arg(node, "dim"), nd)
     out, need = _common(ctx, tensors)
     if out is None:
         return None
@@ -209,15 +215,12 @@ def _split(ctx, node):
     (``torch.split(qkv, [q, k, v])``, ``gate_up.chunk(2)``), or runs of whole blocks (a
     piece of several blocks keeps them: a block shard itself); otherwise the cut points are
     passed back to the seed as a preferred block layout."""
-    x = node.args[0]
+    x = arg(node, "self")
     p = ctx.placement(x)
     n_out = len(node.meta["val"])
     nd = len(ctx.shape(x))
     op = node.target.overloadpacket
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    if op is aten.unbind:
-        dim = node.args[1] if len(node.args) > 1 else 0
-    dim = norm_dim(dim, nd)
+    dim = norm_dim(arg(node, "dim"), nd)
     if not p.is_shard():
         return Decision(out=tuple(p for _ in range(n_out)))
     if dim != p.dim:
@@ -226,19 +229,14 @@ def _split(ctx, node):
     size = static_int(ctx.shape(x)[dim])
     if op is aten.unbind or size is None:
         return None
-    if isinstance(node.args[1], int):
-        ss = node.args[1]
+    ss = arg(node, "split_size", "split_sizes")  # (split.Tensor: an int; else a list)
+    if isinstance(ss, int):
         sizes = [ss] * (size // ss) + ([size % ss] if size % ss else [])
     else:
-        sizes = [static_int(v) for v in node.args[1]]
-    n = ctx.tp_size
+        sizes = [static_int(v) for v in ss]
     pieces = _pieces(p.block_sizes(size), sizes) if not p.plain and p.units is None else None
     if pieces is not None:
-        if isinstance(node.args[1], int):  # every block splits N ways: so does the size
-            args = (x, node.args[1] // n, dim)
-        else:
-            args = (x, [sum(b // n for b in bl) for bl in pieces], dim)
-        return Decision(out=tuple(Shard(dim, blocks=bl) for bl in pieces), args=args)
+        return Decision(out=tuple(Shard(dim, blocks=bl) for bl in pieces))
     ctx.prefer(x, dim, _cuts(sizes))
     return None
 
@@ -261,7 +259,7 @@ def _pieces(blocks, sizes):
 
 @register(aten.index_select)
 def _index_select(ctx, node):
-    x, dim, index = node.args[:3]
+    x, dim, index = arg(node, "self"), arg(node, "dim"), arg(node, "index")
     p, pi = ctx.placement(x), ctx.placement(index)
     if pi.is_shard():
         return None
@@ -276,7 +274,7 @@ def _index_select(ctx, node):
 
 @register(aten.gather)
 def _gather(ctx, node):
-    x, dim, index = node.args[:3]
+    x, dim, index = arg(node, "self"), arg(node, "dim"), arg(node, "index")
     p, pi = ctx.placement(x), ctx.placement(index)
     dim = norm_dim(dim, len(ctx.shape(x)))
     if p.is_partial() or pi.is_partial():
@@ -302,7 +300,7 @@ def _gather(ctx, node):
 def _index(ctx, node):
     """``x[i0, i1, ...]`` with index tensors; the sharded dim must not be indexed and the
     indexed dims must be adjacent (then the broadcast index dims replace them in place)."""
-    x, indices = node.args[0], node.args[1]
+    x, indices = arg(node, "self"), arg(node, "indices")
     p = ctx.placement(x)
     idx_nodes = [i for i in indices if isinstance(i, torch.fx.Node)]
     if any(not ctx.placement(i).is_replicate() for i in idx_nodes):
@@ -322,7 +320,7 @@ def _index(ctx, node):
 @register(aten.embedding)
 def _embedding(ctx, node):
     """``embedding(W: [V, E], ids: [*]) -> [*, E]``."""
-    w, ids = node.args[0], node.args[1]
+    w, ids = arg(node, "weight"), arg(node, "indices")
     pw, pi = ctx.placement(w), ctx.placement(ids)
     if not pi.is_replicate():
         if pi.is_shard() and pw.is_replicate():
@@ -337,14 +335,14 @@ def _embedding(ctx, node):
                          "largest weight: kept whole (a split would cost an all-reduce "
                          "per lookup and save next to no memory)")
                 return Decision(out=REPLICATE)
-            return Decision(out=PARTIAL, inputs={w: Shard(0)}, roles={w: "vocab"},
-                            seed="vocab", action="vocab_embedding")
+            return Decision(out=PARTIAL, inputs={w: Shard(0)}, roles={w: Role.VOCAB},
+                            seed=Role.VOCAB, action=Action.VOCAB_EMBEDDING)
         if ctx.is_param(w) and not divisible(v, ctx.tp_size):
             ctx.note(node, f"vocab size {v} is not divisible by tp_size={ctx.tp_size}: "
                      "embedding replicated")
         return Decision(out=REPLICATE)
     if pw.is_shard(0) and pw.plain:  # a strided or block split is not a row range
-        return Decision(out=PARTIAL, action="vocab_embedding")
+        return Decision(out=PARTIAL, action=Action.VOCAB_EMBEDDING)
     if pw.is_shard(1) and pw.plain:
         return Decision(out=pw.moved(nd_out - 1))
     return None
@@ -377,9 +375,10 @@ def _zero_filled(node) -> bool:
     op = getattr(node.target, "overloadpacket", None)
     if op in (aten.zeros, aten.new_zeros, aten.zeros_like):
         return True
-    fill = {aten.full: 1, aten.new_full: 2}.get(op)
-    return fill is not None and len(node.args) > fill and node.args[fill] == 0 \
-        and not isinstance(node.args[fill], bool)
+    if op not in (aten.full, aten.new_full):
+        return False
+    fill = arg(node, "fill_value")
+    return fill == 0 and not isinstance(fill, bool)
 
 
 @register(aten.index_put)
@@ -391,8 +390,8 @@ def _index_put(ctx, node):
     put the experts' rows back in token order), the result is a sum of ``values`` rows,
     linear in ``values``: Partial ``values`` give a Partial result. Reducing after the
     scatter moves ``[T, H]`` instead of the ``[T * top_k, H]`` expert rows."""
-    x, indices, values = node.args[:3]
-    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    x, indices, values = arg(node, "self"), arg(node, "indices"), arg(node, "values")
+    accumulate = arg(node, "accumulate")
     p, pv = ctx.placement(x), ctx.placement(values)
     idx_nodes = [i for i in indices if isinstance(i, torch.fx.Node)]
     if any(not ctx.placement(i).is_replicate() for i in idx_nodes):
@@ -417,10 +416,10 @@ def _copy_(ctx, node):
     """The write-back that ends a functionalised graph: ``copy_(state, new)``. A split
     new value asks for the state itself to be stored split the same way (see the solver):
     a KV cache over heads, a convolution state over channels in blocks (``[x | B | C]``)."""
-    dst, src = node.args[:2]
+    dst, src = arg(node, "self"), arg(node, "src")
     pd, ps = ctx.placement(dst), ctx.placement(src)
     same_shape = ctx.shape(dst) == ctx.shape(src)  # else src broadcasts into dst
     if ps.is_shard() and same_shape and not ctx.forced_whole(node) \
             and (pd.is_replicate() or pd == ps):
-        return Decision(out=ps, inputs={dst: ps}, roles={dst: "shard"})
+        return Decision(out=ps, inputs={dst: ps}, roles={dst: Role.SHARD})
     return Decision(out=REPLICATE, inputs={dst: REPLICATE, src: REPLICATE})

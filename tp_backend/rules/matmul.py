@@ -1,7 +1,8 @@
-"""Rules for matrix products: mm, addmm, bmm, baddbmm, grouped_mm, and triangular solves.
+"""Rules for matrix products: mm, addmm, bmm, baddbmm, grouped_mm (each from its einsum
+string through one generator, :func:`einsum_decision`), and triangular solves.
 
-``mm(a, b)`` with ``a: [M, K]`` and ``b: [K, N]`` (an ``nn.Linear`` is ``mm(x, W.t())``
-with ``W: [out, in]``, so ``b``'s dim 1 is ``W``'s dim 0):
+``mm(a, b)`` is ``"mk,kn->mn"`` with ``a: [M, K]`` and ``b: [K, N]`` (an ``nn.Linear`` is
+``mm(x, W.t())`` with ``W: [out, in]``, so ``b``'s dim 1 is ``W``'s dim 0):
 
 * column-parallel (Megatron, arXiv:1909.08053 section 3): ``a`` replicated, ``b`` a
   parameter split on ``N`` -> output ``Shard(1)``. This is a *seed*: the solver may veto it.
@@ -10,7 +11,13 @@ with ``W: [out, in]``, so ``b``'s dim 1 is ``W``'s dim 0):
 * ``a`` split on ``M`` (rows) keeps the split; ``Partial`` times replicated stays Partial.
 
 ``addmm(bias, a, b)`` follows ``mm``; a row-parallel addmm adds the bias once, after the
-all-reduce (``action="row_addmm"``), never once per rank.
+all-reduce (``Action.ROW_ADDMM``), never once per rank.
+
+Owns: the rules of ``mm``, ``bmm``, ``addmm``/``baddbmm``, grouped matmuls and
+``linalg_solve_triangular``, the column-parallel seed, and :func:`einsum_decision`.
+Must not: insert the all-reduce or add the bias
+(:func:`tp_backend.layers.row_parallel_linear`, inserted by :mod:`tp_backend.rewrite`),
+rewrite arguments (:mod:`tp_backend.local_args`), or veto a seed (:mod:`tp_backend.solver`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..placement import PARTIAL, REPLICATE, Shard
-from . import Decision, divisible, register, register_by_name, static_int
+from . import Action, Decision, Role, arg, divisible, register, register_by_name, static_int
 
 aten = torch.ops.aten
 
@@ -54,55 +61,91 @@ def _column_seed(ctx, node, weight, n_features: int, out_dim: int, weight_dim: i
         if blocks and not all(divisible(bl, n) for bl in blocks):
             return None
         out = Shard(out_dim, blocks=blocks) if blocks else Shard(out_dim)
-    return Decision(out=out, inputs={weight: out.moved(weight_dim)}, roles={weight: "column"},
-                    seed="column")
+    return Decision(out=out, inputs={weight: out.moved(weight_dim)}, roles={weight: Role.COLUMN},
+                    seed=Role.COLUMN)
 
 
-def _mm_decision(ctx, node, a, b):
-    """Placements for ``a @ b`` over the last two dims; batch dims (bmm) are dim 0."""
+def einsum_decision(ctx, node, spec: str, a, b, *, fixed: str = "") -> Decision | None:
+    """Placements for a product of ``a`` and ``b`` written as an einsum ``spec`` such as
+    ``"mk,kn->mn"``; ``b`` is the weight side (a parameter, for a linear layer). Each label
+    is a *batch* (in both operands and the output), *free* (in one operand and the output)
+    or *contracted* (in both operands, not the output) index; labels in ``fixed`` are never
+    split (grouped matmul: the tokens, whose expert offsets are global, and the experts).
+
+    * Both whole: the product is whole, or column-parallel if ``b`` is a parameter that
+      may seed a split of its free label (Megatron's column-parallel linear).
+    * One Partial, the other whole: Partial (the product is linear in each operand).
+    * A shard on label ``L`` (of one operand, or the same split of both): every operand
+      that has ``L`` takes that split (a free local slice of a whole one). The output is
+      split on ``L`` if it keeps ``L``, else Partial: each rank sums its own run of the
+      contracted index (row-parallel when ``a`` brought the split and ``b`` is the weight).
+    * Shards on two different labels, or any other Partial: not proven (``None``).
+
+    DTensor derives its matrix-product strategies from einsum strings the same way
+    (``torch/distributed/tensor/_ops/_einsum_strategy.py``)."""
+    ins, lo = spec.split("->")
+    la, lb = ins.split(",")
     pa, pb = ctx.placement(a), ctx.placement(b)
-    nd = len(ctx.shape(node))
-    m_dim, k_a, k_b, n_dim = nd - 2, nd - 1, nd - 2, nd - 1
     if pa.is_partial() or pb.is_partial():
         if pa.is_partial() and pb.is_replicate() or pa.is_replicate() and pb.is_partial():
             return Decision(out=PARTIAL)
         return None
     if pa.is_replicate() and pb.is_replicate():
-        seed = _column_seed(ctx, node, b, ctx.shape(b)[n_dim], n_dim, n_dim)
-        return seed or Decision(out=REPLICATE)
-    if nd == 3:  # bmm: a shared batch shard stays a batch shard
-        if pa.is_shard(0) or pb.is_shard(0):
-            p = pa if pa.is_shard(0) else pb
-            if (pa.is_replicate() or pa == p) and (pb.is_replicate() or pb == p):
-                return Decision(out=p, inputs={a: p, b: p})
+        free_b = [c for c in lb if c in lo and c not in la]
+        if len(free_b) == 1:
+            wd, od = lb.index(free_b[0]), lo.index(free_b[0])
+            seed = _column_seed(ctx, node, b, ctx.shape(b)[wd], od, wd)
+            if seed is not None:
+                return seed
+        return Decision(out=REPLICATE)
+    split = {la[pa.dim]} if pa.is_shard() else set()
+    split |= {lb[pb.dim]} if pb.is_shard() else set()
+    if len(split) != 1 or split & set(fixed):
+        return None
+    label, = split
+    p = pa if pa.is_shard() else pb
+    inputs = {}
+    for x, px, labels in ((a, pa, la), (b, pb, lb)):
+        if label not in labels:
+            continue
+        want = p.moved(labels.index(label))
+        if px.is_shard() and px != want:
             return None
-    if pa.is_shard(m_dim) and pb.is_replicate():
-        return Decision(out=pa)
-    if pa.is_replicate() and pb.is_shard(n_dim):
-        return Decision(out=pb)
-    if pa.is_shard(k_a) and (pb.is_replicate() or pb == pa.moved(k_b)):
-        return Decision(out=PARTIAL, inputs={b: pa.moved(k_b)}, roles={b: "row"})
-    if pb.is_shard(k_b) and pa.is_replicate():
-        return Decision(out=PARTIAL, inputs={a: pb.moved(k_a)})
-    return None
+        if x is not (a if pa.is_shard() else b) or label in lo:
+            inputs[x] = want
+    if label in lo:
+        return Decision(out=p.moved(lo.index(label)), inputs=inputs)
+    roles = {b: Role.ROW} if pa.is_shard() else {}
+    return Decision(out=PARTIAL, inputs=inputs, roles=roles)
 
 
-@register(aten.mm, aten.bmm)
+# The products by their einsum, for ``a @ b`` over the last two dims (bmm: batch first).
+MM, BMM = "mk,kn->mn", "bmk,bkn->bmn"
+
+
+@register(aten.mm)
 def _mm(ctx, node):
-    return _mm_decision(ctx, node, node.args[0], node.args[1])
+    return einsum_decision(ctx, node, MM, arg(node, "self"), arg(node, "mat2"))
+
+
+@register(aten.bmm)
+def _bmm(ctx, node):
+    return einsum_decision(ctx, node, BMM, arg(node, "self"), arg(node, "mat2"))
 
 
 @register(aten.addmm, aten.baddbmm)
 def _addmm(ctx, node):
-    bias, a, b = node.args[:3]
-    dec = _mm_decision(ctx, node, a, b)
+    bias, a, b = arg(node, "self"), arg(node, "mat1", "batch1"), arg(node, "mat2", "batch2")
+    spec = MM if node.target.overloadpacket is aten.addmm else BMM
+    dec = einsum_decision(ctx, node, spec, a, b)
     if dec is None or not isinstance(bias, torch.fx.Node):
         return dec
     pbias = ctx.placement(bias)
     if dec.out.is_partial():
         # Row-parallel: all-reduce the product, then add the (replicated) bias once.
         dec.inputs[bias] = REPLICATE
-        return Decision(out=REPLICATE, inputs=dec.inputs, roles=dec.roles, action="row_addmm")
+        return Decision(out=REPLICATE, inputs=dec.inputs, roles=dec.roles,
+                        action=Action.ROW_ADDMM)
     if pbias.is_partial():
         return None
     if dec.out.is_replicate():
@@ -114,8 +157,8 @@ def _addmm(ctx, node):
     k = dec.out.dim - (out_nd - len(bshape))
     if k >= 0 and static_int(bshape[k]) != 1:
         dec.inputs[bias] = dec.out.moved(k)
-        if dec.seed == "column":
-            dec.roles[bias] = "column"
+        if dec.seed is Role.COLUMN:
+            dec.roles[bias] = Role.COLUMN
     elif pbias.is_shard():
         return None
     return dec
@@ -127,7 +170,7 @@ def _grouped_mm(ctx, node):
     if dec is not None and node.target is aten._grouped_mm.default:
         # torch._grouped_mm wants every stride a multiple of 16 bytes: so must every rank's
         # part of the split K or N be (the split is refused otherwise).
-        w = node.args[1]
+        w = arg(node, "mat2")
         pw = dec.inputs.get(w, ctx.placement(w))
         if pw.is_shard() and not _aligned(ctx.shape(w)[pw.dim], pw,
                                           w.meta["val"].element_size(), ctx.tp_size):
@@ -140,21 +183,12 @@ def _grouped_mm_decision(ctx, node):
     ``w: [E, K, N]`` with per-expert token offsets. The experts' weights split like an MLP's:
     column-parallel on ``N`` (a seed), or row-parallel on ``K`` (Partial output); the
     router and the offsets stay replicated."""
-    x, w = node.args[0], node.args[1]
+    # (aten._grouped_mm names them self and mat2; transformers' fallback input and weight)
+    x, w = arg(node, "self", "input"), arg(node, "mat2", "weight")
     others = [a for a in node.all_input_nodes if a not in (x, w)]
     if any(not ctx.placement(a).is_replicate() for a in others):
         return None
-    px, pw = ctx.placement(x), ctx.placement(w)
-    if px.is_partial() and pw.is_replicate():
-        return Decision(out=PARTIAL)
-    if px.is_replicate() and pw.is_replicate():
-        seed = _column_seed(ctx, node, w, ctx.shape(w)[2], 1, 2)
-        return seed or Decision(out=REPLICATE)
-    if px.is_replicate() and pw.is_shard(2):
-        return Decision(out=pw.moved(1))
-    if px.is_shard(1) and (pw.is_replicate() or pw == px.moved(1)):
-        return Decision(out=PARTIAL, inputs={w: px.moved(1)}, roles={w: "row"})
-    return None
+    return einsum_decision(ctx, node, "tk,ekn->tn", x, w, fixed="te")
 
 
 def _aligned(size, p: Shard, itemsize: int, tp_size: int) -> bool:
@@ -175,8 +209,7 @@ def _solve_triangular(ctx, node):
     and ``B``, so a shard on a batch dim (heads: gated DeltaNet's chunked delta rule) or on
     ``B``'s free dim with ``A`` whole stays. ``X`` is linear in ``B``: Partial ``B`` with a
     replicated ``A`` stays Partial. Splitting ``n`` couples the ranks: not proven."""
-    a, b = node.args[0], node.args[1]
-    left = node.kwargs.get("left", True)  # (upper, left, unitriangular are keyword-only)
+    a, b, left = arg(node, "self"), arg(node, "B"), arg(node, "left")
     pa, pb = ctx.placement(a), ctx.placement(b)
     nd, nd_a, nd_b = len(ctx.shape(node)), len(ctx.shape(a)), len(ctx.shape(b))
     if pa.is_partial():

@@ -5,6 +5,12 @@ A shard on a dim that is *not* reduced survives (renumbered if ``keepdim`` is fa
 ``sum`` over the sharded dim yields ``Partial``; any other reduction over it is not proven
 and falls back. ``Partial`` passes through ``sum``/``mean`` (they are linear) and nothing
 else.
+
+Owns: the rules of the reductions (``sum``, ``mean``, ``amax``, ``var``, ``norm``...),
+the ops along one dim (softmax, log-softmax, cumulative ops, ``sort``, ``topk``) and the
+normalisations (layer, group and RMS norm). Must not: insert the all-reduce of a
+``Partial`` it yields (:mod:`tp_backend.rewrite`, where the solver places it), or rewrite
+arguments (:mod:`tp_backend.local_args`).
 """
 
 from __future__ import annotations
@@ -12,25 +18,20 @@ from __future__ import annotations
 import torch
 
 from ..placement import PARTIAL, REPLICATE
-from . import Decision, norm_dim, register
+from . import Decision, arg, norm_dim, register
 
 aten = torch.ops.aten
 
-_LINEAR = (aten.sum, aten.mean)
-
-
-# Ops whose reduced dims come after another argument: norm(x, p, dim, keepdim),
-# linalg_vector_norm(x, ord, dim, keepdim).
-_DIM_AFTER_ORDER = (aten.norm, aten.linalg_vector_norm)
-
-
-def _dim_pos(node) -> int:
-    return 2 if node.target.overloadpacket in _DIM_AFTER_ORDER else 1
+# Reductions through which a Partial input stays Partial: linear in their input,
+# sum(sum_r x_r) = sum_r sum(x_r) and mean(sum_r x_r) = sum_r mean(x_r) (a fixed 1/n scale).
+# Every other reduction (amax, var, norm, prod...) is not, and all-reduces its input first.
+LINEAR = (aten.sum, aten.mean)
 
 
 def _reduced_dims(node, nd):
-    k = _dim_pos(node)
-    dims = node.args[k] if len(node.args) > k else node.kwargs.get("dim")
+    """The dims a reduction reduces: its ``dim`` argument (any overload: ``sum(x, dim)``,
+    ``norm(x, p, dim)``, ``prod(x, dim)``), all dims where it has none or it is empty."""
+    dims = arg(node, "dim")
     if dims is None or dims == []:
         return list(range(nd))
     if isinstance(dims, int):
@@ -39,10 +40,7 @@ def _reduced_dims(node, nd):
 
 
 def _keepdim(node):
-    k = _dim_pos(node) + 1
-    if len(node.args) > k and isinstance(node.args[k], bool):
-        return node.args[k]
-    return bool(node.kwargs.get("keepdim", False))
+    return bool(arg(node, "keepdim", default=False))
 
 
 def _n_out(node):
@@ -59,22 +57,17 @@ def _wrap(node, p):
           aten.var_mean, aten.std, aten.std_mean, aten.prod, aten.any, aten.all,
           aten.logsumexp, aten.max, aten.min, aten.norm, aten.linalg_vector_norm)
 def _reduce(ctx, node):
-    x = node.args[0]
+    x = arg(node, "self")
     p = ctx.placement(x)
     op = node.target.overloadpacket
     if p.is_replicate():
         return Decision(out=_wrap(node, REPLICATE))
     if p.is_partial():
-        if op in _LINEAR:
+        if op in LINEAR:
             return Decision(out=PARTIAL)
         return Decision(out=_wrap(node, REPLICATE), inputs={x: REPLICATE})
     nd = len(ctx.shape(x))
-    if op in (aten.max, aten.min) and len(node.args) == 1:
-        dims = list(range(nd))
-    elif op in (aten.prod,) and len(node.args) > 1 and isinstance(node.args[1], int):
-        dims = [norm_dim(node.args[1], nd)]
-    else:
-        dims = _reduced_dims(node, nd)
+    dims = _reduced_dims(node, nd)
     if p.dim in dims:
         if op is aten.sum and len(dims) >= 1:
             return Decision(out=PARTIAL)
@@ -87,21 +80,14 @@ def _reduce(ctx, node):
           aten.cumprod, aten.sort, aten.topk, aten.cummax, aten.cummin, aten.logcumsumexp)
 def _along_dim(ctx, node):
     """Ops that work along one dim and keep the shape (topk/sort keep the rank)."""
-    x = node.args[0]
+    x = arg(node, "self")
     p = ctx.placement(x)
     if p.is_replicate():
         return Decision(out=_wrap(node, REPLICATE))
     if p.is_partial():
         return Decision(out=_wrap(node, REPLICATE), inputs={x: REPLICATE})
     nd = len(ctx.shape(x))
-    op = node.target.overloadpacket
-    if op is aten.topk:
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-    elif op is aten.sort:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-    else:
-        dim = node.args[1]
-    if norm_dim(dim, nd) == p.dim:
+    if norm_dim(arg(node, "dim"), nd) == p.dim:
         return None
     return Decision(out=_wrap(node, p))
 
@@ -110,7 +96,7 @@ def _along_dim(ctx, node):
           aten.rms_norm, aten.layer_norm)
 def _layer_norm(ctx, node):
     """Normalisation over the trailing ``len(normalized_shape)`` dims; weight/bias live there."""
-    x = node.args[0]
+    x = arg(node, "input")
     p = ctx.placement(x)
     ins = {a: REPLICATE for a in node.all_input_nodes if a is not x}
     if p.is_replicate() or node.target.overloadpacket is aten.native_group_norm:
@@ -121,7 +107,7 @@ def _layer_norm(ctx, node):
         ins[x] = REPLICATE
         return Decision(out=_wrap(node, REPLICATE), inputs=ins)
     nd = len(ctx.shape(x))
-    k = len(node.args[1])
+    k = len(arg(node, "normalized_shape"))
     if p.dim >= nd - k:
         return None
     return Decision(out=_wrap(node, p), inputs=ins)

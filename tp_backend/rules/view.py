@@ -13,6 +13,13 @@ every rank's run of units is whole indices of ``p``. Heads that ``N`` does not d
 the seed for an uneven split in whole heads (``ctx.prefer_units``) instead of failing.
 Sizes may be symbolic (dynamic batch or sequence); the arithmetic is done on sympy
 expressions so those stay exact.
+
+Owns: the rules of ``view``/``reshape``, ``expand``, ``repeat`` and the layout ops, with
+:func:`map_view_shard` and :func:`layout_dim_map` (which the solver also uses for a
+parameter's chain). Must not: rewrite the size arguments to local sizes
+(:mod:`tp_backend.local_args` does), change the graph (:mod:`tp_backend.rewrite`), or
+pick the uneven split itself (it asks the seed with ``ctx.prefer_units``; the solver
+decides).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import sympy
 import torch
 
 from ..placement import PARTIAL, REPLICATE, Shard
-from . import Decision, Indivisible, norm_dim, register, static_int
+from . import Decision, Indivisible, arg, norm_dim, register, static_int
 
 aten = torch.ops.aten
 
@@ -85,7 +92,7 @@ def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
 
 
 def _view(ctx, node):
-    x = node.args[0]
+    x = arg(node, "self")
     p = ctx.placement(x)
     if p.is_replicate():
         return Decision(out=REPLICATE)
@@ -117,13 +124,9 @@ def _view(ctx, node):
             return None
         ctx.note(node, f"view {list(in_shape)} -> {list(out_shape)}: {why}")
         return None
-    sizes = list(node.args[1])
-    if sizes[out.dim] != -1:
-        local = static_int(out_shape[out.dim])
-        if local is None:
-            return None
-        sizes[out.dim] = out.local_size(local, ctx.tp_rank, ctx.tp_size)
-    return Decision(out=out, args=(x, sizes) + tuple(node.args[2:]))
+    if arg(node, "size", "shape")[out.dim] != -1 and static_int(out_shape[out.dim]) is None:
+        return None  # the local size must be a number (tp_backend.local_args writes it)
+    return Decision(out=out)
 
 
 register(aten.view, aten._unsafe_view, aten.reshape, aten.view_copy)(_view)
@@ -131,16 +134,12 @@ register(aten.view, aten._unsafe_view, aten.reshape, aten.view_copy)(_view)
 
 @register(aten.expand, aten.expand_copy)
 def _expand(ctx, node):
-    x = node.args[0]
+    x = arg(node, "self")
     p = ctx.placement(x)
     if not p.is_shard():
         return Decision(out=p)
     off = len(ctx.shape(node)) - len(ctx.shape(x))
-    d = p.dim + off
-    sizes = list(node.args[1])
-    if sizes[d] != -1:
-        sizes[d] = p.local_size(static_int(ctx.shape(node)[d]), ctx.tp_rank, ctx.tp_size)
-    return Decision(out=p.moved(d), args=(x, sizes) + tuple(node.args[2:]))
+    return Decision(out=p.moved(p.dim + off))
 
 
 @register(aten.repeat)
@@ -151,11 +150,11 @@ def _repeat(ctx, node):
     becomes ``outer=r``; JetMoE's keys repeated per expert, ``k.repeat(1, top_k, 1, 1)``,
     then line up with its queries). The repeats are unchanged; a Partial input stays
     Partial (tiling is linear)."""
-    x = node.args[0]
+    x = arg(node, "self")
     p = ctx.placement(x)
     if not p.is_shard():
         return Decision(out=p)
-    reps = node.args[1]
+    reps = arg(node, "repeats")
     d = p.dim + len(reps) - len(ctx.shape(x))
     r = reps[d]
     if not isinstance(r, int) or r < 1:
@@ -166,11 +165,16 @@ def _repeat(ctx, node):
 
 
 def _remap(ctx, node, fn):
-    p = ctx.placement(node.args[0])
+    p = ctx.placement(arg(node, "self"))
     if not p.is_shard():
         return Decision(out=p)
     d = fn(p.dim)
     return Decision(out=p.moved(d)) if d is not None else None
+
+
+_LAYOUT_OPS = {aten.permute, aten.permute_copy, aten.transpose, aten.transpose_copy, aten.t,
+               aten.t_copy, aten.numpy_T, aten.unsqueeze, aten.unsqueeze_copy, aten.squeeze,
+               aten.squeeze_copy, aten.select}
 
 
 def layout_dim_map(node):
@@ -180,39 +184,37 @@ def layout_dim_map(node):
     ``None`` for any other op. The rules below move a shard with it, and the solver maps a
     parameter's dims along its chain with it (``solver._chain_map``)."""
     op = getattr(node.target, "overloadpacket", None)
-    in_shape = node.args[0].meta["val"].shape
+    if op not in _LAYOUT_OPS:
+        return None
+    in_shape = arg(node, "self").meta["val"].shape
     nd, nd_in = len(node.meta["val"].shape), len(in_shape)
     if op in (aten.permute, aten.permute_copy):
-        dims = [norm_dim(d, nd) for d in node.args[1]]
+        dims = [norm_dim(d, nd) for d in arg(node, "dims")]
         return dims.index
     if op in (aten.transpose, aten.transpose_copy):
-        a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+        a, b = norm_dim(arg(node, "dim0"), nd), norm_dim(arg(node, "dim1"), nd)
         return lambda d: b if d == a else a if d == b else d
     if op in (aten.t, aten.t_copy, aten.numpy_T):
         return lambda d: nd - 1 - d
     if op in (aten.unsqueeze, aten.unsqueeze_copy):
-        k = norm_dim(node.args[1], nd)
+        k = norm_dim(arg(node, "dim"), nd)
         return lambda d: d + 1 if d >= k else d
     if op in (aten.squeeze, aten.squeeze_copy):
-        if len(node.args) == 1:
+        dims = arg(node, "dim")  # (squeeze.dim: an int, squeeze.dims: a list)
+        if dims is None:
             dims = [i for i, s in enumerate(in_shape) if static_int(s) == 1]
         else:
-            dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+            dims = dims if isinstance(dims, (list, tuple)) else [dims]
             dims = [norm_dim(d, nd_in) for d in dims
                     if static_int(in_shape[norm_dim(d, nd_in)]) == 1]
         return lambda d: None if d in dims else d - sum(1 for k in dims if k < d)
     if op is aten.select:
-        k = norm_dim(node.args[1], nd_in)
+        k = norm_dim(arg(node, "dim"), nd_in)
         return lambda d: None if d == k else d - (d > k)
     return None
 
 
-@register(aten.permute, aten.permute_copy)
-@register(aten.transpose, aten.transpose_copy)
-@register(aten.t, aten.t_copy, aten.numpy_T)
-@register(aten.unsqueeze, aten.unsqueeze_copy)
-@register(aten.squeeze, aten.squeeze_copy)
-@register(aten.select)
+@register(*_LAYOUT_OPS)
 def _layout(ctx, node):
     """A shard moves with its dim; selecting along the split dim is refused."""
     return _remap(ctx, node, layout_dim_map(node))
