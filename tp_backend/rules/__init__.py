@@ -119,6 +119,7 @@ def register(*ops) -> Callable:
     def deco(fn):
         for op in ops:
             RULES[op] = fn
+        _RESOLVED.clear()
         return fn
 
     return deco
@@ -130,52 +131,70 @@ def register_by_name(*names: str) -> Callable:
     def deco(fn):
         for name in names:
             RULES_BY_NAME[name] = fn
+        _RESOLVED.clear()
         return fn
 
     return deco
 
 
+# id(target) -> (target, its rule or None), resolved once: the solver looks a rule up for
+# every node of every round, and an OpOverload's own __hash__ is a Python call. The entry
+# holds the target, so its id is not reused while the entry lives. Cleared by register.
+_RESOLVED: dict = {}
+
+
 def lookup(target) -> Callable | None:
     """The rule of an ATen overload: an overload-specific rule first, then its packet's,
     then one registered by name."""
+    hit = _RESOLVED.get(id(target))
+    if hit is not None:
+        return hit[1]
     rule = RULES.get(target)
     if rule is None and isinstance(target, torch._ops.OpOverload):
         rule = RULES.get(target.overloadpacket) or RULES_BY_NAME.get(target.name().split(".")[0])
+    _RESOLVED[id(target)] = (target, rule)
     return rule
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-# overload -> {argument name: (position, keyword-only, default)}, from its schema (the
-# default is None where the schema gives none); filled on first use (a rule asks for
-# arguments on every node of every round, so a plain dict rather than functools.cache)
+# id(overload) -> {argument name: (position, keyword-only, default)}, from its schema (the
+# default is None where the schema gives none); filled on first use. Keyed by id: a rule
+# asks for arguments on every node of every round, and an OpOverload's own __hash__ is a
+# Python call (overloads live as long as the process, so their ids are stable).
 _ARGUMENTS: dict = {}
 
 
 def _arguments(target) -> dict:
-    table = _ARGUMENTS[target] = {
+    table = _ARGUMENTS[id(target)] = {
         a.name: (i, a.kwarg_only, a.default_value if a.has_default_value() else None)
         for i, a in enumerate(target._schema.arguments)}
     return table
 
 
-def arg(node: fx.Node, *names: str, default: Any = None) -> Any:
-    """The argument called ``name`` (the first of ``names`` the overload has) in the call
+def arg(node: fx.Node, name: str, *more: str, default: Any = None) -> Any:
+    """The argument called ``name`` (or the first of ``more`` the overload has) in the call
     ``node``, however it was passed: by position, by keyword, or left to the schema's
     default. ``default`` where the overload has no argument of any of those names (``sum``
     over all dims has no ``dim``). Rules read arguments with it, never by position: the
     overloads of one op packet place them differently (``sort(x, dim)`` and
     ``sort(x, stable=, dim=)``; ``norm(x, p, dim)``), and the schema is the one source."""
-    args = _ARGUMENTS.get(node.target) or _arguments(node.target)
-    for name in names:
-        spec = args.get(name)
-        if spec is not None:
-            i, kwarg_only, dflt = spec
-            if not kwarg_only and i < len(node.args):
-                return node.args[i]
-            return node.kwargs.get(name, dflt)
-    return default
+    target = node.target
+    table = _ARGUMENTS.get(id(target)) or _arguments(target)
+    spec = table.get(name)
+    if spec is None:
+        for name in more:
+            spec = table.get(name)
+            if spec is not None:
+                break
+        else:
+            return default
+    i, kwarg_only, dflt = spec
+    args = node.args
+    if not kwarg_only and i < len(args):
+        return args[i]
+    return node.kwargs.get(name, dflt)
 
 
 

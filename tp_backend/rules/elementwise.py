@@ -85,7 +85,6 @@ def _partial_ok(node, pls) -> bool:
     op = node.target.overloadpacket
     partial = [a for a, p in pls.items() if p.is_partial()]
     others = [p for a, p in pls.items() if not p.is_partial()]
-    first = [arg(node, "self")]  # the operand a division or a cast is linear in
     if op in LINEAR:
         return True
     if op in ADDITIVE:
@@ -95,10 +94,10 @@ def _partial_ok(node, pls) -> bool:
     if op in BILINEAR:
         return len(partial) == 1 and all(p.is_replicate() for p in others)
     if op in LINEAR_IN_FIRST:  # true division only: a rounding mode is not linear
-        return (arg(node, "rounding_mode") is None and partial == first
+        return (arg(node, "rounding_mode") is None and partial == [arg(node, "self")]
                 and all(p.is_replicate() for p in others))
     if op in CASTS:  # the value is the first operand; type_as's second only lends a dtype
-        return (partial == first
+        return (partial == [arg(node, "self")]
                 and _exact_cast(partial[0].meta["val"].dtype, node.meta["val"].dtype))
     return False
 
