@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from .placement import Placement, Shard
 from .rules import arg, norm_dim, static_int
+from .rules.indexing import slice_bounds
 
 __all__ = ["SIZE_ARGS", "local_args"]
 
@@ -38,12 +39,12 @@ aten = torch.ops.aten
 _Fn = Callable[[fx.Node, object, Callable[[fx.Node], Placement], int, int], dict]
 
 
-def _sharded_dim(node, placement_of, default_dim=0):
+def _sharded_dim(node, placement_of):
     """``(self, its split placement, dim)`` where ``self`` arrives split on the op's ``dim``
     argument, else ``None``."""
     x = arg(node, "self")
     p = placement_of(x)
-    dim = norm_dim(arg(node, "dim", default=default_dim), x.meta["val"].dim())
+    dim = norm_dim(arg(node, "dim"), x.meta["val"].dim())
     return (x, p, dim) if isinstance(p, Shard) and p.dim == dim else None
 
 
@@ -68,9 +69,10 @@ def _split(node, out, placement_of, tp_rank, tp_size):
     if hit is None:
         return {}
     _, _, dim = hit
-    name = "split_size" if arg(node, "split_size") is not None else "split_sizes"
-    if isinstance(arg(node, name), int):  # pieces of whole blocks, each split N ways
-        return {name: arg(node, name) // tp_size}
+    name = "split_size" if node.target.overloadpacket is aten.split else "split_sizes"
+    sizes = arg(node, name)  # (split.Tensor: an int; split.sizes, split_with_sizes: a list)
+    if isinstance(sizes, int):  # pieces of whole blocks, each split N ways
+        return {name: sizes // tp_size}
     pieces = [static_int(v.shape[dim]) for v in node.meta["val"]]
     return {name: [o.local_size(s, tp_rank, tp_size) for o, s in zip(out, pieces)]}
 
@@ -84,14 +86,10 @@ def _slice(node, out, placement_of, tp_rank, tp_size):
     if hit is None:
         return {}
     x, _, dim = hit
-    start, end = arg(node, "start"), arg(node, "end")
     if arg(node, "step") not in (None, 1):
         return {"end": None}
     size = static_int(x.meta["val"].shape[dim])
-    start = 0 if start is None else static_int(start)
-    end = size if end is None else static_int(end)
-    start = start + size if start < 0 else start
-    end = min(end + size if end < 0 else end, size)
+    start, end = slice_bounds(arg(node, "start"), arg(node, "end"), size)
     if (start, end) == (0, size):
         return {"start": None, "end": None}
     return {"start": start // tp_size, "end": end // tp_size}

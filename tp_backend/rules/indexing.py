@@ -42,6 +42,20 @@ def _full_range(start, end, step, size) -> bool:
     return step in (None, 1) and start == 0 and size is not None and end is not None and end >= size
 
 
+def slice_bounds(start, end, size) -> tuple | None:
+    """``(start, end)`` of a unit-step slice of a dim of ``size``, as Python ints: a missing
+    bound filled, a negative one counted from the end, ``end`` clamped to ``size``; ``None``
+    where a bound or the size is symbolic. The slice rule and the local arguments of the
+    slice (:mod:`tp_backend.local_args`) read bounds through it."""
+    size = static_int(size)
+    start = 0 if start is None else static_int(start)
+    end = size if end is None else static_int(end)
+    if None in (start, end, size):
+        return None
+    start = start + size if start < 0 else start
+    return start, min(end + size if end < 0 else end, size)
+
+
 def _cuts(sizes):
     """Offsets where consecutive pieces of ``sizes`` start and end."""
     out, off = {0}, 0
@@ -76,10 +90,10 @@ def _slice(ctx, node):
     end = static_int(size if end is None else end)
     if step not in (None, 1):
         return _strided_slice(ctx, x, dim, p, start, end, static_int(step), size)
-    if None in (start, end, size):
+    bounds = slice_bounds(start, end, size)
+    if bounds is None:
         return None
-    start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
-    end = min(end, size)
+    start, end = bounds
     if p.units is not None:  # an uneven split: the rank's part of a block is not b / N
         return None
     blocks = None if p.plain else p.block_sizes(size)

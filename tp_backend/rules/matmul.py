@@ -103,7 +103,7 @@ def einsum_decision(ctx, node, spec: str, a, b, *, fixed: str = "") -> Decision 
     if len(split) != 1 or split & set(fixed):
         return None
     label, = split
-    p = pa if pa.is_shard() else pb
+    src, p = (a, pa) if pa.is_shard() else (b, pb)  # the operand that brought the split
     inputs = {}
     for x, px, labels in ((a, pa, la), (b, pb, lb)):
         if label not in labels:
@@ -111,7 +111,7 @@ def einsum_decision(ctx, node, spec: str, a, b, *, fixed: str = "") -> Decision 
         want = p.moved(labels.index(label))
         if px.is_shard() and px != want:
             return None
-        if x is not (a if pa.is_shard() else b) or label in lo:
+        if x is not src or label in lo:
             inputs[x] = want
     if label in lo:
         return Decision(out=p.moved(lo.index(label)), inputs=inputs)
