@@ -121,26 +121,3 @@ def test_indivisible_heads_stay_whole_with_a_warning():
         assert (r["q_proj"], r["mlp"]) == ("replicate", "column"), r
         warned = [w for w in r["warnings"] if "3 groups" in w and "tp_size=2" in w]
         assert warned and all("Kept whole" in w for w in warned), r["warnings"]
-
-
-def _backward(rank, world_size):
-    model, ref_model = make_model("llama"), make_model("llama")
-    ids = make_ids()
-    out = torch.compile(model, backend="tp_auto", options={"compiler": "eager"})(
-        input_ids=ids, use_cache=False).logits  # grad mode on, as in a training step
-    with torch.no_grad():
-        ref = ref_model(input_ids=ids, use_cache=False).logits
-    try:
-        out.sum().backward()
-    except tp_backend.TPTrainingError as e:
-        return (out - ref).abs().max().item(), str(e)
-    return (out - ref).abs().max().item(), None
-
-
-def test_backward_raises_a_clear_error():
-    """Training is not supported yet: loss.backward() says so on every rank (not PyTorch's
-    "no autograd formula" for a leaf op); the forward's numbers are unchanged (fp32, 2
-    layers: the all-reduce adds in another order)."""
-    for err, msg in run_distributed(_backward, 2):
-        assert err <= 1e-5, err
-        assert msg is not None and "not supported yet" in msg and "no_grad" in msg, msg

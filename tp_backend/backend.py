@@ -67,6 +67,7 @@ class _Compiled:
     local_outputs: dict  # output index -> Shard of values returned split (KV cache)
     run: object = None  # the local graph, compiled by the downstream compiler (or gm itself)
     labels: dict = dataclasses.field(default_factory=dict)  # input index -> user-facing name
+    training: bool = False  # compiled to be differentiated (tp_backend.conjugates)
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -217,9 +218,10 @@ class _Runner:
             else:  # a whole tensor where a split one was expected: take this rank's part
                 args[idx] = layers.local_shard(t, shard.dim, shard.outer, c.plan.tp_rank,
                                                c.plan.tp_size, shard.blocks, shard.units)
-        if anchor is not None and c.plan.params:
-            # A split graph is an inference graph: run it without recording autograd
-            # history, and make backward through its outputs raise a clear error.
+        if anchor is not None and c.plan.params and not c.training:
+            # Only a graph compiled for training differentiates through its collectives:
+            # run any other without recording autograd history, and make backward
+            # through its outputs raise a clear error.
             with torch.no_grad():
                 outs = c.run(*args)
             outs = _InferenceOnly.wrap(anchor, outs)
@@ -370,6 +372,11 @@ class TPAutoBackend:
         # A collective on every rank (each compiles the same graphs in the same order); the
         # answer is cached per group after the first graph.
         use_shm = shm.setup(opts.tp_group, opts.all_reduce)
+        # As AOTAutograd decides: a graph that may be differentiated is compiled for
+        # training (Dynamo guards on grad mode and on requires_grad, so the inference graph
+        # and the training graph of one model are compiled apart).
+        training = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         fakes, params, presharded, local_in = [], set(), {}, {}
         fqns, buffer_names, aliases = {}, {}, {}
@@ -410,7 +417,8 @@ class TPAutoBackend:
             fakes.append(fake)
         # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
         # keys on it), so a graph compiled under 1 thread is not reused under 4.
-        key = (gm.code, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm, opts.tp_rank,
+        key = (gm.code, training, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm,
+               opts.tp_rank,
                torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
                      else str(f) for f in fakes), tuple(sorted(params)))
@@ -423,7 +431,7 @@ class TPAutoBackend:
         try:
             compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns,
                                                opts, local_in, aliases, names, buffer_names,
-                                               use_shm)
+                                               use_shm, training, example_inputs)
         except TPPassError as e:
             if opts.fallback == "raise":
                 raise
@@ -459,7 +467,8 @@ class TPAutoBackend:
         return _Compiled(gm, plan, [], sorted(params), {}, {}, run, labels)
 
     def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in,
-                           aliases, names: NameIndex, buffer_names: dict, use_shm: bool):
+                           aliases, names: NameIndex, buffer_names: dict, use_shm: bool,
+                           training: bool, example_inputs: list):
         pre = {i: Shard(info.dim, info.outer, info.blocks, info.units)
                for i, info in presharded.items()}
         pre.update(local_in)
@@ -473,7 +482,8 @@ class TPAutoBackend:
             aten_gm, sol, plan = run_pipeline(
                 gm, fakes, fake_mode, params=all_params, fqns=fqns, presharded=pre,
                 tp_size=opts.tp_size, tp_rank=opts.tp_rank, group_name=opts.group_name,
-                use_shm=use_shm, roles={i: info.layout for i, info in presharded.items()},
+                use_shm=use_shm, training=training,
+                roles={i: info.layout for i, info in presharded.items()},
                 stateful_names=labels, aliases=aliases,
                 module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto),
                 strict_divisibility=opts.fallback == "raise")
@@ -494,6 +504,9 @@ class TPAutoBackend:
             local_in = {i: s for i, s in all_local_in.items() if i not in sharded}
             local_fakes = _local_fakes(fakes, fake_mode, dict(specs), local_in, opts.tp_size,
                                        opts.tp_rank)
+            if training:  # the local inputs want gradients where the real ones do
+                local_fakes = [f.requires_grad_(True) if _wants_grad(f, real) else f
+                               for f, real in zip(local_fakes, example_inputs)]
             t0 = time.perf_counter()
             failure = None
             try:
@@ -522,7 +535,12 @@ class TPAutoBackend:
         self.plans.append(plan)
         run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
-                         local_in, dict(sol.local_outputs), run, labels)
+                         local_in, dict(sol.local_outputs), run, labels, training)
+
+
+def _wants_grad(fake, real) -> bool:
+    return (isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor)
+            and real.requires_grad and (fake.is_floating_point() or fake.is_complex()))
 
 
 def _uneven(sol) -> bool:
@@ -570,8 +588,8 @@ def _local_fakes(fakes: list, fake_mode, specs: dict, local_in: dict, tp_size: i
                  tp_rank: int = 0) -> list:
     """Fake inputs of the local graph: a sharded parameter or stored state has its local
     shard's shape (the padded size / N on the split dim), a value kept split its local
-    part's; other inputs are as Dynamo traced them. Detached: the local graph is an
-    inference graph (training is not supported)."""
+    part's; other inputs are as Dynamo traced them. Detached (a training graph's caller
+    marks the ones that want gradients)."""
     out = []
     for i, f in enumerate(fakes):
         if not isinstance(f, torch.Tensor):

@@ -47,8 +47,9 @@ class TPDivisibilityError(TPError, ValueError):
 
 
 class TPTrainingError(TPError, NotImplementedError):
-    """Backward through a graph ``tp_auto`` split: training is not supported yet (the
-    local graphs are inference graphs). Raised by ``loss.backward()``."""
+    """A training use ``tp_auto`` does not support yet: an optimizer stepping on sharded
+    parameters' placeholders (raised by ``optimizer.step()``), attention dropout or a
+    class-weighted cross-entropy in a training graph."""
 
 
 class TPShardedModuleError(TPError):

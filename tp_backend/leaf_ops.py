@@ -7,9 +7,12 @@ functions so one rule covers each. They are registered as ``torch.library`` cust
 the ATen graph stays traceable by AOTAutograd and Inductor (which calls them as opaque
 kernels).
 
-Owns: the custom ops ``tp_backend::sdpa`` and ``tp_backend::cross_entropy`` (kernels and
-fake kernels), registering their rules, and ``LEAF_FUNCTIONS`` (the Dynamo-level callables
-routed to them). Must not: decide their placements (the rules are in
+Both are differentiable (``register_autograd``): the backward formulas are written with
+plain ATen ops, so AOTAutograd traces them into the backward graph of a training graph.
+
+Owns: the custom ops ``tp_backend::sdpa`` and ``tp_backend::cross_entropy`` (kernels, fake
+kernels and autograd formulas), registering their rules, and ``LEAF_FUNCTIONS`` (the
+Dynamo-level callables routed to them). Must not: decide their placements (the rules are in
 :mod:`tp_backend.rules.attention`), or trace graphs (:mod:`tp_backend.decompose` routes
 calls through ``LEAF_FUNCTIONS``).
 """
@@ -21,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import TPTrainingError
 from .rules.attention import register_leaf_rules
 
 __all__ = ["sdpa", "cross_entropy", "LEAF_FUNCTIONS"]
@@ -46,6 +50,51 @@ def _sdpa_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
+def _sdpa_setup(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
+    if dropout_p and any(ctx.needs_input_grad[:3]):
+        raise TPTrainingError(
+            "tp_auto: attention dropout (dropout_p > 0) is not supported in training yet; set "
+            "the model's attention dropout to 0 (e.g. config.attention_dropout = 0.0)")
+    ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(query, key, value, attn_mask)
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _sdpa_backward(ctx, grad):
+    """Gradients of ``softmax(q k^T * scale + mask) v`` (q: [B, H, L, D], k: [B, Hkv, S,
+    D], v: [B, Hkv, S, Dv], grad: [B, H, L, Dv]), recomputing the probabilities: dv = p^T g,
+    dp = g v^T, ds = p * (dp - rowsum(dp * p)), dq = ds k * scale, dk = ds^T q * scale. KV
+    heads shared by ``H / Hkv`` query heads get the sum of their gradients; an additive
+    float mask (a learned position bias) gets ds, summed over the dims it broadcasts on."""
+    q, k, v, mask = ctx.saved_tensors
+    scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+    rep = q.shape[-3] // k.shape[-3]
+    kr = k.repeat_interleave(rep, dim=-3) if rep > 1 else k
+    vr = v.repeat_interleave(rep, dim=-3) if rep > 1 else v
+    s = torch.matmul(q, kr.transpose(-2, -1)) * scale  # [B, H, L, S]
+    if ctx.is_causal:
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked row has no gradient
+    g = grad.to(p.dtype)
+    dv = torch.matmul(p.transpose(-2, -1), g)
+    dp = torch.matmul(g, vr.transpose(-2, -1))
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kr) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+    if rep > 1:
+        dk = dk.unflatten(-3, (k.shape[-3], rep)).sum(-3)
+        dv = dv.unflatten(-3, (v.shape[-3], rep)).sum(-3)
+    dmask = ds.sum_to_size(mask.shape).to(mask.dtype) if ctx.mask_grad else None
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None)
+
+
+sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+
+
 @torch.library.custom_op("tp_backend::cross_entropy", mutates_args=())
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   reduction: int = 1, ignore_index: int = -100,
@@ -60,6 +109,40 @@ def _ce_fake(input, target, weight=None, reduction=1, ignore_index=-100, label_s
     if reduction == 0:
         return input.new_empty(target.shape)
     return input.new_empty(())
+
+
+def _ce_setup(ctx, inputs, output):
+    input, target, weight, reduction, ignore_index, label_smoothing = inputs
+    if ctx.needs_input_grad[0] and (weight is not None or target.is_floating_point()):
+        raise TPTrainingError("tp_auto: training with a class-weighted cross-entropy or with "
+                              "probability targets is not supported yet")
+    ctx.save_for_backward(input, target)
+    ctx.reduction, ctx.ignore_index, ctx.smoothing = reduction, ignore_index, label_smoothing
+
+
+def _ce_backward(ctx, grad):
+    """Gradient of cross-entropy over class dim 1 of ``input`` ([N, C] or [N, C, d...]) for
+    class-index targets: ``softmax(x) - q`` per counted row, where q is the one-hot target
+    smoothed as ``(1 - e) onehot + e / C``; rows whose target is ``ignore_index`` get 0; a
+    mean divides by the number of counted rows (PyTorch's definition)."""
+    x, target = ctx.saved_tensors
+    valid = target != ctx.ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    p = torch.softmax(x.float(), dim=1)
+    onehot = torch.zeros_like(p).scatter(1, safe.unsqueeze(1), 1.0)
+    if ctx.smoothing:
+        onehot = onehot * (1.0 - ctx.smoothing) + ctx.smoothing / x.shape[1]
+    d = (p - onehot) * valid.unsqueeze(1).to(p.dtype)
+    if ctx.reduction == 0:
+        d = d * grad.unsqueeze(1)
+    elif ctx.reduction == 1:
+        d = d * (grad / valid.sum().to(p.dtype))
+    else:
+        d = d * grad
+    return d.to(x.dtype), None, None, None, None, None
+
+
+cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 register_leaf_rules(torch.ops.tp_backend.sdpa.default, torch.ops.tp_backend.cross_entropy.default)

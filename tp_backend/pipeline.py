@@ -48,7 +48,7 @@ def _pass(name, fn, *args, **kwargs):
 
 def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqns: dict,
                  presharded: dict, tp_size: int, tp_rank: int, group_name: str,
-                 use_shm: bool = False,
+                 use_shm: bool = False, training: bool = False,
                  roles: dict | None = None, stateful_names: dict | None = None,
                  aliases: dict | None = None,
                  module_path: Callable[[fx.Node], str] = lambda n: "",
@@ -70,6 +70,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         module_path: names the module a Dynamo node ran in (for the plan's per-layer
             collectives and log lines).
         use_shm: all-reduces call the same-host shared-memory kernel (:mod:`tp_backend.shm`).
+        training: the local graph will be differentiated: its redistributions are the
+            differentiable ones of :mod:`tp_backend.conjugates`.
         veto: names of seed nodes to keep replicated (see :func:`~tp_backend.solver.solve`).
         strict_divisibility: raise where a split needs a count (heads, groups of a fused
             projection) that ``tp_size`` does not divide; else keep that projection whole
@@ -154,7 +156,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         log.info("tp_auto: replicated %s (%s)", nodemeta.describe(n), why)
     t0 = time.perf_counter()
     aten_gm, inserted = _pass("rewrite", rewrite, aten_gm, sol, tp_rank=tp_rank, tp_size=tp_size,
-                              group_name=group_name, use_shm=use_shm)
+                              group_name=group_name, use_shm=use_shm, training=training)
     plan.collectives = [CollectivePlan(**c) for c in inserted]
     plan.timings["rewrite_s"] = time.perf_counter() - t0
     for w, pad in pads.items():

@@ -11,6 +11,11 @@
 * vocab-parallel embeddings and row-parallel ``addmm`` become the layer functions of
   :mod:`tp_backend.layers`.
 
+With ``training=True`` (a graph that will be differentiated) the redistributions are the
+differentiable ops of :mod:`tp_backend.conjugates` instead, and a replicated floating value
+that enters an op whose output is split or partial goes through ``conjugates.copy``
+(identity forward, all-reduce backward), once per value.
+
 Sharded parameters need no graph change: their placeholders receive the local shard.
 
 Owns: :func:`rewrite` (local arguments set, conversions inserted once per value and
@@ -26,11 +31,12 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 
+import torch
 import torch.fx as fx
 
-from . import collectives, layers, nodemeta
+from . import collectives, conjugates, layers, nodemeta
 from .local_args import local_args
-from .placement import Collective, HeadGroup
+from .placement import Collective, HeadGroup, Partial, Replicate
 from .rules import Action
 from .solver import Solution
 
@@ -46,11 +52,13 @@ def layer_index(module_path: str) -> int | None:
 
 
 def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
-            group_name: str, use_shm: bool = False) -> tuple[fx.GraphModule, list[dict]]:
+            group_name: str, use_shm: bool = False,
+            training: bool = False) -> tuple[fx.GraphModule, list[dict]]:
     """Rewrite ``gm`` for rank ``tp_rank``; all-reduces (and small all-gathers) use the
-    shared-memory kernel where ``use_shm`` (:mod:`tp_backend.shm`). Returns the module and
+    shared-memory kernel where ``use_shm`` (:mod:`tp_backend.shm`); ``training`` inserts the
+    differentiable redistributions of :mod:`tp_backend.conjugates`. Returns the module and
     the list of inserted collectives (``{"kind", "module", "layer", "shape"}`` each, in
-    graph order)."""
+    graph order; forward only)."""
     graph = gm.graph
     by_node = defaultdict(list)
     for c in sol.conversions:
@@ -58,6 +66,8 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
     cache: dict = {}
     replaced: dict = {}  # nodes swapped for a layer call -> their replacement
     inserted: list[dict] = []
+    placed: dict = {}  # node inserted here -> the placement of its value
+    copies: dict = {}  # replicated value -> its conjugates.copy (training)
 
     def record(kind, src):
         mod = nodemeta.module(src) or ""
@@ -72,23 +82,64 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         with graph.inserting_before(before):
             cur = replaced.get(c.src, c.src)
             if c.collective is Collective.ALL_REDUCE:
-                cur = graph.call_function(collectives.all_reduce, (cur, group_name, use_shm))
+                cur = (graph.call_function(conjugates.REDUCE, (cur, group_name, use_shm))
+                       if training else
+                       graph.call_function(collectives.all_reduce, (cur, group_name, use_shm)))
                 record(Collective.ALL_REDUCE, c.src)
             elif c.collective is Collective.ALL_GATHER:
-                cur = graph.call_function(collectives.all_gather,
-                                          (cur, c.have.dim, c.have.outer, tp_size, group_name,
-                                           c.have.blocks, tp_rank, use_shm, c.have.units))
+                h = c.have
+                cur = (graph.call_function(conjugates.GATHER,
+                                           (cur, h.dim, h.outer, tp_rank, tp_size, group_name,
+                                            _int_list(h.blocks), h.units, use_shm))
+                       if training else
+                       graph.call_function(collectives.all_gather,
+                                           (cur, h.dim, h.outer, tp_size, group_name,
+                                            h.blocks, tp_rank, use_shm, h.units)))
                 record(Collective.ALL_GATHER, c.src)
-            if isinstance(c.want, HeadGroup):
+            w = c.want
+            if isinstance(w, HeadGroup):
+                if training:  # each rank's keys serve its own query heads: shares of a grad
+                    cur = copy_of(cur, before)
                 cur = graph.call_function(layers.kv_head_slice,
-                                          (cur, c.want.dim, c.want.local_heads(tp_rank, tp_size)))
+                                          (cur, w.dim, w.local_heads(tp_rank, tp_size)))
             elif c.slices:
-                cur = graph.call_function(layers.local_shard,
-                                          (cur, c.want.dim, c.want.outer, tp_rank, tp_size,
-                                           c.want.blocks, c.want.units))
+                cur = (graph.call_function(conjugates.SCATTER,
+                                           (cur, w.dim, w.outer, tp_rank, tp_size, group_name,
+                                            _int_list(w.blocks), w.units, use_shm))
+                       if training else
+                       graph.call_function(layers.local_shard,
+                                           (cur, w.dim, w.outer, tp_rank, tp_size, w.blocks,
+                                            w.units)))
         nodemeta.copy_provenance(cur, c.src)
+        placed[cur] = w
         cache[key] = cur
         return cur
+
+    def copy_of(value: fx.Node, before: fx.Node) -> fx.Node:
+        """``conjugates.copy`` of a replicated value, made once (before its first split
+        consumer, ``before``, as nodes are visited in order)."""
+        if value not in copies:
+            with graph.inserting_before(before):
+                copies[value] = graph.call_function(conjugates.COPY,
+                                                    (value, group_name, use_shm))
+            nodemeta.copy_provenance(copies[value], value)
+            placed[copies[value]] = Replicate()
+        return copies[value]
+
+    def placement_of(value: fx.Node):
+        if value in placed:
+            return placed[value]
+        if value in sol.placements:
+            return sol.placements[value]
+        raise RuntimeError(f"no placement for {value.format_node()} (training rewrite)")
+
+    def enter_split(node: fx.Node) -> None:
+        """Route each replicated floating input of ``node`` (an op whose output is split or
+        partial) through its ``copy``: its local gradient is only this rank's share."""
+        for a in list(node.all_input_nodes):
+            if a.op == "get_attr" or not _is_float(a) or not _replicated(placement_of(a)):
+                continue
+            node.replace_input_with(a, copy_of(a, node))
 
     for node in list(graph.nodes):
         dec = sol.decisions.get(node)
@@ -100,6 +151,9 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                 node.args, node.kwargs = local
         for c in by_node.get(node, ()):
             node.replace_input_with(replaced.get(c.src, c.src), convert(c, node))
+        if training and dec is not None and dec.action is None \
+                and not _replicated(sol.placements.get(node, dec.out)):
+            enter_split(node)
         if dec is None or dec.action is None:
             continue
         if dec.action is Action.VOCAB_EMBEDDING:
@@ -109,6 +163,21 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             with graph.inserting_before(node):
                 new = graph.call_function(layers.vocab_parallel_embedding,
                                           (w, ids, tp_rank * step, (tp_rank + 1) * step))
+            if training:
+                enter_split(new)
+        elif dec.action is Action.ROW_ADDMM and training:
+            bias, a, b = node.args[:3]
+            with graph.inserting_before(node):
+                part = graph.call_function(layers.partial_product, (a, b))
+                summed = graph.call_function(conjugates.REDUCE, (part, group_name, use_shm))
+                new = graph.call_function(
+                    layers.add_bias, (summed, bias),
+                    {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs})
+            for n in (part, summed):
+                nodemeta.copy_provenance(n, node)
+            placed[part] = Partial()
+            enter_split(part)  # a replicated operand of the partial product (a whole weight)
+            record(Collective.ALL_REDUCE, node)
         elif dec.action is Action.ROW_ADDMM:
             bias, a, b = node.args[:3]
             with graph.inserting_before(node):
@@ -119,6 +188,7 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         else:  # pragma: no cover - internal invariant
             raise AssertionError(f"unknown rewrite action {dec.action}")
         new.meta.update(node.meta)
+        placed[new] = sol.placements.get(node, dec.out)
         replaced[node] = new
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -127,12 +197,34 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
     return gm, inserted
 
 
+def _replicated(p) -> bool:
+    """Whether a placement (or every one of a tuple of them) is ``Replicate``; ``None`` (no
+    placement: a constant) counts as replicated."""
+    if isinstance(p, (tuple, list)):
+        return all(_replicated(q) for q in p)
+    return p is None or isinstance(p, Replicate)
+
+
+def _is_float(node: fx.Node) -> bool:
+    """Whether ``node``'s value is a floating tensor; a node this pass inserted (no
+    ``val``) has the dtype of its first argument, the value it redistributes."""
+    while "val" not in node.meta and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
+
+
+def _int_list(blocks) -> list | None:
+    return [int(b) for b in blocks] if blocks is not None else None
+
+
 def _global_rows(node: fx.Node, sol: Solution) -> int:
     """Global number of rows (vocabulary size) of an embedding's table."""
     w = node.args[0]
     src = w
     # The table may have been sliced by an inserted local_shard: read the original.
-    while src.op == "call_function" and src.target is layers.local_shard:
+    while src.op == "call_function" and src.target in (layers.local_shard, conjugates.SCATTER,
+                                                        conjugates.COPY):
         src = src.args[0]
     return int(src.meta["val"].shape[0])
 

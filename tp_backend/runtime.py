@@ -142,6 +142,13 @@ class ShardStore:
 
         if found is not None and found.name != info.fqn:
             info = dataclasses.replace(info, fqn=found.name)
+        if t.requires_grad and (local.is_floating_point() or local.is_complex()):
+            # A leaf of its own: a graph compiled for training accumulates this rank's
+            # slice of the gradient into local.grad (see local_grad).
+            local = local.detach().requires_grad_(True)
+            from .training import refuse_optimizer_step_on_placeholders
+
+            refuse_optimizer_step_on_placeholders()
         st = self.sharded[t] = _Sharded(info, local)
         self.count += 1
         with torch.no_grad():
