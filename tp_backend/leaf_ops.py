@@ -67,7 +67,11 @@ def _sdpa_backward(ctx, grad):
     dp = g v^T, ds = p * (dp - rowsum(dp * p)), dq = ds k * scale, dk = ds^T q * scale. KV
     heads shared by ``H / Hkv`` query heads get the sum of their gradients; an additive
     float mask (a learned position bias) gets ds, summed over the dims it broadcasts on."""
-    q, k, v, mask = ctx.saved_tensors
+    q0, k0, v0, mask = ctx.saved_tensors
+    # In float32 at least (bf16 inputs under autocast: fp32 accumulation, as the fused
+    # kernels' backward does), cast back to each input's dtype at the end.
+    work = torch.promote_types(q0.dtype, torch.float32)
+    q, k, v = q0.to(work), k0.to(work), v0.to(work)
     scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
     rep = q.shape[-3] // k.shape[-3]
     kr = k.repeat_interleave(rep, dim=-3) if rep > 1 else k
@@ -77,9 +81,9 @@ def _sdpa_backward(ctx, grad):
         keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(work)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked row has no gradient
-    g = grad.to(p.dtype)
+    g = grad.to(work)
     dv = torch.matmul(p.transpose(-2, -1), g)
     dp = torch.matmul(g, vr.transpose(-2, -1))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
@@ -89,7 +93,7 @@ def _sdpa_backward(ctx, grad):
         dk = dk.unflatten(-3, (k.shape[-3], rep)).sum(-3)
         dv = dv.unflatten(-3, (v.shape[-3], rep)).sum(-3)
     dmask = ds.sum_to_size(mask.shape).to(mask.dtype) if ctx.mask_grad else None
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None)
+    return (dq.to(q0.dtype), dk.to(k0.dtype), dv.to(v0.dtype), dmask, None, None, None, None)
 
 
 sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
