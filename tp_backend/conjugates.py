@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from . import collectives, layers
+from .placement import Shard
 
 __all__ = ["reduce", "gather", "scatter", "copy"]
 
@@ -92,35 +93,35 @@ def _copy_backward(ctx, g):
 copy.register_autograd(_copy_backward, setup_context=_copy_setup)
 
 
+def _shard(dim: int, outer: int, blocks, units) -> Shard:
+    """The ``Shard`` the schema's arguments describe (``blocks`` comes as a list)."""
+    return Shard(dim, outer, tuple(blocks) if blocks is not None else None, units)
+
+
+def _shard_setup(ctx, inputs, output):
+    ctx.args = inputs[1:]  # gather and scatter take the same arguments after ``x``
+
+
 @torch.library.custom_op("tp_backend::gather", mutates_args=())
 def gather(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int, group_name: str,
            blocks: Optional[list[int]] = None, units: Optional[int] = None,
            use_shm: bool = False) -> torch.Tensor:
     """Shard -> Replicate: :func:`tp_backend.collectives.all_gather` of ``x``. Backward:
-    this rank's chunk of the gradient (:func:`tp_backend.layers.local_shard`)."""
-    return _fresh(collectives.all_gather(x, dim, outer, tp_size, group_name,
-                                         tuple(blocks) if blocks is not None else None,
+    this rank's chunk of the gradient (:func:`scatter`)."""
+    s = _shard(dim, outer, blocks, units)
+    return _fresh(collectives.all_gather(x, dim, outer, tp_size, group_name, s.blocks,
                                          tp_rank, use_shm, units), x)
 
 
 @gather.register_fake
 def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
-    from .placement import Shard
-
     shape = list(x.shape)
-    shape[dim] = Shard(dim, outer, tuple(blocks) if blocks is not None else None,
-                       units).global_size(shape[dim], tp_rank, tp_size)
+    shape[dim] = _shard(dim, outer, blocks, units).global_size(shape[dim], tp_rank, tp_size)
     return x.new_empty(shape)
 
 
-def _shard_setup(ctx, inputs, output):
-    ctx.args = inputs[1:]
-
-
 def _gather_backward(ctx, g):
-    dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm = ctx.args
-    return (scatter(g, dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm),
-            *([None] * 8))
+    return (scatter(g, *ctx.args), *([None] * len(ctx.args)))
 
 
 gather.register_autograd(_gather_backward, setup_context=_shard_setup)
@@ -131,25 +132,20 @@ def scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
             group_name: str, blocks: Optional[list[int]] = None, units: Optional[int] = None,
             use_shm: bool = False) -> torch.Tensor:
     """Replicate -> Shard: this rank's chunk of ``x`` (no communication). Backward: the
-    all-gather of the ranks' chunk gradients."""
-    return _fresh(layers.local_shard(x, dim, outer, tp_rank, tp_size,
-                                     tuple(blocks) if blocks is not None else None, units), x)
+    all-gather of the ranks' chunk gradients (:func:`gather`)."""
+    s = _shard(dim, outer, blocks, units)
+    return _fresh(layers.local_shard(x, dim, outer, tp_rank, tp_size, s.blocks, units), x)
 
 
 @scatter.register_fake
 def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
-    from .placement import Shard
-
     shape = list(x.shape)
-    shape[dim] = Shard(dim, outer, tuple(blocks) if blocks is not None else None,
-                       units).local_size(shape[dim], tp_rank, tp_size)
+    shape[dim] = _shard(dim, outer, blocks, units).local_size(shape[dim], tp_rank, tp_size)
     return x.new_empty(shape)
 
 
 def _scatter_backward(ctx, g):
-    dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm = ctx.args
-    return (gather(g, dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm),
-            *([None] * 8))
+    return (gather(g, *ctx.args), *([None] * len(ctx.args)))
 
 
 scatter.register_autograd(_scatter_backward, setup_context=_shard_setup)
