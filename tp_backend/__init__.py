@@ -7,7 +7,8 @@ Owns: the package's public surface -- the names in ``__all__`` (re-exported from
 that define them), ``__version__``, :func:`last_plan`, and calling the version check first
 on import. Must not: implement what it re-exports: compiling is :mod:`tp_backend.backend`'s,
 loading :mod:`tp_backend.api`'s, split values and their accessors :mod:`tp_backend.runtime`'s,
-local parameters, gradients and clipping :mod:`tp_backend.training`'s,
+gradients :mod:`tp_backend.training`'s, the sharded-parameter tensor
+:mod:`tp_backend.tp_tensor`'s, whole and sharded state dicts :mod:`tp_backend.state`'s,
 the version check itself :mod:`tp_backend.versions`'s.
 """
 
@@ -17,7 +18,9 @@ _check_versions()  # a clear ImportError for a torch/transformers outside the te
 
 from .backend import TPAutoBackend, tp_auto
 from .runtime import ShardInfo, local_parameter_bytes, local_shard, local_value, sharding_info
-from .training import clip_grad_norm_, local_grad, local_parameters
+from .state import full_tensor, sharded_state_dict
+from .tp_tensor import TPTensor
+from .training import local_grad
 from .api import parallelize_model
 from .errors import (TPConfigError, TPDivisibilityError, TPError, TPInputMismatchError,
                      TPOptionsError, TPOptionsTypeError, TPPassError, TPProcessGroupError,
@@ -27,7 +30,7 @@ from .plan import CollectivePlan, ParamPlan, TPPlan
 
 __all__ = [
     "tp_auto", "parallelize_model", "TPAutoBackend", "sharding_info", "ShardInfo", "local_shard",
-    "local_parameter_bytes", "local_value", "local_grad", "local_parameters", "clip_grad_norm_",
+    "local_parameter_bytes", "local_value", "local_grad", "TPTensor", "full_tensor", "sharded_state_dict",
     "last_plan", "TPPlan", "ParamPlan",
     "CollectivePlan", "Replicate", "Shard", "Partial", "TPError", "TPOptionsError",
     "TPOptionsTypeError", "TPProcessGroupError", "TPDivisibilityError", "TPShardedModuleError",

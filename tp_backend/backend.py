@@ -38,13 +38,14 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from . import consistency, cpu_matmul, layers, nodemeta, selfcheck, shm, state
+from . import conjugates, consistency, cpu_matmul, layers, nodemeta, selfcheck, shm, state
 from .errors import TPError, TPPassError, TPTrainingError
 from .options import TPOptions, validate_options
 from .placement import Shard
-from .naming import NameIndex, roots_of_compiling_frame
+from .naming import NameIndex, roots_of_compiling_frame, roots_of_running_frames
 from .pipeline import run_pipeline
 from .plan import TPPlan
+from .tp_tensor import TPTensor, ToLocal
 # The runtime state of split values lives in tp_backend.runtime (reached as tp_auto.store);
 # its public accessors are re-exported here and from the package.
 from .runtime import (SPLIT_ATTR, STORE, ShardInfo, local_parameter_bytes,  # noqa: F401
@@ -205,11 +206,13 @@ class _Runner:
         if STORE.count != self._shard_count_seen:
             self._shard_count_seen = STORE.count
             self._gather = [i for i in c.replicated_params if args[i] in STORE.sharded]
+        differentiable = c.training and torch.is_grad_enabled()
         for idx in self._gather:
             # Kept whole here but split by a graph compiled later (a graph that fell back
             # to replicated next to split ones): its placeholder holds no values, so gather
             # the whole tensor for this call (a collective, on every rank).
-            args[idx] = state.full_tensor(args[idx])
+            args[idx] = (self._gather_differentiable(args[idx]) if differentiable
+                         else state.full_tensor(args[idx]))
         for idx, shard in c.local_inputs.items():
             t = args[idx]
             held = t.__dict__.get(SPLIT_ATTR)
@@ -238,6 +241,9 @@ class _Runner:
         specs = self.compiled.shard_specs
         if not specs:
             return
+        if self.compiled.training and torch.is_grad_enabled():
+            self._substitute_trainable(args)
+            return
         params = self._pick_params(args)
         cache = self._params
         if cache is not None and cache.locals is not None and tuple(map(id, params)) == cache.ids:
@@ -254,6 +260,53 @@ class _Runner:
                               f"graph expects dim {info.dim}")
             args[idx] = st.local
         self._params = _ParamCache(params, self._pick_params(args))
+
+    def _substitute_trainable(self, args: list) -> None:
+        """:meth:`_substitute_params` for a training graph called with grad enabled: each
+        sharded parameter that requires grad is (on first use) promoted to a
+        :class:`~tp_backend.tp_tensor.TPTensor` parameter in its modules
+        (:meth:`ShardStore.promote`), and the graph takes its shard through
+        :class:`~tp_backend.tp_tensor.ToLocal`, so backward leaves the gradient, this
+        rank's slice, in the parameter's own ``.grad``."""
+        for idx, info in self.compiled.shard_specs:
+            t = args[idx]
+            st = STORE.sharded.get(t)
+            if st is None:
+                st = self._shard(t, info, idx)
+            elif st.info.dim != info.dim:
+                raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but "
+                              f"this graph expects dim {info.dim}")
+            p = self._promoted(t)
+            args[idx] = ToLocal.apply(p) if isinstance(p, TPTensor) else st.local
+
+    def _promoted(self, t):
+        found = self._name(t) if not isinstance(t, TPTensor) else None
+        return STORE.promote(t, found.holders if found is not None else ())
+
+    def _name(self, t):
+        """The name, holders and owner of parameter ``t``. By the index built at compile
+        time, else (Dynamo reused this graph for another model of the same code, whose
+        tensors that index does not hold) by one of the modules running now."""
+        found = self._names.tensor(t)
+        if found is None:
+            names = NameIndex(roots_of_running_frames())
+            if (found := names.tensor(t)) is not None:
+                self._names = names
+        return found
+
+    def _gather_differentiable(self, t):
+        """The whole value of ``t`` (stored split by another graph) for a training graph:
+        gathered through the conjugate all-gather, whose backward hands this rank's slice
+        of the gradient to the shard."""
+        st = STORE.sharded[t]
+        p = self._promoted(t)
+        x = ToLocal.apply(p) if isinstance(p, TPTensor) else st.local
+        info = st.info
+        whole = conjugates.gather(x, info.dim, info.outer, info.tp_rank, info.tp_size,
+                                  info.group_name, list(info.blocks) if info.blocks else None,
+                                  info.units)
+        real = info.global_shape[info.dim]
+        return whole.narrow(info.dim, 0, real) if whole.shape[info.dim] != real else whole
 
     def _pick_params(self, args: list) -> tuple:
         idx = self._param_idx
@@ -299,7 +352,7 @@ class _Runner:
                 # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table split
                 # on dim 0 is vocab-parallel. A fused [q|k|v] weight is split per block.
                 local = info.local_of(t.detach()).clone()
-        return STORE.record(t, info, local, self._names.tensor(t))
+        return STORE.record(t, info, local, self._name(t))
 
     def _load(self, args, indices):
         """Read the weights ``parallelize_model`` left in the checkpoint

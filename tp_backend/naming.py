@@ -128,6 +128,25 @@ def roots_of_compiling_frame() -> tuple[list, list]:
     return dedup(found), dedup(glob)
 
 
+def roots_of_running_frames() -> list:
+    """``[(label, module)]``: the modules held by the local variables of the frames now
+    running, innermost first (at a compiled graph's call: the frame of the module whose
+    code it is, its callers' modules, the user's model). For a graph that Dynamo reuses
+    for another model of the same code, whose tensors the index built at compile time
+    does not hold."""
+    found, seen = [], set()
+    f = sys._getframe(1)
+    while f is not None:
+        for k, v in f.f_locals.items():
+            if isinstance(v, torch.nn.Module):
+                m = _unwrap(v)
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    found.append((k, m))
+        f = f.f_back
+    return found
+
+
 class NameIndex:
     """Tensors and modules under a list of ``(label, root module)``, by identity.
 

@@ -114,6 +114,9 @@ class ShardStore:
             full tensor is freed, Dynamo keeps seeing global shapes (so a re-trace yields
             the same graph and hits the backend's cache), and an accidental eager use
             yields NaN rather than plausible numbers.
+        promoted: parameters stored split -> the
+            :class:`~tp_backend.tp_tensor.TPTensor` parameter that replaced them in their
+            modules when a training graph first used them (:meth:`promote`).
         pending: parameters built by ``parallelize_model`` whose values are still in the
             checkpoint -> their ``ParameterMeta``; the runner reads them (only this rank's
             slice) on first use.
@@ -128,6 +131,7 @@ class ShardStore:
         self.sharded = WeakTensorKeyDictionary()
         self.pending = WeakTensorKeyDictionary()
         self.hooked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+        self.promoted = WeakTensorKeyDictionary()
         self.count = 0
         self.warm_up = _WarmUpFlag()
 
@@ -142,20 +146,14 @@ class ShardStore:
 
         if found is not None and found.name != info.fqn:
             info = dataclasses.replace(info, fqn=found.name)
-        if t.requires_grad and (local.is_floating_point() or local.is_complex()):
-            # A leaf of its own: a graph compiled for training accumulates this rank's
-            # slice of the gradient into local.grad (see local_grad).
-            local = local.detach().requires_grad_(True)
-            from .training import refuse_optimizer_step_on_placeholders
-
-            refuse_optimizer_step_on_placeholders()
         st = self.sharded[t] = _Sharded(info, local)
         self.count += 1
         with torch.no_grad():
             make = placeholder if isinstance(t, torch.nn.Parameter) else state_placeholder
             t.data = make(t.shape, t.dtype, t.device)
         # state_dict()/save_pretrained read whole tensors back, load_state_dict re-shards.
-        for holder in (found.holders if found is not None else ()):
+        holders = found.holders if found is not None else ()
+        for holder in holders:
             state.install_state_hooks(holder)
         owner = found.owner if found is not None else None
         if owner is not None and owner not in self.hooked:
@@ -163,6 +161,33 @@ class ShardStore:
             self.hooked.add(owner)
         no_eager_fallback()
         return st
+
+    def promote(self, t: torch.Tensor, holders) -> torch.Tensor:
+        """The :class:`~tp_backend.tp_tensor.TPTensor` parameter standing for ``t`` (a
+        parameter stored split), made on the first call of a training graph and put in
+        ``t``'s place in every module of ``holders``: stock optimizers, ``clip_grad_norm_``
+        and ``p.grad`` then see real values (see :mod:`tp_backend.tp_tensor`). ``t``
+        itself if it does not require grad, is not floating point, or no module holds it.
+        Both the old parameter and the new one map to the same local shard."""
+        from .tp_tensor import TPTensor, promote
+
+        if isinstance(t, TPTensor):
+            return t
+        new = self.promoted.get(t)
+        if new is not None:
+            return new
+        st = self.sharded[t]
+        if not (isinstance(t, torch.nn.Parameter) and t.requires_grad and holders
+                and (st.local.is_floating_point() or st.local.is_complex())):
+            return t
+        new = promote(t, st.info, st.local, holders)
+        self.sharded[new] = _Sharded(st.info, new._local)
+        self.promoted[t] = new
+        self.count += 1
+        from .training import move_optimizers_to_promoted
+
+        move_optimizers_to_promoted()
+        return new
 
 
 STORE = ShardStore()

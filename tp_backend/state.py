@@ -19,13 +19,14 @@ tensor beyond the call that asked for it.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
 
 from .runtime import STORE
 
-__all__ = ["full_tensor", "install_state_hooks"]
+__all__ = ["full_tensor", "gather_whole", "install_state_hooks", "sharded_state_dict"]
 
 _INSTALLED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
@@ -37,16 +38,26 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     Collective: every rank of the group must call it, for the same tensors, in the same
     order.
     """
-    from .collectives import all_gather
+    from .tp_tensor import TPTensor
 
+    if isinstance(t, TPTensor):  # a gradient or optimizer state of a sharded parameter
+        return gather_whole(t._local, t._info)
     st = STORE.sharded.get(t)
     if st is None:
         return t.detach()
-    info = st.info
+    return gather_whole(st.local, st.info)
+
+
+def gather_whole(local: torch.Tensor, info) -> torch.Tensor:
+    """The whole tensor (``info.global_shape``) from every rank's ``local`` shard laid out as
+    ``info`` (a :class:`~tp_backend.runtime.ShardInfo`) says: an all-gather over its group,
+    padding rows cut. Collective."""
+    from .collectives import all_gather
+
     with torch.no_grad():
         # The local shard holds, per block of the (padded) split dim, this rank's chunk:
         # all_gather is the inverse of that split.
-        whole = all_gather(st.local, info.dim, info.outer, info.tp_size, info.group_name,
+        whole = all_gather(local.detach(), info.dim, info.outer, info.tp_size, info.group_name,
                            info.blocks, info.tp_rank, units=info.units)
         real = info.global_shape[info.dim]
         if whole.shape[info.dim] != real:  # a padded vocabulary: cut the zero rows
@@ -61,11 +72,44 @@ def _sharded_members(module: torch.nn.Module):
                 yield name, t
 
 
+class _Mode(threading.local):
+    sharded = False
+
+
+_MODE = _Mode()
+
+
 def _state_dict_post_hook(module, state_dict, prefix, local_metadata) -> None:
+    from .tp_tensor import TPTensor
+
     for name, t in _sharded_members(module):
         key = prefix + name
-        if key in state_dict:
+        if key not in state_dict:
+            continue
+        if _MODE.sharded:
+            st = STORE.sharded[t]
+            state_dict[key] = TPTensor(st.local.detach(), st.info)
+        else:
             state_dict[key] = full_tensor(t)
+
+
+def sharded_state_dict(module: torch.nn.Module) -> dict:
+    """``module.state_dict()`` without gathering: each tensor ``tp_auto`` stored split is a
+    :class:`~tp_backend.tp_tensor.TPTensor` over this rank's shard (global shape, no copy),
+    the others as ``state_dict()`` gives them. What ``torch.distributed.checkpoint``
+    (DCP) saves and loads in parallel, each rank writing and reading only its own chunks::
+
+        dcp.save(tp_backend.sharded_state_dict(model), checkpoint_id=path)
+        dcp.load(tp_backend.sharded_state_dict(model), checkpoint_id=path)  # in place
+
+    A checkpoint saved this way loads at any TP size, or whole into an unsharded model's
+    ``state_dict()`` on one process (DCP reads the chunks each tensor needs). No
+    collective: ranks may call it alone."""
+    _MODE.sharded = True
+    try:
+        return module.state_dict(keep_vars=True)
+    finally:
+        _MODE.sharded = False
 
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,

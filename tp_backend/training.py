@@ -1,113 +1,68 @@
-"""What a training step touches outside the compiled graphs: the local shards that hold the
-trainable values, their gradients, gradient clipping across the ranks, and the guard that
-stops an optimizer from stepping on placeholders.
+"""What a training step touches outside the compiled graphs: gradients of sharded
+parameters, and optimizers built before the parameters were sharded.
 
 The graphs themselves are differentiated through the conjugate collectives of
-:mod:`tp_backend.conjugates`. Backward leaves this rank's slice of each sharded
-parameter's gradient on its local shard (a leaf tensor) and the whole gradient, the same on
-every rank, on each replicated parameter.
+:mod:`tp_backend.conjugates`. On the first call of a graph compiled for training, each
+sharded parameter that requires grad becomes a :class:`~tp_backend.tp_tensor.TPTensor`
+parameter in its modules; backward leaves this rank's slice of its gradient in its own
+``.grad`` (a TPTensor too), and the whole gradient, the same on every rank, on each
+replicated parameter. Stock optimizers and ``torch.nn.utils.clip_grad_norm_`` over
+``model.parameters()`` then work unchanged (see :mod:`tp_backend.tp_tensor`).
 
-Owns: :func:`local_parameters`, :func:`local_grad`, :func:`clip_grad_norm_` and the
-optimizer guard (:func:`refuse_optimizer_step_on_placeholders`). Must not: hold split
-values (:mod:`tp_backend.runtime` does) or decide how a graph is differentiated
-(:mod:`tp_backend.rewrite`, :mod:`tp_backend.conjugates`).
+Owns: :func:`local_grad` and the optimizer step pre-hook that moves an optimizer built
+over the parameters before they were promoted (:func:`move_optimizers_to_promoted`).
+Must not: hold split values (:mod:`tp_backend.runtime` does) or decide how a graph is
+differentiated (:mod:`tp_backend.rewrite`, :mod:`tp_backend.conjugates`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .errors import TPTrainingError
-from .runtime import STORE, local_shard
+from .runtime import STORE
+from .tp_tensor import TPTensor
 
-__all__ = ["local_parameters", "local_grad", "clip_grad_norm_",
-           "refuse_optimizer_step_on_placeholders"]
+__all__ = ["local_grad", "move_optimizers_to_promoted"]
 
 
 def local_grad(param: torch.Tensor) -> torch.Tensor | None:
     """This rank's slice of the gradient of a parameter sharded by ``tp_auto`` (shape: the
     local shard's), accumulated by backward through a graph compiled for training; the
     parameter's own ``.grad`` if it is not sharded. ``None`` before any backward."""
-    st = STORE.sharded.get(param)
-    return st.local.grad if st is not None else param.grad
-
-
-def local_parameters(module: torch.nn.Module):
-    """The tensors that hold ``module``'s trainable values on this rank: the local shard
-    (a leaf whose ``.grad`` is :func:`local_grad`) of each sharded parameter, the parameter
-    itself for the others (tied parameters once). Call it after the first compiled call
-    (which shards the parameters). For an optimizer whose update is element-wise (SGD,
-    Adam, AdamW), a step over these equals this rank's slice of the single-process step."""
-    for p in module.parameters():
-        yield local_shard(p)
-
-
-def clip_grad_norm_(module: torch.nn.Module, max_norm: float,
-                    norm_type: float = 2.0) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a module ``tp_auto`` sharded: the norm of all
-    its gradients as one process computes it, and every gradient scaled by ``max_norm /
-    (norm + 1e-6)`` where that is below 1 (PyTorch's rule). The ``p``-th powers of the local
-    shards' gradients are summed over the tensor-parallel group (the shards are disjoint;
-    padding rows have zero gradient); replicated gradients, the same on every rank, count
-    once. A collective: every rank of the group calls it.
-
-    Returns the total norm (a 0-dim tensor, the same on every rank). Raises ``ValueError``
-    for a non-finite ``norm_type`` (an infinity norm needs a max over the ranks)."""
-    from .collectives import all_reduce
-
-    if not math.isfinite(norm_type) or norm_type <= 0:
-        raise ValueError(f"tp_backend.clip_grad_norm_ supports a finite positive norm_type, "
-                         f"got {norm_type}")
-    whole, split = [], {}
-    for p in module.parameters():
-        st = STORE.sharded.get(p)
-        g = st.local.grad if st is not None else p.grad
-        if g is None:
-            continue
-        (split.setdefault(st.info.group_name, []) if st is not None else whole).append(g)
-    grads = whole + [g for gs in split.values() for g in gs]
-    if not grads:
-        return torch.tensor(0.0)
-
-    def powered(gs):
-        return sum(torch.linalg.vector_norm(g.detach(), norm_type, dtype=torch.float32)
-                   ** norm_type for g in gs)
-
-    total = powered(whole) if whole else torch.zeros((), dtype=torch.float32)
-    for group_name, gs in sorted(split.items()):
-        total = total + all_reduce(powered(gs).reshape(1), group_name)[0]
-    norm = total ** (1.0 / norm_type)
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    with torch.no_grad():
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-    return norm
+    param = STORE.promoted.get(param, param) if not isinstance(param, TPTensor) else param
+    g = param.grad
+    return g._local if isinstance(g, TPTensor) else g
 
 
 _OPTIMIZER_HOOK: list = []
 
 
-def refuse_optimizer_step_on_placeholders() -> None:
-    """Make every optimizer refuse to step (a :class:`TPTrainingError`) while it holds a
-    parameter ``tp_auto`` sharded: that parameter's data is a placeholder and its gradient
-    lives on the local shard, so a step would silently skip it. Installed once, when the
-    first parameter that requires grad is sharded."""
+def move_optimizers_to_promoted() -> None:
+    """Install (once) a step pre-hook on every optimizer: parameters it holds that
+    ``tp_auto`` has since replaced by a :class:`~tp_backend.tp_tensor.TPTensor` parameter
+    (an optimizer built before the first compiled training call) are replaced by it in
+    ``param_groups``, and any state already kept for them (whole tensors) becomes this
+    rank's slice. So an optimizer works whether built before or after ``torch.compile``."""
     if _OPTIMIZER_HOOK:
         return
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    def check(optimizer, args, kwargs):
+    def move(optimizer, args, kwargs):
         for group in optimizer.param_groups:
-            for p in group["params"]:
-                st = STORE.sharded.get(p)
-                if st is not None:
-                    raise TPTrainingError(
-                        f"tp_auto: {type(optimizer).__name__} holds parameter "
-                        f"{st.info.fqn!r}, which tp_auto sharded across the tensor-parallel "
-                        "ranks: its data is a placeholder and its gradient is on this rank's "
-                        "shard. Build the optimizer over tp_backend.local_parameters(model) "
-                        "after the first compiled call, e.g. torch.optim.AdamW("
-                        "tp_backend.local_parameters(model), lr=...)")
-    _OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(check))
+            params = group["params"]
+            for i, p in enumerate(params):
+                new = STORE.promoted.get(p) if not isinstance(p, TPTensor) else None
+                if new is None:
+                    continue
+                params[i] = new
+                old_state = optimizer.state.pop(p, None)
+                if old_state:
+                    optimizer.state[new] = {
+                        k: _slice_like(v, new) for k, v in old_state.items()}
+    _OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(move))
+
+
+def _slice_like(v, p: TPTensor):
+    if isinstance(v, torch.Tensor) and not isinstance(v, TPTensor) and v.shape == p.shape:
+        return TPTensor(p._info.local_of(v.detach()).clone(), p._info)
+    return v
