@@ -213,8 +213,17 @@ def simulate(node, ph, inputs, placements, dec, *, tp_size=2, rtol=1e-5, atol=1e
             outs.append(vocab_parallel_embedding(largs[0], largs[1], r * step, (r + 1) * step))
         elif dec.action is Action.ROW_ADDMM:
             outs.append(partial_product(largs[1], largs[2]))  # bias added below
+        elif dec.action is Action.VOCAB_CROSS_ENTROPY:
+            outs.append(largs)  # combined below
         else:
             outs.append(call(largs, rkwargs))
+    if dec.action is Action.VOCAB_CROSS_ENTROPY:
+        # The vocab-parallel loss combines the ranks' class ranges (its numerics against
+        # F.cross_entropy: test_vocab_loss.py); here: the ranges, in rank order, tile the
+        # logits, and the loss of the tiled logits is the op's.
+        whole = torch.cat([a[0] for a in outs], dim=1)
+        total = call((whole, *outs[0][1:]), rkwargs)
+        outs = [total for _ in outs]
     if dec.action is Action.ROW_ADDMM:  # the layer all-reduces, then adds the bias once
         total = add_bias(sum(outs), env.get(node.args[0], node.args[0]), **node.kwargs)
         outs = [total for _ in outs]

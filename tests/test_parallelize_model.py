@@ -258,3 +258,31 @@ def test_padded_vocabulary_loaded_from_checkpoint(tmp_path):
     make_model("llama", tie_word_embeddings=True, vocab_size=131).save_pretrained(tmp_path)
     for err, shape in run_distributed(_odd_vocab_load, 2, str(tmp_path)):
         assert err <= ATOL and shape == (66, 64), (err, shape)
+
+
+def _train_loaded(rank, world_size, path):
+    import tp_backend
+    from transformers import AutoModelForCausalLM
+
+    from test_training import compare_grads
+
+    model = tp_backend.parallelize_model(path)
+    ref = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    ref.train()
+    ids = make_ids(seed=5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    return {**compare_grads(model, ref),
+            "trainable": all(p.requires_grad for p in model.parameters())}
+
+
+def test_loaded_model_trains(checkpoint):
+    """A model loaded by parallelize_model at TP=2 is trainable like from_pretrained's:
+    its parameters require grad, and backward gives the single-process gradients (the
+    tolerance of test_training.py)."""
+    from test_training import REL_TOL
+
+    for r in run_distributed(_train_loaded, 2, checkpoint):
+        assert r["trainable"] and not r["missing"] and r["sharded"] > 0, r
+        assert r["worst"] <= REL_TOL, r

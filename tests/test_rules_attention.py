@@ -66,8 +66,15 @@ def test_sharded_head_dim_refused():
     assert check(lambda q, k, v: sdpa(q, k, v), [q, k, v], [Shard(3)] * 3) is None
 
 
-def test_cross_entropy_wants_whole_logits():
+def test_cross_entropy_runs_vocab_parallel_on_class_split_logits():
+    """Logits split on the class dim go to the vocab-parallel loss as they are; split on
+    another dim (here the rows), they are gathered (the loss's numerics:
+    test_vocab_loss.py)."""
+    from tp_backend.rules import Action
+
     ce = torch.ops.tp_backend.cross_entropy
     logits, target = r(6, 8), torch.tensor([1, 2, 3, 0, 7, 5])
     dec = check(lambda x, t: ce(x, t), [logits, target], [Shard(1), R], expect=R)
-    assert dec.allow_gather
+    assert dec.action is Action.VOCAB_CROSS_ENTROPY and not dec.allow_gather
+    dec = check(lambda x, t: ce(x, t), [logits, target], [Shard(0), R], expect=R)
+    assert dec.action is None and dec.allow_gather

@@ -176,7 +176,7 @@ def _attach_checkpoint(model, index: CheckpointIndex):
         if tuple(index.shape_of(source)) != shape:
             raise TPWeightError(f"tensor {source!r} in {file} has shape "
                                 f"{list(index.shape_of(source))}, the model expects {list(shape)}")
-        new = torch.nn.Parameter(placeholder(shape, p.dtype), requires_grad=False)
+        new = torch.nn.Parameter(placeholder(shape, p.dtype), requires_grad=p.requires_grad)
         STORE.pending[new] = ParameterMeta(fqn=fqns[0], source=source, file=file,
                                       global_shape=shape, dtype=p.dtype, tied=tuple(fqns))
         replacement[pid] = new

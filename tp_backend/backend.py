@@ -48,7 +48,8 @@ from .plan import TPPlan
 from .tp_tensor import TPTensor, ToLocal
 # The runtime state of split values lives in tp_backend.runtime (reached as tp_auto.store);
 # its public accessors are re-exported here and from the package.
-from .runtime import (SPLIT_ATTR, STORE, ShardInfo, local_parameter_bytes,  # noqa: F401
+from .runtime import (SPLIT_ATTR, STORE, ShardInfo, differentiable,  # noqa: F401
+                      local_parameter_bytes,
                       local_shard, local_value, placeholders, sharding_info, split_value)
 
 log = logging.getLogger("tp_backend")
@@ -593,7 +594,7 @@ class TPAutoBackend:
 
 def _wants_grad(fake, real) -> bool:
     return (isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor)
-            and real.requires_grad and (fake.is_floating_point() or fake.is_complex()))
+            and real.requires_grad and differentiable(fake))
 
 
 def _uneven(sol) -> bool:

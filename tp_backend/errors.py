@@ -47,13 +47,15 @@ class TPDivisibilityError(TPError, ValueError):
 
 
 class TPTrainingError(TPError, NotImplementedError):
-    """A training use ``tp_auto`` does not support yet: an optimizer stepping on sharded
-    parameters' placeholders (raised by ``optimizer.step()``), attention dropout or a
-    class-weighted cross-entropy in a training graph."""
+    """A training use ``tp_auto`` does not support: a class-weighted cross-entropy or
+    probability targets in a training graph, or backward through the outputs of a graph
+    compiled for inference (under ``torch.no_grad()``)."""
 
 
 class TPShardedModuleError(TPError):
-    """A module whose parameters were sharded by ``tp_auto`` was called without compilation."""
+    """A module whose parameters were sharded by ``tp_auto`` was called without compilation,
+    or an eager operation on a :class:`~tp_backend.TPTensor` other than the element-wise
+    ones, norms and copies."""
 
 
 class TPWeightError(TPError):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TPTrainingError
+from . import rng
 from .rules.attention import register_leaf_rules
 
 __all__ = ["sdpa", "cross_entropy", "LEAF_FUNCTIONS"]
@@ -34,10 +35,23 @@ __all__ = ["sdpa", "cross_entropy", "LEAF_FUNCTIONS"]
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
          attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None,
-         enable_gqa: bool = False) -> torch.Tensor:
+         enable_gqa: bool = False, seed: Optional[torch.Tensor] = None,
+         rng_rank: int = 0) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` as one op: ``q: [B, H, S, D]``, ``k, v: [B, Hkv,
     S, D]`` -> ``[B, H, S, Dv]``. The result is contiguous (the fake kernel says so too, so
-    views traced after it stay valid whatever kernel the dispatcher picks)."""
+    views traced after it stay valid whatever kernel the dispatcher picks).
+
+    With ``dropout_p > 0`` and a ``seed`` (a 0-dim int64 tensor the decomposition draws
+    from the default generator), the dropout mask on the probabilities ``[B, H, S, S_kv]``
+    comes from :func:`tp_backend.rng.keep_mask` of ``(seed, rng_rank)`` (the rewrite sets
+    ``rng_rank`` to the rank where the heads are split: independent masks per shard), and
+    backward regenerates it."""
+    if dropout_p and seed is not None:
+        work = torch.promote_types(query.dtype, torch.float32)
+        p, _, vr = _probabilities(query, key, value, attn_mask, is_causal, scale, work)
+        keep = rng.keep_mask(p.shape, dropout_p, seed, rng_rank, p.device)
+        out = torch.matmul(p * keep / (1.0 - dropout_p), vr)
+        return out.to(query.dtype).contiguous()
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                          dropout_p=dropout_p, is_causal=is_causal,
                                          scale=scale, enable_gqa=enable_gqa)
@@ -46,54 +60,71 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 @sdpa.register_fake
 def _sdpa_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-               enable_gqa=False):
+               enable_gqa=False, seed=None, rng_rank=0):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def _sdpa_setup(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
-    if dropout_p and any(ctx.needs_input_grad[:3]):
-        raise TPTrainingError(
-            "tp_auto: attention dropout (dropout_p > 0) is not supported in training yet; set "
-            "the model's attention dropout to 0 (e.g. config.attention_dropout = 0.0)")
-    ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(query, key, value, attn_mask)
-    ctx.is_causal, ctx.scale = is_causal, scale
-
-
-def _sdpa_backward(ctx, grad):
-    """Gradients of ``softmax(q k^T * scale + mask) v`` (q: [B, H, L, D], k: [B, Hkv, S,
-    D], v: [B, Hkv, S, Dv], grad: [B, H, L, Dv]), recomputing the probabilities: dv = p^T g,
-    dp = g v^T, ds = p * (dp - rowsum(dp * p)), dq = ds k * scale, dk = ds^T q * scale. KV
-    heads shared by ``H / Hkv`` query heads get the sum of their gradients; an additive
-    float mask (a learned position bias) gets ds, summed over the dims it broadcasts on."""
-    q0, k0, v0, mask = ctx.saved_tensors
-    # In float32 at least (bf16 inputs under autocast: fp32 accumulation, as the fused
-    # kernels' backward does), cast back to each input's dtype at the end.
-    work = torch.promote_types(q0.dtype, torch.float32)
-    q, k, v = q0.to(work), k0.to(work), v0.to(work)
-    scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+def _probabilities(q, k, v, mask, is_causal, scale, work):
+    """``(softmax(q k^T * scale + mask), k, v)`` in dtype ``work``, the KV heads repeated
+    for their query heads (q: [B, H, L, D], k: [B, Hkv, S, D] -> p: [B, H, L, S])."""
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
     rep = q.shape[-3] // k.shape[-3]
     kr = k.repeat_interleave(rep, dim=-3) if rep > 1 else k
     vr = v.repeat_interleave(rep, dim=-3) if rep > 1 else v
     s = torch.matmul(q, kr.transpose(-2, -1)) * scale  # [B, H, L, S]
-    if ctx.is_causal:
+    if is_causal:
         keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(work)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked row has no gradient
+    return torch.softmax(s, dim=-1).nan_to_num(0.0), kr, vr  # a fully masked row: zeros
+
+
+def _sdpa_setup(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, rng_rank = \
+        inputs
+    if dropout_p and seed is None and any(ctx.needs_input_grad[:3]):
+        raise TPTrainingError(  # pragma: no cover - the decomposition always gives a seed
+            "tp_auto: attention dropout (dropout_p > 0) without a seed in a training graph")
+    ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(query, key, value, attn_mask, seed)
+    ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.rng_rank = is_causal, scale, dropout_p, rng_rank
+
+
+def _sdpa_backward(ctx, grad):
+    """Gradients of ``dropout(softmax(q k^T * scale + mask)) v`` (q: [B, H, L, D], k: [B,
+    Hkv, S, D], v: [B, Hkv, S, Dv], grad: [B, H, L, Dv]), recomputing the probabilities p
+    (and the dropout keep mask M from its seed; pd = p M / (1 - dropout_p), or p): dv = pd^T
+    g, dpd = g v^T, dp = dpd M / (1 - dropout_p), ds = p * (dp - rowsum(dp * p)), dq = ds k
+    * scale, dk = ds^T q * scale. KV heads shared by ``H / Hkv`` query heads get the sum of
+    their gradients; an additive float mask (a learned position bias) gets ds, summed over
+    the dims it broadcasts on."""
+    q0, k0, v0, mask, seed = ctx.saved_tensors
+    # In float32 at least (bf16 inputs under autocast: fp32 accumulation, as the fused
+    # kernels' backward does), cast back to each input's dtype at the end.
+    work = torch.promote_types(q0.dtype, torch.float32)
+    p, kr, vr = _probabilities(q0, k0, v0, mask, ctx.is_causal, ctx.scale, work)
+    scale = ctx.scale if ctx.scale is not None else q0.shape[-1] ** -0.5
+    q = q0.to(work)
     g = grad.to(work)
-    dv = torch.matmul(p.transpose(-2, -1), g)
-    dp = torch.matmul(g, vr.transpose(-2, -1))
+    if ctx.dropout_p:
+        kept = rng.keep_mask(p.shape, ctx.dropout_p, seed, ctx.rng_rank, p.device).to(work)
+        kept = kept / (1.0 - ctx.dropout_p)
+        dv = torch.matmul((p * kept).transpose(-2, -1), g)
+        dp = torch.matmul(g, vr.transpose(-2, -1)) * kept
+    else:
+        dv = torch.matmul(p.transpose(-2, -1), g)
+        dp = torch.matmul(g, vr.transpose(-2, -1))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     dq = torch.matmul(ds, kr) * scale
     dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+    rep = q0.shape[-3] // k0.shape[-3]
     if rep > 1:
-        dk = dk.unflatten(-3, (k.shape[-3], rep)).sum(-3)
-        dv = dv.unflatten(-3, (v.shape[-3], rep)).sum(-3)
+        dk = dk.unflatten(-3, (k0.shape[-3], rep)).sum(-3)
+        dv = dv.unflatten(-3, (v0.shape[-3], rep)).sum(-3)
     dmask = ds.sum_to_size(mask.shape).to(mask.dtype) if ctx.mask_grad else None
-    return (dq.to(q0.dtype), dk.to(k0.dtype), dv.to(v0.dtype), dmask, None, None, None, None)
+    return (dq.to(q0.dtype), dk.to(k0.dtype), dv.to(v0.dtype), dmask) + (None,) * 6
 
 
 sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
@@ -151,9 +182,32 @@ cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 register_leaf_rules(torch.ops.tp_backend.sdpa.default, torch.ops.tp_backend.cross_entropy.default)
 
+def _functional_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
+                              reduce=None, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy``'s signature on the leaf op (Dynamo keeps ``F.cross_entropy``
+    itself as the graph's call, not the ``torch._C._nn`` function it calls)."""
+    from torch.nn import _reduction
+
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return torch.ops.tp_backend.cross_entropy.default(
+        input, target, weight, _reduction.get_enum(reduction), ignore_index, label_smoothing)
+
+
+def _functional_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                     scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention``'s signature on the leaf op; with dropout, a seed
+    drawn here from the default generator (a graph op: every rank draws it alike) makes
+    the mask reproducible in backward and per rank (:mod:`tp_backend.rng`)."""
+    seed = rng.draw_seed(query.device) if dropout_p else None
+    return torch.ops.tp_backend.sdpa.default(query, key, value, attn_mask, dropout_p,
+                                             is_causal, scale, enable_gqa, seed)
+
+
 # Dynamo-level callables that the decomposition routes to the leaf ops above.
 LEAF_FUNCTIONS = {
-    torch._C._nn.scaled_dot_product_attention: torch.ops.tp_backend.sdpa.default,
-    F.scaled_dot_product_attention: torch.ops.tp_backend.sdpa.default,
+    F.cross_entropy: _functional_cross_entropy,
+    torch._C._nn.scaled_dot_product_attention: _functional_sdpa,
+    F.scaled_dot_product_attention: _functional_sdpa,
     torch._C._nn.cross_entropy_loss: torch.ops.tp_backend.cross_entropy.default,
 }

@@ -28,17 +28,21 @@ values (:mod:`tp_backend.local_args`), or implement what it inserts
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import Counter, defaultdict
 
 import torch
 import torch.fx as fx
 
-from . import collectives, conjugates, layers, nodemeta
+from . import collectives, conjugates, layers, nodemeta, rng, vocab_loss  # noqa: F401 (ops)
 from .local_args import local_args
 from .placement import Collective, HeadGroup, Partial, Replicate
-from .rules import Action
+from .rules import Action, arg
+from .runtime import differentiable
 from .solver import Solution
+
+aten = torch.ops.aten
 
 __all__ = ["rewrite", "layer_index"]
 
@@ -178,6 +182,20 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             placed[part] = Partial()
             enter_split(part)  # a replicated operand of the partial product (a whole weight)
             record(Collective.ALL_REDUCE, node)
+        elif dec.action is Action.VOCAB_CROSS_ENTROPY:
+            x, target = arg(node, "input"), arg(node, "target")
+            classes = _global_shape(x)[1]
+            with graph.inserting_before(node):
+                both = graph.call_function(
+                    torch.ops.tp_backend.vocab_parallel_cross_entropy.default,
+                    (x, target, tp_rank * (classes // tp_size), classes, group_name,
+                     arg(node, "reduction"), arg(node, "ignore_index"),
+                     arg(node, "label_smoothing")))
+                new = graph.call_function(operator.getitem, (both, 0))
+            nodemeta.copy_provenance(both, node)
+            # max, then the sums: two all-reduces of [N] values, no [N, C] traffic
+            record(Collective.ALL_REDUCE, node)
+            record(Collective.ALL_REDUCE, node)
         elif dec.action is Action.ROW_ADDMM:
             bias, a, b = node.args[:3]
             with graph.inserting_before(node):
@@ -192,9 +210,41 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         replaced[node] = new
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    _rank_random(graph, sol, placed, tp_rank)
     graph.lint()
     gm.recompile()
     return gm, inserted
+
+
+def _rank_random(graph: fx.Graph, sol: Solution, placed: dict, tp_rank: int) -> None:
+    """Random values of split activations drawn per rank (:mod:`tp_backend.rng`): the
+    attention leaf's dropout mask where its heads are split, and ``rand_like`` (a dropout
+    mask) of a split value, which becomes ``rank_rand_like`` seeded by one draw from the
+    shared stream."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target not in (torch.ops.tp_backend.sdpa.default, aten.rand_like.default):
+            continue
+        if _replicated(placed.get(node, sol.placements.get(node))):
+            continue
+        if node.target is torch.ops.tp_backend.sdpa.default:
+            if arg(node, "seed") is not None:
+                node.update_kwarg("rng_rank", tp_rank)
+            continue
+        val = node.meta.get("val")
+        x = node.args[0]
+        if node.kwargs.get("dtype") not in (None, getattr(val, "dtype", None)):
+            continue
+        with graph.inserting_before(node):
+            seed = graph.call_function(aten.randint.low, (0, 2 ** 62, []),
+                                       {"dtype": torch.int64, "device": val.device})
+            new = graph.call_function(torch.ops.tp_backend.rank_rand_like.default,
+                                      (x, seed, tp_rank))
+        nodemeta.copy_provenance(seed, node)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
 
 
 def _replicated(p) -> bool:
@@ -211,7 +261,15 @@ def _is_float(node: fx.Node) -> bool:
     while "val" not in node.meta and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
+    return isinstance(val, torch.Tensor) and differentiable(val)
+
+
+def _global_shape(node: fx.Node) -> tuple:
+    """The global shape of the value ``node`` stands for: its own ``val``, or for a node
+    this pass inserted (a conversion), the ``val`` of the value it redistributes."""
+    while "val" not in node.meta and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return tuple(node.meta["val"].shape)
 
 
 def _int_list(blocks) -> list | None:

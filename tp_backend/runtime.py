@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tp_backend")
 
 __all__ = ["ShardInfo", "ShardStore", "STORE", "SPLIT_ATTR", "eager_warm_up", "sharding_info",
-           "local_shard", "local_parameter_bytes", "local_value", "split_value",
+           "differentiable", "local_shard", "local_parameter_bytes", "local_value", "split_value",
            "placeholder", "state_placeholder", "placeholders", "no_eager_fallback",
            "refuse_eager_call"]
 
@@ -178,7 +178,7 @@ class ShardStore:
             return new
         st = self.sharded[t]
         if not (isinstance(t, torch.nn.Parameter) and t.requires_grad and holders
-                and (st.local.is_floating_point() or st.local.is_complex())):
+                and differentiable(st.local)):
             return t
         new = promote(t, st.info, st.local, holders)
         self.sharded[new] = _Sharded(st.info, new._local)
@@ -204,6 +204,11 @@ def eager_warm_up():
         yield
     finally:
         STORE.warm_up.active = False
+
+
+def differentiable(t: torch.Tensor) -> bool:
+    """Whether autograd can differentiate through ``t``'s dtype (floating or complex)."""
+    return t.is_floating_point() or t.is_complex()
 
 
 def sharding_info(param: torch.Tensor) -> ShardInfo | None:

@@ -248,6 +248,8 @@ def _pointwise(func, args, kwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
     local, info = _unwrap_position(func, flat)
     largs, lkwargs = pytree.tree_unflatten(local, spec)
+    if func._schema.is_mutable and not isinstance(args[0], TPTensor):
+        raise _mismatch(func, next(a for a in flat if isinstance(a, TPTensor)), args[0])
     out = func(*largs, **lkwargs)
     if func._schema.is_mutable:  # in place: the TPTensor written into
         _keep_padding_zero(args[0]._local, info)
@@ -304,7 +306,6 @@ def _local_norm_power(x: torch.Tensor, ord: float, dtype=None) -> torch.Tensor:
 def _combine_norms(powers: list, infos: list, ord: float) -> list:
     """Combine local norm powers of sharded tensors over their groups (one collective per
     group) and take the root: the norms of the whole tensors."""
-    from torch.distributed import _functional_collectives as fcol  # noqa: F401
     from torch.distributed._functional_collectives import all_reduce as fc_all_reduce
 
     out = list(powers)
@@ -381,8 +382,8 @@ _HANDLERS = {
     aten.copy_.default: _copy_handler,
     aten._to_copy.default: _to_copy_handler,
 }
-_LIKE = {aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.clone,
-         aten.rand_like, aten.randn_like}
+# (not rand_like: per-rank draws of different sizes would part the ranks' random streams)
+_LIKE = {aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.clone}
 
 
 class ToLocal(torch.autograd.Function):

@@ -62,6 +62,7 @@ class Action(StrEnum):
 
     VOCAB_EMBEDDING = "vocab_embedding"  # lookups outside the rank's rows give zeros
     ROW_ADDMM = "row_addmm"  # all-reduce the partial product, then add the bias once
+    VOCAB_CROSS_ENTROPY = "vocab_cross_entropy"  # the loss on logits split over classes
 
 
 @dataclass

@@ -9,6 +9,10 @@ head-to-group mapping is preserved when ``Hkv`` is divisible by ``N``. Query hea
 unevenly (``Shard(1, units=H)``, 9 heads -> 5 + 4) take the keys and values sliced to the
 same heads (after ``repeat_kv``), or, with ``enable_gqa``, the KV heads they use.
 
+Cross-entropy takes logits split evenly on the class dim as they are, by the
+vocab-parallel loss (``Action.VOCAB_CROSS_ENTROPY``, :mod:`tp_backend.vocab_loss`), and
+gathers any other split.
+
 Owns: the rules of ``tp_backend::sdpa`` and ``tp_backend::cross_entropy`` (installed by
 :func:`register_leaf_rules`, which :mod:`tp_backend.leaf_ops` calls) and
 :func:`is_kv_cache`, which the solver asks. Must not: define the leaf ops
@@ -25,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from ..placement import REPLICATE, HeadGroup, Shard
-from . import Decision, arg, divisible, register, static_int
+from . import Action, Decision, arg, divisible, register, static_int
 
 aten = torch.ops.aten
 
@@ -87,8 +91,19 @@ def _sdpa(ctx, node):
 
 
 def _cross_entropy(ctx, node):
-    # A vocab-parallel cross-entropy is future work: gather the logits whole (an all-gather
-    # of the LM head output) rather than replicate the LM head.
+    # Logits split evenly on the class dim (a vocab-parallel LM head) and class-index
+    # targets without class weights: the vocab-parallel cross-entropy, on the split logits
+    # (tp_backend.vocab_loss). Otherwise gather the logits whole (an all-gather of the LM
+    # head output) rather than replicate the LM head.
+    x, target, weight = arg(node, "input", "self"), arg(node, "target"), arg(node, "weight")
+    p = ctx.placement(x)
+    tval = target.meta.get("val") if isinstance(target, fx.Node) else None
+    if (p is not None and p.is_shard() and p.dim == 1 and p.plain and weight is None
+            and len(ctx.shape(x)) >= 2 and isinstance(tval, torch.Tensor)
+            and not tval.is_floating_point()):
+        ins = {a: REPLICATE for a in node.all_input_nodes if a is not x}
+        return Decision(out=REPLICATE, inputs={**ins, x: p},
+                        action=Action.VOCAB_CROSS_ENTROPY)
     ins = {a: REPLICATE for a in node.all_input_nodes}
     return Decision(out=REPLICATE, inputs=ins, allow_gather=True)
 

@@ -135,3 +135,16 @@ def _elementwise(ctx, node):
 
 
 register(*UNARY_OR_BINARY, *COPIES)(_elementwise)
+
+
+@register(aten.rand_like)
+def _rand_like(ctx, node):
+    # Uniform values of x's shape (a dropout mask): split where x is split, each rank
+    # drawing its own part (the rewrite gives it a per-rank generator, tp_backend.rng), as
+    # Megatron-LM draws masks of split activations; x's values are not read, so a partial x
+    # needs no all-reduce and the values are replicated.
+    x = arg(node, "self")
+    p = ctx.placement(x)
+    if p is not None and p.is_shard():
+        return Decision(out=p)
+    return Decision(out=REPLICATE, inputs={x: p} if p is not None else {})

@@ -1,0 +1,127 @@
+"""Memory and time of the language-model loss on vocab-split logits: the vocab-parallel
+cross-entropy (``tp_backend::vocab_parallel_cross_entropy``) against gathering the logits
+and running ``F.cross_entropy`` on the whole of them (what ``tp_auto`` did before), and one
+process on the whole logits.
+
+    python benchmarks/vocab_loss.py [--tokens 2048] [--vocab 32000] [--reps 3]
+        [--out benchmarks/results/vocab_loss.json]
+
+Each row runs in its own process (group): the logits ``[N, V]`` (fp32, ``N = --tokens``),
+this rank's ``[N, V/2]`` at TP=2, are made first; then one forward and backward of the loss
+(mean over the tokens, 1/8 of the targets ``-100``). Reported per rank: the peak RSS the
+loss added above what the process held before it (``ru_maxrss`` after minus before: a
+fresh process per row, so the peak is that row's), and the median time of ``--reps``
+forward+backward passes. Rows: ``one process`` (whole logits), ``gathered TP=2``
+(all-gather through ``tp_backend``'s differentiable gather, then ``F.cross_entropy``),
+``vocab-parallel TP=2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+ROWS = [("one process", "whole", 1), ("gathered TP=2", "gathered", 2),
+        ("vocab-parallel TP=2", "vocab_parallel", 2)]
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(impl: str, tokens: int, vocab: int, reps: int) -> dict:
+    import torch.distributed as dist
+
+    import tp_backend  # noqa: F401  (registers the ops)
+    from tp_backend import conjugates
+
+    torch.set_num_threads(1)
+    rank, world = 0, 1
+    if impl != "whole":
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD.group_name if world > 1 else None
+    step = vocab // world
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, step, generator=g).requires_grad_(True)  # this rank's logits
+    target = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0))
+    target[::8] = -100
+
+    def loss_fn():
+        if impl == "whole":
+            return F.cross_entropy(x, target)
+        if impl == "gathered":
+            whole = conjugates.gather(x, 1, 1, rank, world, group)
+            return F.cross_entropy(whole, target)
+        return torch.ops.tp_backend.vocab_parallel_cross_entropy(
+            x, target, rank * step, vocab, group, 1, -100, 0.0)[0]
+
+    before = _maxrss_mib()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        x.grad = None
+        times.append(time.perf_counter() - t0)
+    peak = _maxrss_mib() - before
+    if world > 1:
+        peaks = [None] * world
+        dist.all_gather_object(peaks, peak)
+        peak = max(peaks)
+        dist.destroy_process_group()
+    return {"loss_peak_mib": peak, "time_s": statistics.median(times), "loss": loss.item(),
+            "logits_local_mib": x.numel() * 4 / 2**20}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        try:
+            res = run_one(args.child, args.tokens, args.vocab, args.reps)
+        except Exception as e:  # noqa: BLE001 - reported as the row's note
+            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        if os.environ.get("RANK", "0") == "0":
+            print("RESULT " + json.dumps(res), flush=True)
+        return
+    from _common import run_child, write_json
+
+    rows = {}
+    for name, impl, ranks in ROWS:
+        rows[name] = run_child(os.path.abspath(__file__),
+                               ["--tokens", str(args.tokens), "--vocab", str(args.vocab),
+                                "--reps", str(args.reps), "--child", impl], tp=ranks)
+    base = rows["gathered TP=2"].get("loss_peak_mib")
+    print(f"loss over [{args.tokens}, {args.vocab}] fp32 logits (whole: "
+          f"{args.tokens * args.vocab * 4 / 2**20:.0f} MiB), forward + backward, per rank")
+    print(f"{'row':<22} {'peak MiB':>9} {'vs gathered':>12} {'time s':>8} {'loss':>8}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<22} error: {r['error']}")
+            continue
+        ratio = f"{r['loss_peak_mib'] / base:.2f}x" if base else "-"
+        print(f"{name:<22} {r['loss_peak_mib']:>9.0f} {ratio:>12} {r['time_s']:>8.3f} "
+              f"{r['loss']:>8.4f}")
+    out = args.out or os.path.join(HERE, "results", "vocab_loss.json")
+    write_json({"tokens": args.tokens, "vocab": args.vocab, "rows": rows}, out)
+
+
+if __name__ == "__main__":
+    main()
