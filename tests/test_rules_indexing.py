@@ -1,6 +1,7 @@
 """Indexing rules: slice/select/cat/split on other dims, refusal on the sharded dim,
 vocab-parallel embedding, gather and advanced indexing."""
 
+import pytest
 import torch
 
 from rule_harness import check
@@ -117,6 +118,34 @@ def test_vocab_parallel_embedding_exact():
     w, ids = r(8, 4), torch.tensor([[0, 5, 7], [3, 1, 6]])
     parts = [vocab_parallel_embedding(w[k * 4:(k + 1) * 4], ids, k * 4, (k + 1) * 4) for k in range(2)]
     torch.testing.assert_close(parts[0] + parts[1], torch.nn.functional.embedding(ids, w), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding_idx", [0, 5])
+def test_vocab_parallel_embedding_gradient_skips_the_padding_row(padding_idx):
+    """The table's gradient, per rank's rows, equals F.embedding's with the same
+    padding_idx (its row gets none): the padding row is the holding rank's local row, and
+    another rank's local row of the same index still gets its gradient. Exact: the same
+    additions."""
+    from tp_backend.layers import vocab_parallel_embedding
+
+    w, ids = r(8, 4), torch.tensor([[0, 5, 7, 4], [3, 1, 6, 5]])
+    whole = w.clone().requires_grad_(True)
+    torch.nn.functional.embedding(ids, whole, padding_idx=padding_idx).square().sum().backward()
+    grads = []
+    for k in range(2):
+        shard = w[k * 4:(k + 1) * 4].clone().requires_grad_(True)
+        out = vocab_parallel_embedding(shard, ids, k * 4, (k + 1) * 4, padding_idx)
+        # d(sum of squares)/d(out) of the summed lookup is 2 * (the whole lookup)
+        (out * 2 * torch.nn.functional.embedding(ids, w).detach()).sum().backward()
+        grads.append(shard.grad)
+    torch.testing.assert_close(torch.cat(grads), whole.grad, rtol=0, atol=0)
+
+
+def test_embedding_scale_grad_by_freq_keeps_the_table_whole():
+    ids = torch.tensor([[0, 5, 7], [3, 1, 6]])
+    dec = check(lambda w, i: aten.embedding(w, i, -1, True), [r(8, 4), ids], [R, R],
+                params=[0], expect=R)
+    assert dec.action is None
 
 
 def test_embedding_hidden_sharded_table():

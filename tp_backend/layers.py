@@ -59,13 +59,16 @@ def row_parallel_linear(bias: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor,
 
 
 def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_start: int,
-                             vocab_end: int) -> torch.Tensor:
+                             vocab_end: int, padding_idx: int = -1) -> torch.Tensor:
     """Look up ``ids: [*]`` in this rank's rows ``[vocab_start, vocab_end)`` of the table
     (``weight: [V/N, E]``); ids owned by other ranks give zeros. The result ``[*, E]`` is a
-    partial sum: all-reduced over the ranks it equals ``embedding(W, ids)``."""
+    partial sum: all-reduced over the ranks it equals ``embedding(W, ids)``.
+    ``padding_idx`` (a global row, -1 for none; its row gets no gradient) becomes this
+    rank's local row where it holds it."""
     outside = (ids < vocab_start) | (ids >= vocab_end)
     local = aten.masked_fill(ids - vocab_start, outside, 0)
-    out = aten.embedding(weight, local)
+    local_pad = padding_idx - vocab_start if vocab_start <= padding_idx < vocab_end else -1
+    out = aten.embedding(weight, local, local_pad)
     return aten.masked_fill(out, outside.unsqueeze(-1), 0)
 
 

@@ -166,7 +166,8 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             step = v_global // tp_size
             with graph.inserting_before(node):
                 new = graph.call_function(layers.vocab_parallel_embedding,
-                                          (w, ids, tp_rank * step, (tp_rank + 1) * step))
+                                          (w, ids, tp_rank * step, (tp_rank + 1) * step,
+                                           arg(node, "padding_idx")))
             if training:
                 enter_split(new)
         elif dec.action is Action.ROW_ADDMM and training:

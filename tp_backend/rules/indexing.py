@@ -341,9 +341,13 @@ def _embedding(ctx, node):
             return Decision(out=pi)
         return None
     nd_out = len(ctx.shape(node))
+    # scale_grad_by_freq divides each row's gradient by its id's count in the batch: a
+    # rank's lookup would count the ids of other ranks' rows as its own row 0
+    row_split_ok = not arg(node, "scale_grad_by_freq")
     if pw.is_replicate():
         v = ctx.shape(w)[0]
-        if ctx.is_param(w) and ctx.can_seed(node) and divisible(v, ctx.tp_size):
+        if ctx.is_param(w) and ctx.can_seed(node) and divisible(v, ctx.tp_size) \
+                and row_split_ok:
             if not ctx.worth_vocab_split(w):
                 ctx.note(node, f"table {list(ctx.shape(w))} is small next to the model's "
                          "largest weight: kept whole (a split would cost an all-reduce "
@@ -355,7 +359,7 @@ def _embedding(ctx, node):
             ctx.note(node, f"vocab size {v} is not divisible by tp_size={ctx.tp_size}: "
                      "embedding replicated")
         return Decision(out=REPLICATE)
-    if pw.is_shard(0) and pw.plain:  # a strided or block split is not a row range
+    if pw.is_shard(0) and pw.plain and row_split_ok:  # (a strided or block split is not a row range)
         return Decision(out=PARTIAL, action=Action.VOCAB_EMBEDDING)
     if pw.is_shard(1) and pw.plain:
         return Decision(out=pw.moved(nd_out - 1))
