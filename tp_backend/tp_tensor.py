@@ -41,9 +41,14 @@ aten = torch.ops.aten
 
 
 def _fake(t: torch.Tensor) -> bool:
+    return type(t) is not torch.Tensor and isinstance(t, _fake_tensor_class()) \
+        or t.device.type == "meta"
+
+
+def _fake_tensor_class():
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
+    return FakeTensor
 
 
 class TPTensor(torch.Tensor):
@@ -149,25 +154,51 @@ class TPTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        mine = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, TPTensor)]
-        if func in (aten.detach.default, aten.alias.default):
-            t = args[0]
-            return TPTensor(func(t._local), t._info)
-        if any(_fake(t._local) for t in mine):
+        first = _first_tp_tensor(args, kwargs)
+        if func in _ALIASES:
+            return TPTensor(func(args[0]._local), args[0]._info)
+        if _fake(first._local):
             return _on_global_stand_ins(func, args, kwargs)
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            return handler(func, args, kwargs)
-        if func.name().startswith("aten::_foreach_"):
-            return _foreach(func, args, kwargs)
-        if torch.Tag.pointwise in func.tags or func.overloadpacket in _LIKE:
+        kind = _KINDS.get(func)
+        if kind is None:
+            kind = _KINDS[func] = _kind(func)
+        if kind == "pointwise":
             return _pointwise(func, args, kwargs)
+        if kind == "foreach":
+            return _foreach(func, args, kwargs)
+        if kind == "handler":
+            return _HANDLERS[func](func, args, kwargs)
         raise TPShardedModuleError(
-            f"{func} on a parameter tp_auto sharded ({mine[0]._info.fqn!r}, global shape "
-            f"{list(mine[0].shape)}, this rank holds {list(mine[0]._local.shape)}): outside the "
+            f"{func} on a parameter tp_auto sharded ({first._info.fqn!r}, global shape "
+            f"{list(first.shape)}, this rank holds {list(first._local.shape)}): outside the "
             "compiled model a sharded parameter supports element-wise operations (optimizer "
             "steps), norms and copies only. Use .full_tensor() for the whole value (a "
             "collective) or .to_local() for this rank's shard")
+
+
+def _first_tp_tensor(args, kwargs) -> "TPTensor":
+    """The first TPTensor among the arguments (and one level of lists: ``_foreach_*``)."""
+    for a in (*args, *kwargs.values()):
+        if type(a) is TPTensor:
+            return a
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if type(b) is TPTensor:
+                    return b
+    raise AssertionError("__torch_dispatch__ without a TPTensor")  # pragma: no cover
+
+
+def _kind(func) -> str:
+    if func in _HANDLERS:
+        return "handler"
+    if func.name().startswith("aten::_foreach_"):
+        return "foreach"
+    if torch.Tag.pointwise in func.tags or func.overloadpacket in _LIKE:
+        return "pointwise"
+    return "unsupported"
+
+
+_KINDS: dict = {}  # op overload -> how a TPTensor runs it (see _kind)
 
 
 def _contiguous_strides(shape) -> tuple:
@@ -211,8 +242,7 @@ def _unwrap_position(func, values: list):
     out = []
     for v in values:
         if isinstance(v, TPTensor):
-            if v._info != info and (v._info.global_shape, v._info.ranges()) != (
-                    info.global_shape, info.ranges()):
+            if not _same_layout(v._info, info):
                 raise _mismatch(func, first, v)
             out.append(v._local)
         elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.numel() != 1:
@@ -244,16 +274,45 @@ def _keep_padding_zero(local: torch.Tensor, info) -> torch.Tensor:
     return local
 
 
+def _same_layout(a, b) -> bool:
+    return a is b or a == b or (a.global_shape, a.ranges()) == (b.global_shape, b.ranges())
+
+
 def _pointwise(func, args, kwargs):
-    flat, spec = pytree.tree_flatten((args, kwargs))
-    local, info = _unwrap_position(func, flat)
-    largs, lkwargs = pytree.tree_unflatten(local, spec)
-    if func._schema.is_mutable and not isinstance(args[0], TPTensor):
-        raise _mismatch(func, next(a for a in flat if isinstance(a, TPTensor)), args[0])
+    """An element-wise op on the local shards: TPTensor operands of one layout, other
+    tensor operands 0-dim or of one element (they broadcast alike on every shard)."""
+    info, first, largs = None, None, []
+    for a in args:
+        if type(a) is TPTensor:
+            if info is None:
+                info, first = a._info, a
+            elif not _same_layout(a._info, info):
+                raise _mismatch(func, first, a)
+            largs.append(a._local)
+        elif isinstance(a, torch.Tensor) and a.dim() > 0 and a.numel() != 1:
+            raise _mismatch(func, _first_tp_tensor(args, kwargs), a)
+        else:
+            largs.append(a)
+    lkwargs = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):  # e.g. out=, or a tensor passed by keyword
+            if type(v) is not TPTensor and (v.dim() > 0 and v.numel() != 1) or \
+                    type(v) is TPTensor and info is not None and not _same_layout(v._info, info):
+                raise _mismatch(func, _first_tp_tensor(args, kwargs), v)
+            if type(v) is TPTensor:
+                info = info or v._info
+                v = v._local
+        lkwargs[k] = v
+    mutable = func._schema.is_mutable
+    if mutable and type(args[0]) is not TPTensor:
+        raise _mismatch(func, _first_tp_tensor(args, kwargs), args[0])
     out = func(*largs, **lkwargs)
-    if func._schema.is_mutable:  # in place: the TPTensor written into
-        _keep_padding_zero(args[0]._local, info)
+    if mutable:  # in place: the TPTensor written into
+        if info.padded:
+            _keep_padding_zero(args[0]._local, info)
         return args[0]
+    if isinstance(out, torch.Tensor):
+        return TPTensor(_keep_padding_zero(out, info) if info.padded else out, info)
     return pytree.tree_map(
         lambda o: TPTensor(_keep_padding_zero(o, info), info)
         if isinstance(o, torch.Tensor) and o.dim() > 0 else o, out)
@@ -377,6 +436,7 @@ def _to_copy_handler(func, args, kwargs):
     return TPTensor(func(t._local, *args[1:], **kwargs), t._info)
 
 
+_ALIASES = (aten.detach.default, aten.alias.default)
 _HANDLERS = {
     aten.linalg_vector_norm.default: _norm_handler,
     aten.copy_.default: _copy_handler,
