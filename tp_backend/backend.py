@@ -252,14 +252,7 @@ class _Runner:
                 args[idx] = local
             return
         for idx, info in specs:
-            t = args[idx]
-            st = STORE.sharded.get(t)
-            if st is None:
-                st = self._shard(t, info, idx)
-            elif st.info.dim != info.dim:
-                raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but this "
-                              f"graph expects dim {info.dim}")
-            args[idx] = st.local
+            args[idx] = self._stored(args[idx], info, idx).local
         self._params = _ParamCache(params, self._pick_params(args))
 
     def _substitute_trainable(self, args: list) -> None:
@@ -271,14 +264,20 @@ class _Runner:
         rank's slice, in the parameter's own ``.grad``."""
         for idx, info in self.compiled.shard_specs:
             t = args[idx]
-            st = STORE.sharded.get(t)
-            if st is None:
-                st = self._shard(t, info, idx)
-            elif st.info.dim != info.dim:
-                raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but "
-                              f"this graph expects dim {info.dim}")
+            st = self._stored(t, info, idx)
             p = self._promoted(t)
             args[idx] = ToLocal.apply(p) if isinstance(p, TPTensor) else st.local
+
+    def _stored(self, t, info, idx):
+        """The store's record of parameter ``t`` (sharded now if this is its first use);
+        raises ``TPError`` if an earlier graph split it on another dim."""
+        st = STORE.sharded.get(t)
+        if st is None:
+            return self._shard(t, info, idx)
+        if st.info.dim != info.dim:
+            raise TPError(f"parameter {info.fqn!r} is sharded on dim {st.info.dim}, but this "
+                          f"graph expects dim {info.dim}")
+        return st
 
     def _promoted(self, t):
         found = self._name(t) if not isinstance(t, TPTensor) else None
