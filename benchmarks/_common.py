@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,18 @@ def run_child(script: str, args: list, tp: int = 1, fresh_inductor_cache: bool =
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if line:
         return json.loads(line[-1][len("RESULT "):])
-    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return {"error": _error_line(proc.stderr)}
+
+
+def _error_line(stderr: str) -> str:
+    """The line of a failed child's stderr that names the error: the last one that reads
+    ``SomethingError: ...`` (torchrun ends with a banner of ``=`` that says nothing; a
+    ``[rankN]:`` prefix is dropped), else the last line."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", l.strip()) for l in stderr.splitlines()]
+    lines = [l for l in lines if l] or ["no output"]
+    named = [l for l in lines if re.match(r"^[\w.]*(Error|Exception)\b", l)
+             or "Signal" in l and "died" in l]
+    return (named or lines)[-1][:300]
 
 
 def wrap_runner(around_call, around_graph) -> None:

@@ -1,5 +1,10 @@
 """Run a function on N CPU processes with a gloo process group (file:// rendezvous, no
-fixed ports) and collect each rank's return value."""
+fixed ports) and collect each rank's return value.
+
+``TP_TEST_DEVICE=cuda`` runs the ranks' tensors on the GPU instead (one device shared by
+every rank, still through gloo, since NCCL refuses two ranks on one device): each worker
+makes it torch's default device (``torch.set_default_device``), turns TF32 off so fp32
+tolerances hold, and returns its results moved to CPU."""
 
 from __future__ import annotations
 
@@ -14,15 +19,39 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def test_device() -> str | None:
+    """The device ``TP_TEST_DEVICE`` names (``cuda``), or ``None`` for CPU."""
+    return os.environ.get("TP_TEST_DEVICE") or None
+
+
+def _use_test_device() -> None:
+    device = test_device()
+    if device is None:
+        return
+    torch.set_default_device(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _to_cpu(result):
+    if test_device() is None:
+        return result
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, result)
+
+
 def _worker(rank, world_size, init_file, out_dir, fn, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    _use_test_device()
     result_path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=180))
         try:
-            result = fn(rank, world_size, *args)
+            result = _to_cpu(fn(rank, world_size, *args))
         finally:
             dist.destroy_process_group()
         torch.save({"ok": True, "result": result}, result_path)

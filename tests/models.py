@@ -21,5 +21,8 @@ def make_model(name: str, seed: int = 0, **overrides):
     return zoo.make_model(name, seed, **{**_OVERRIDES, **overrides})
 
 
-def make_ids(batch=2, seq=7, vocab=128, seed=1):
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def make_ids(batch=2, seq=7, vocab=128, seed=1, low=0):
+    """Token ids ``[batch, seq]`` in ``[low, vocab)``: drawn on CPU (the same ids in the
+    test process and in every rank, whatever the device), on torch's default device."""
+    return torch.randint(low, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed),
+                         device="cpu").to(torch.get_default_device())

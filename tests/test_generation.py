@@ -7,6 +7,7 @@ import torch
 
 import zoo
 from dist_utils import run_distributed
+from models import make_ids
 
 NEW_TOKENS = 32
 
@@ -19,7 +20,7 @@ def _cache(output):
 
 
 def _prompt(batch=1, seq=6, seed=3):
-    return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return make_ids(batch, seq, vocab=256, seed=seed, low=3)
 
 
 def _greedy_identity(rank, world_size, names, styles=("module.compile", "forward = torch.compile")):

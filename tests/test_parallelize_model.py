@@ -246,7 +246,7 @@ def _odd_vocab_load(rank, world_size, path):
 
     model = tp_backend.parallelize_model(path)
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.randint(0, 131, (2, 7), generator=torch.Generator().manual_seed(2))
+    ids = make_ids(vocab=131, seed=2)
     with torch.no_grad():
         err = (model(input_ids=ids, use_cache=False).logits
                - ref(input_ids=ids, use_cache=False).logits).abs().max().item()

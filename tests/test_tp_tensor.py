@@ -51,7 +51,7 @@ def _cases(rank, world_size):
     out = {}
     for name in LAYOUTS:
         info = _info(name, rank, world_size, group_name)
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(torch.get_default_device()).manual_seed(0)
         a, b = (torch.randn(info.global_shape, generator=g) for _ in range(2))
         ta, tb = _wrap(a, info), _wrap(b, info)
         res = {}

@@ -309,7 +309,7 @@ class _TwoMLPs(torch.nn.Module):
 def _two_mlps(rank, world_size, residual):
     torch._dynamo.reset()
     model, ref = _TwoMLPs(residual).train(), _TwoMLPs(residual).train()
-    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(4, 16, generator=torch.Generator(torch.get_default_device()).manual_seed(3))
     step = torch.compile(model, backend="tp_auto", options={"compiler": "eager"})
     step(x).square().sum().backward()
     ref(x).square().sum().backward()

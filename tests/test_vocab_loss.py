@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import tp_backend  # noqa: F401  (registers the op)
 from dist_utils import run_distributed
+from models import make_ids
 
 CASES = [  # (reduction, label_smoothing, extra dim)
     ("mean", 0.0, False), ("sum", 0.0, False), ("none", 0.0, False),
@@ -28,7 +29,7 @@ def _compare(rank, world_size):
     group = dist.group.WORLD.group_name
     out = []
     for reduction, smoothing, extra in CASES:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(torch.get_default_device()).manual_seed(0)
         n, c = 12, 10 * world_size
         shape = (n, c, 3) if extra else (n, c)
         x = (torch.randn(shape, generator=g) * 4).requires_grad_(True)
@@ -63,7 +64,7 @@ def _in_model(rank, world_size):
 
     torch._dynamo.reset()
     model = zoo.make_model("llama").train()
-    ids = torch.randint(0, 250, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids = make_ids(vocab=250, seed=1)
     step = torch.compile(model, backend="tp_auto", options={"compiler": "eager"})
     step(input_ids=ids, labels=ids).loss.backward()
     plan = tp_backend.last_plan()

@@ -91,11 +91,15 @@ def make_model(model_type: str, seed: int = 0, tp_size: int | None = None, **ove
 
     cls = (AutoModel if model_type in ENCODERS else
            AutoModelForSeq2SeqLM if model_type in ENCODER_DECODERS else AutoModelForCausalLM)
-    try:
-        return cls.from_config(cfg, attn_implementation="sdpa").eval()
-    except ValueError:  # no SDPA path in this architecture: its eager attention
-        torch.manual_seed(seed)
-        return cls.from_config(cfg, attn_implementation="eager").eval()
+    # Built on CPU (the same weights whatever the device), then moved to torch's default
+    # device (tests/dist_utils.py: TP_TEST_DEVICE).
+    with torch.device("cpu"):
+        try:
+            model = cls.from_config(cfg, attn_implementation="sdpa").eval()
+        except ValueError:  # no SDPA path in this architecture: its eager attention
+            torch.manual_seed(seed)
+            model = cls.from_config(cfg, attn_implementation="eager").eval()
+    return model.to(torch.get_default_device())
 
 
 def output_of(out):

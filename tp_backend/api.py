@@ -86,7 +86,7 @@ def _split_overrides(config, overrides: dict):
 def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str | None = None,
                       cache_dir: str | None = None, local_files_only: bool = False,
                       skip_load_weights: bool = False, dtype: torch.dtype | None = None,
-                      **overrides: Any):
+                      device: torch.device | str | None = None, **overrides: Any):
     """Build, shard and load a Hugging Face model for tensor parallelism.
 
     Args:
@@ -100,6 +100,10 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
         skip_load_weights (bool): initialise parameters with the model's own init instead of
             loading them (materialises the full model once per rank: for profiling).
         dtype (torch.dtype): parameter dtype (default: the config's ``dtype``, else float32).
+        device (torch.device or str): where parameters, buffers and activations live
+            (default: the current CUDA device when ``tp_group`` runs on NCCL, else torch's
+            default device: CPU unless ``torch.set_default_device`` says otherwise).
+            Weights are read on CPU, one tensor (or slice) at a time, and moved there.
         **overrides: ``tp_auto`` options (``compiler``, ``cpu_matmul``) and config fields (e.g.
             ``num_hidden_layers=2``); any other key raises ``ValueError``.
 
@@ -132,20 +136,29 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
             dtype = getattr(torch, dtype)
     options["tp_group"] = tp_group
 
-    tp_size = validate_options(options).tp_size  # also: no process group -> a clear error
+    validated = validate_options(options)  # also: no process group -> a clear error
+    device = torch.device(device) if device is not None else _default_device(validated.tp_group)
     if skip_load_weights:
-        model = cls._from_config(config, dtype=dtype).eval()
+        model = cls._from_config(config, dtype=dtype).eval().to(device)
     else:
         index = CheckpointIndex(directory)
         model = _build_on_meta(cls, config, dtype)
-        _attach_checkpoint(model, index)
-        if tp_size == 1:  # nothing to split: read every tensor whole, now
+        _attach_checkpoint(model, index, device)
+        if validated.tp_size == 1:  # nothing to split: read every tensor whole, now
             _read_all(model)
     # Compiled in place (nn.Module.compile), so model(...) and model.generate(...) both run
     # the tensor-parallel graphs.
     model.compile(backend="tp_auto", options=options)
-    _warm_up(model, config)
+    _warm_up(model, config, device)
     return model
+
+
+def _default_device(group) -> torch.device:
+    """The current CUDA device for an NCCL group, else torch's default device."""
+    from .consistency import _collective_device
+
+    device = _collective_device(group)
+    return device if device.type == "cuda" else torch.get_default_device()
 
 
 def _build_on_meta(cls, config, dtype):
@@ -159,8 +172,9 @@ def _build_on_meta(cls, config, dtype):
     return model.eval()
 
 
-def _attach_checkpoint(model, index: CheckpointIndex):
-    """Give each parameter a placeholder of its global shape and its ParameterMeta."""
+def _attach_checkpoint(model, index: CheckpointIndex, device: torch.device):
+    """Give each parameter a placeholder of its global shape on ``device`` and its
+    ParameterMeta; move the buffers (built for real on CPU) to ``device``."""
     from .runtime import STORE, placeholder
 
     names: dict = {}
@@ -176,14 +190,19 @@ def _attach_checkpoint(model, index: CheckpointIndex):
         if tuple(index.shape_of(source)) != shape:
             raise TPWeightError(f"tensor {source!r} in {file} has shape "
                                 f"{list(index.shape_of(source))}, the model expects {list(shape)}")
-        new = torch.nn.Parameter(placeholder(shape, p.dtype), requires_grad=p.requires_grad)
+        new = torch.nn.Parameter(placeholder(shape, p.dtype, device),
+                                 requires_grad=p.requires_grad)
         STORE.pending[new] = ParameterMeta(fqn=fqns[0], source=source, file=file,
-                                      global_shape=shape, dtype=p.dtype, tied=tuple(fqns))
+                                           global_shape=shape, dtype=p.dtype, tied=tuple(fqns),
+                                           device=device)
         replacement[pid] = new
     for module in model.modules():
         for key, p in list(module._parameters.items()):
             if p is not None and id(p) in replacement:
                 module._parameters[key] = replacement[id(p)]
+        for key, b in list(module._buffers.items()):
+            if b is not None and b.device != device:
+                module._buffers[key] = b.to(device)
 
 
 def _read_all(model):
@@ -198,13 +217,13 @@ def _read_all(model):
                 p.data = read_tensor(meta)
 
 
-def _warm_up(compiled, config):
+def _warm_up(compiled, config, device):
     """One short forward so the plan is solved and the weights are read now (errors in
     the checkpoint surface here); its graph runs eagerly (see ``eager_warm_up``)."""
     from .runtime import eager_warm_up
 
     vocab = getattr(config, "vocab_size", None) or 2
-    ids = torch.arange(8).remainder(vocab).unsqueeze(0)
+    ids = torch.arange(8, device=device).remainder(vocab).unsqueeze(0)
     with torch.no_grad(), eager_warm_up():
         try:
             compiled(input_ids=ids, use_cache=False)

@@ -56,6 +56,7 @@ class ParameterMeta:
         global_shape: the unsharded shape.
         dtype: the dtype the parameter is loaded as.
         tied: all names the parameter has in the model.
+        device: where the parameter's values go (read on CPU, then moved).
     """
 
     fqn: str
@@ -64,6 +65,7 @@ class ParameterMeta:
     global_shape: tuple
     dtype: torch.dtype
     tied: tuple = field(default=())
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def resolve_model_dir(model_name_or_path: str, *, revision=None, cache_dir=None,
@@ -140,7 +142,7 @@ def read_tensor(meta: ParameterMeta, dim: int | None = None, start: int = 0,
                 length: int | None = None) -> torch.Tensor:
     """The parameter's values, or rows ``[start, start + length)`` of dim ``dim`` only.
 
-    Returns a contiguous tensor of ``meta.dtype``. Raises :class:`TPWeightError` naming the
+    Returns a contiguous tensor of ``meta.dtype`` on ``meta.device``. Raises :class:`TPWeightError` naming the
     file and the tensor if the file is missing or corrupt or the shape is wrong.
     """
     from safetensors import safe_open
@@ -165,7 +167,7 @@ def read_tensor(meta: ParameterMeta, dim: int | None = None, start: int = 0,
                             f"{meta.source!r})") from e
     except Exception as e:  # noqa: BLE001 - safetensors raises several types
         raise TPWeightError(f"cannot read tensor {meta.source!r} from {meta.file}: {e}") from e
-    t = t.to(meta.dtype).contiguous()
+    t = t.to(dtype=meta.dtype, device=meta.device).contiguous()
     READS.append((meta.source, tuple(t.shape), t.nbytes))
     return t
 
@@ -195,7 +197,7 @@ def load_pending(items: list, specs: dict, pending, shard) -> None:
                 t.data = read_tensor(meta)
         else:
             local = info.take(lambda start, n: read_tensor(meta, info.dim, start, n),
-                              meta.dtype)
+                              meta.dtype, meta.device)
             shard(t, info, idx, local)
         if bar is not None:
             bar.update(1)

@@ -91,7 +91,10 @@ def check_inputs_agree(inputs: list, group) -> None:
     local = torch.stack([checksum(v) for _, v in inputs]).to(device)  # [n, 3]
     n_ranks = dist.get_world_size(group)
     gathered = torch.empty((n_ranks * local.shape[0], 3), dtype=local.dtype, device=device)
-    dist.all_gather_single(gathered, local, group=group)  # the ranks' rows, concatenated
+    # The ranks' rows, concatenated (all_gather_single is torch 2.13's name for
+    # all_gather_into_tensor, which older torch has alone).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, local, group=group)
     gathered = gathered.cpu().view(n_ranks, -1, 3)
     bad = []
     for i, (label, _) in enumerate(inputs):

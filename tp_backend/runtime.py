@@ -65,9 +65,9 @@ class ShardInfo:
         return shard_ranges(size, self.outer, self.tp_rank, self.tp_size, self.blocks,
                             self.units)
 
-    def take(self, read, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's shard, from ``read(start, length)`` of the real rows (zero rows
-        stand for padding)."""
+    def take(self, read, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """This rank's shard, from ``read(start, length)`` of the real rows (zero rows of
+        ``dtype`` on ``device`` stand for padding)."""
         real = self.global_shape[self.dim]
         parts = []
         for start, length in self.ranges():
@@ -77,12 +77,13 @@ class ShardInfo:
             if n_real < length:
                 shape = list(self.global_shape)
                 shape[self.dim] = length - n_real
-                parts.append(torch.zeros(shape, dtype=dtype))
+                parts.append(torch.zeros(shape, dtype=dtype, device=device))
         return torch.cat(parts, dim=self.dim) if len(parts) > 1 else parts[0]
 
     def local_of(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's shard of ``whole`` (the tensor of ``global_shape``)."""
-        return self.take(lambda start, n: whole.narrow(self.dim, start, n), whole.dtype)
+        return self.take(lambda start, n: whole.narrow(self.dim, start, n), whole.dtype,
+                         whole.device)
 
 
 @dataclass
