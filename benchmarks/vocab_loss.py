@@ -14,6 +14,14 @@ fresh process per row, so the peak is that row's), and the median time of ``--re
 forward+backward passes. Rows: ``one process`` (whole logits), ``gathered TP=2``
 (all-gather through ``tp_backend``'s differentiable gather, then ``F.cross_entropy``),
 ``vocab-parallel TP=2``.
+
+Then the same in a model (``--no-model`` skips it): a training step (forward with
+``labels``, backward) of a small random Llama (hidden 256, 2 layers, vocab ``--vocab``) on
+``--tokens`` tokens (batch 4), compiled with ``tp_auto`` at TP=2 with the logits it returns
+gathered (``outputs="gather"``, the default) or kept split (``outputs="split"``), and one
+process in eager. Reported per rank: the peak of the resident set during the step above
+its level before the step (sampled every 0.5 ms from ``/proc/self/statm`` by a thread, the
+first step, which compiles, excluded) and the median step time.
 """
 
 from __future__ import annotations
@@ -34,14 +42,97 @@ sys.path.insert(0, HERE)
 
 ROWS = [("one process", "whole", 1), ("gathered TP=2", "gathered", 2),
         ("vocab-parallel TP=2", "vocab_parallel", 2)]
+MODEL_ROWS = [("model, one process", "model_eager", 1),
+              ("model TP=2, outputs=gather", "model_gather", 2),
+              ("model TP=2, outputs=split", "model_split", 2)]
 
 
 def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _PeakRSS:
+    """The highest resident set size (MiB) seen while the ``with`` block runs, minus the
+    size at its start: a thread samples ``/proc/self/statm`` every 0.5 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self._page = os.sysconf("SC_PAGE_SIZE") / 2**20
+        self.start = self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _now(self) -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while not self._stop.wait(0.0005):
+            self.peak = max(self.peak, self._now())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._now())
+        self.added = self.peak - self.start
+
+
+def run_model(impl: str, tokens: int, vocab: int, reps: int) -> dict:
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import tp_backend  # noqa: F401
+
+    torch.set_num_threads(1)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, vocab, (4, tokens // 4), generator=torch.Generator().manual_seed(0))
+    rank, world = 0, 1
+    step = model
+    if impl != "model_eager":
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        step = torch.compile(model, backend="tp_auto",
+                             options={"outputs": impl.split("_")[1], "compiler": "eager"})
+
+    def train_step():
+        out = step(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out
+
+    train_step()  # compiles
+    model.zero_grad(set_to_none=True)
+    times, peak = [], 0.0
+    for _ in range(reps):
+        with _PeakRSS() as m:
+            t0 = time.perf_counter()
+            out = train_step()
+            times.append(time.perf_counter() - t0)
+            logits_local = getattr(out.logits, "to_local", lambda: out.logits)()
+            loss = out.loss.item()
+            del out
+        model.zero_grad(set_to_none=True)
+        peak = max(peak, m.added)
+    if world > 1:
+        peaks = [None] * world
+        dist.all_gather_object(peaks, peak)
+        peak = max(peaks)
+        dist.destroy_process_group()
+    return {"loss_peak_mib": peak, "time_s": statistics.median(times), "loss": loss,
+            "logits_local_mib": logits_local.numel() * 4 / 2**20}
+
+
 def run_one(impl: str, tokens: int, vocab: int, reps: int) -> dict:
     import torch.distributed as dist
+
+    if impl.startswith("model"):
+        return run_model(impl, tokens, vocab, reps)
 
     import tp_backend  # noqa: F401  (registers the ops)
     from tp_backend import conjugates
@@ -91,6 +182,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-model", action="store_true", help="skip the model rows")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -104,23 +196,32 @@ def main():
     from _common import run_child, write_json
 
     rows = {}
-    for name, impl, ranks in ROWS:
+    for name, impl, ranks in ROWS + ([] if args.no_model else MODEL_ROWS):
         rows[name] = run_child(os.path.abspath(__file__),
                                ["--tokens", str(args.tokens), "--vocab", str(args.vocab),
                                 "--reps", str(args.reps), "--child", impl], tp=ranks)
-    base = rows["gathered TP=2"].get("loss_peak_mib")
     print(f"loss over [{args.tokens}, {args.vocab}] fp32 logits (whole: "
           f"{args.tokens * args.vocab * 4 / 2**20:.0f} MiB), forward + backward, per rank")
-    print(f"{'row':<22} {'peak MiB':>9} {'vs gathered':>12} {'time s':>8} {'loss':>8}")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:<22} error: {r['error']}")
-            continue
-        ratio = f"{r['loss_peak_mib'] / base:.2f}x" if base else "-"
-        print(f"{name:<22} {r['loss_peak_mib']:>9.0f} {ratio:>12} {r['time_s']:>8.3f} "
-              f"{r['loss']:>8.4f}")
+    _table(rows, [n for n, _, _ in ROWS], "gathered TP=2")
+    if not args.no_model:
+        print("\ntraining step of a small Llama with labels (peak RSS above the step's start)")
+        _table(rows, [n for n, _, _ in MODEL_ROWS], "model TP=2, outputs=gather")
     out = args.out or os.path.join(HERE, "results", "vocab_loss.json")
     write_json({"tokens": args.tokens, "vocab": args.vocab, "rows": rows}, out)
+
+
+def _table(rows: dict, names: list, base_name: str) -> None:
+    base = rows[base_name].get("loss_peak_mib")
+    print(f"{'row':<28} {'peak MiB':>9} {'vs ' + base_name.split(',')[-1].strip():>16} "
+          f"{'time s':>8} {'loss':>8}")
+    for name in names:
+        r = rows[name]
+        if "error" in r:
+            print(f"{name:<28} error: {r['error']}")
+            continue
+        ratio = f"{r['loss_peak_mib'] / base:.2f}x" if base else "-"
+        print(f"{name:<28} {r['loss_peak_mib']:>9.0f} {ratio:>16} {r['time_s']:>8.3f} "
+              f"{r['loss']:>8.4f}")
 
 
 if __name__ == "__main__":

@@ -61,10 +61,12 @@ def _option_default_and_error(rank, world_size, key, bad):
                                              ("cpu_matmul", "onednn", "mkl"),
                                              ("sync_rng", "first", "never"),
                                              ("check_inputs", "first", "yes"),
-                                             ("fallback", "replicate", "ignore")])
+                                             ("fallback", "replicate", "ignore"),
+                                             ("outputs", "gather", "sharded")])
 def test_option_default_and_bad_value_named(key, default, bad):
     """Pins the defaults (Inductor downstream, oneDNN CPU matmuls, random state synced and
-    inputs checked on a graph's first call, failed passes replicated); a bad value raises
+    inputs checked on a graph's first call, failed passes replicated, split outputs
+    gathered); a bad value raises
     TPOptionsError naming the key, the value and the valid choices."""
     [(got, err)] = run_distributed(_option_default_and_error, 1, key, bad)
     assert got == default

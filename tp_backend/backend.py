@@ -45,7 +45,8 @@ from .placement import Shard
 from .naming import NameIndex, roots_of_compiling_frame, roots_of_running_frames
 from .pipeline import run_pipeline
 from .plan import TPPlan
-from .tp_tensor import TPTensor, ToLocal
+from .rules import Role
+from .tp_tensor import FromLocal, TPTensor, ToLocal
 # The runtime state of split values lives in tp_backend.runtime (reached as tp_auto.store);
 # its public accessors are re-exported here and from the package.
 from .runtime import (SPLIT_ATTR, STORE, ShardInfo, differentiable,  # noqa: F401
@@ -70,6 +71,8 @@ class _Compiled:
     run: object = None  # the local graph, compiled by the downstream compiler (or gm itself)
     labels: dict = dataclasses.field(default_factory=dict)  # input index -> user-facing name
     training: bool = False  # compiled to be differentiated (tp_backend.conjugates)
+    # output index -> Shard of outputs returned to Python as TPTensors (outputs="split")
+    returned_split: dict = dataclasses.field(default_factory=dict)
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -231,9 +234,26 @@ class _Runner:
             outs = _InferenceOnly.wrap(anchor, outs)
         else:
             outs = c.run(*args)
+        if c.returned_split:
+            outs = self._wrap_returned(list(outs))
         if not c.local_outputs:
             return outs
         return self._split_outputs(list(outs))
+
+    def _wrap_returned(self, outs: list) -> list:
+        """Each output the plan returns split (``outputs="split"``) as a
+        :class:`~tp_backend.tp_tensor.TPTensor` of its global shape over the local shard
+        (through :class:`~tp_backend.tp_tensor.FromLocal` where autograd records it)."""
+        plan = self.compiled.plan
+        for idx, shard in self.compiled.returned_split.items():
+            local = outs[idx]
+            shape = list(local.shape)
+            shape[shard.dim] = shard.global_size(shape[shard.dim], plan.tp_rank, plan.tp_size)
+            info = ShardInfo(f"output {idx}", shard.dim, Role.SHARD, tuple(shape),
+                             plan.tp_rank, plan.tp_size, self._opts.group_name)
+            outs[idx] = (FromLocal.apply(local, info) if local.requires_grad
+                         else TPTensor(local, info))
+        return outs
 
     def _substitute_params(self, args: list) -> None:
         """Put each sharded parameter's local shard in its place in ``args``; shard the
@@ -539,7 +559,8 @@ class TPAutoBackend:
                 roles={i: info.layout for i, info in presharded.items()},
                 stateful_names=labels, aliases=aliases,
                 module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto),
-                strict_divisibility=opts.fallback == "raise")
+                strict_divisibility=opts.fallback == "raise",
+                split_outputs=opts.outputs == "split")
             self.stats["solves"] += 1
             specs = []
             for node, s in sol.param_storage.items():
@@ -588,7 +609,8 @@ class TPAutoBackend:
         self.plans.append(plan)
         run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
-                         local_in, dict(sol.local_outputs), run, labels, training)
+                         local_in, dict(sol.local_outputs), run, labels, training,
+                         dict(sol.returned_split))
 
 
 def _wants_grad(fake, real) -> bool:

@@ -8,12 +8,14 @@ them, so a layer is a function of local tensors, not a module with weights:
 * column-parallel linear: ``mm(x, W_local.t())`` with ``W: [out, in]`` split on dim 0 --
   the plain ``mm`` on the local shard already is the layer; its output ``[M, out/N]`` is
   split on the last dim (see :mod:`tp_backend.rules.matmul`).
-* :func:`row_parallel_linear` -- ``W`` split on ``in``: local product, all-reduce, bias once.
+* row-parallel linear -- ``W`` split on ``in``: :func:`partial_product`, an all-reduce
+  (:mod:`tp_backend.collectives`, or its differentiable conjugate when training), then
+  :func:`add_bias` once; the rewrite inserts the three as separate nodes.
 * :func:`vocab_parallel_embedding` -- the table ``[V, E]`` split on ``V``.
 * :func:`local_shard` -- this rank's chunk of a replicated value (no communication).
 
 Owns: the functions the local graphs call for parallel layers and local slices:
-:func:`row_parallel_linear` (with :func:`partial_product` and :func:`add_bias`),
+:func:`partial_product` and :func:`add_bias` (the row-parallel linear's local parts),
 :func:`vocab_parallel_embedding`, :func:`local_shard`, :func:`shard_ranges` and
 :func:`kv_head_slice`. Must not: decide placements (:mod:`tp_backend.rules` and the solver
 do) or where a layer goes (:mod:`tp_backend.rewrite` inserts the calls), or implement a
@@ -24,10 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from .collectives import all_reduce
 from .placement import Shard
 
-__all__ = ["row_parallel_linear", "partial_product", "add_bias", "vocab_parallel_embedding",
+__all__ = ["partial_product", "add_bias", "vocab_parallel_embedding",
            "local_shard", "kv_head_slice"]
 
 aten = torch.ops.aten
@@ -46,16 +47,6 @@ def add_bias(product: torch.Tensor, bias: torch.Tensor, beta=1, alpha=1) -> torc
     if beta != 1:
         bias = aten.mul(bias, beta)
     return aten.add(product, bias)
-
-
-def row_parallel_linear(bias: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor,
-                        group_name: str, use_shm: bool = False, beta=1,
-                        alpha=1) -> torch.Tensor:
-    """``addmm``/``baddbmm`` row-parallel: ``beta * bias + alpha * (x @ w_t)`` where
-    ``x: [(B,) M, K/N]`` and ``w_t: [(B,) K/N, out]`` hold this rank's slice of the
-    contraction dim; the partial products are all-reduced, then the bias (replicated) is
-    added once, not once per rank. ``use_shm``: see :func:`tp_backend.collectives.all_reduce`."""
-    return add_bias(all_reduce(partial_product(x, w_t), group_name, use_shm), bias, beta, alpha)
 
 
 def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_start: int,

@@ -155,6 +155,19 @@ def _ce_setup(ctx, inputs, output):
     ctx.reduction, ctx.ignore_index, ctx.smoothing = reduction, ignore_index, label_smoothing
 
 
+def cross_entropy_row_scale(valid: torch.Tensor, grad: torch.Tensor, reduction: int,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """What each row's cross-entropy gradient is multiplied by (shape of ``valid``: ``[N]``
+    or ``[N, d...]``): 0 where the target is ignored, else the upstream gradient -- its own
+    row's for ``reduction`` 0 (none), the scalar for 2 (sum), the scalar over the number
+    of counted rows for 1 (mean, PyTorch's definition). Shared with
+    :mod:`tp_backend.vocab_loss`."""
+    scale = valid.to(dtype)
+    if reduction == 1:
+        return scale * (grad / valid.sum().to(dtype))
+    return scale * grad
+
+
 def _ce_backward(ctx, grad):
     """Gradient of cross-entropy over class dim 1 of ``input`` ([N, C] or [N, C, d...]) for
     class-index targets: ``softmax(x) - q`` per counted row, where q is the one-hot target
@@ -167,13 +180,7 @@ def _ce_backward(ctx, grad):
     onehot = torch.zeros_like(p).scatter(1, safe.unsqueeze(1), 1.0)
     if ctx.smoothing:
         onehot = onehot * (1.0 - ctx.smoothing) + ctx.smoothing / x.shape[1]
-    d = (p - onehot) * valid.unsqueeze(1).to(p.dtype)
-    if ctx.reduction == 0:
-        d = d * grad.unsqueeze(1)
-    elif ctx.reduction == 1:
-        d = d * (grad / valid.sum().to(p.dtype))
-    else:
-        d = d * grad
+    d = (p - onehot) * cross_entropy_row_scale(valid, grad, ctx.reduction, p.dtype).unsqueeze(1)
     return d.to(x.dtype), None, None, None, None, None
 
 

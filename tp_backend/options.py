@@ -44,10 +44,16 @@ OPTION_DOCS = {
                   "cannot serve) or 'group' (the group's backend); see tp_backend.shm",
     "fallback": "what a graph whose decomposition, solve or rewrite fails does: 'replicate' "
                 "(default: it runs unsplit, parameters whole, with one warning) or 'raise'",
+    "outputs": "how a graph returns an output it computed split evenly on one dim (the logits "
+               "of a column-parallel LM head): 'gather' (default: all-gathered whole) or "
+               "'split' (a tp_backend.TPTensor holding this rank's shard, so the logits "
+               "returned beside a loss never exist whole; tp_backend.full_tensor(t) gathers "
+               "one, a collective every rank calls)",
 }
 _COMPILERS = ("eager", "inductor")
 _FALLBACKS = ("replicate", "raise")
 _WHEN = ("first", "always", "off")
+_OUTPUTS = ("gather", "split")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class TPOptions:
         all_reduce: ``"auto"``, ``"shm"`` or ``"group"`` (:mod:`tp_backend.shm`).
         fallback: ``"replicate"`` or ``"raise"``: a graph whose pass fails runs unsplit or
             raises :class:`~tp_backend.errors.TPPassError`.
+        outputs: ``"gather"`` or ``"split"``: outputs computed split are all-gathered, or
+            returned as :class:`~tp_backend.tp_tensor.TPTensor`.
     """
 
     tp_group: Any
@@ -77,6 +85,7 @@ class TPOptions:
     check_inputs: str = "first"
     fallback: str = "replicate"
     all_reduce: str = "auto"
+    outputs: str = "gather"
 
     @property
     def group_name(self) -> str:
@@ -85,7 +94,8 @@ class TPOptions:
 
 # The options chosen from a fixed set of values, and their defaults (TPOptions' own).
 _CHOICES = {"compiler": _COMPILERS, "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
-            "check_inputs": _WHEN, "fallback": _FALLBACKS, "all_reduce": ALL_REDUCE_CHOICES}
+            "check_inputs": _WHEN, "fallback": _FALLBACKS, "all_reduce": ALL_REDUCE_CHOICES,
+            "outputs": _OUTPUTS}
 _DEFAULTS = {f.name: f.default for f in fields(TPOptions) if f.name in _CHOICES}
 
 

@@ -170,18 +170,22 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                                            arg(node, "padding_idx")))
             if training:
                 enter_split(new)
-        elif dec.action is Action.ROW_ADDMM and training:
+        elif dec.action is Action.ROW_ADDMM:
+            # Megatron's row-parallel linear: the local partial product, its all-reduce,
+            # then the (replicated) bias added once, not once per rank.
             bias, a, b = node.args[:3]
+            reduce = conjugates.REDUCE if training else collectives.all_reduce
             with graph.inserting_before(node):
                 part = graph.call_function(layers.partial_product, (a, b))
-                summed = graph.call_function(conjugates.REDUCE, (part, group_name, use_shm))
+                summed = graph.call_function(reduce, (part, group_name, use_shm))
                 new = graph.call_function(
                     layers.add_bias, (summed, bias),
                     {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs})
             for n in (part, summed):
                 nodemeta.copy_provenance(n, node)
-            placed[part] = Partial()
-            enter_split(part)  # a replicated operand of the partial product (a whole weight)
+            if training:
+                placed[part] = Partial()
+                enter_split(part)  # a replicated operand of the product (a whole weight)
             record(Collective.ALL_REDUCE, node)
         elif dec.action is Action.VOCAB_CROSS_ENTROPY:
             x, target = arg(node, "input"), arg(node, "target")
@@ -196,13 +200,6 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             nodemeta.copy_provenance(both, node)
             # max, then the sums: two all-reduces of [N] values, no [N, C] traffic
             record(Collective.ALL_REDUCE, node)
-            record(Collective.ALL_REDUCE, node)
-        elif dec.action is Action.ROW_ADDMM:
-            bias, a, b = node.args[:3]
-            with graph.inserting_before(node):
-                new = graph.call_function(
-                    layers.row_parallel_linear, (bias, a, b, group_name, use_shm),
-                    {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs})
             record(Collective.ALL_REDUCE, node)
         else:  # pragma: no cover - internal invariant
             raise AssertionError(f"unknown rewrite action {dec.action}")

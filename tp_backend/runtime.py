@@ -65,13 +65,21 @@ class ShardInfo:
         return shard_ranges(size, self.outer, self.tp_rank, self.tp_size, self.blocks,
                             self.units)
 
+    def pieces(self) -> list:
+        """``[(start, local start, length, real)]`` per range of :meth:`ranges`: where it
+        begins in the (padded) dim and in the local shard, its length, and how many of its
+        rows are real (the rest, at its end, are padding: rows at or past the real size)."""
+        real, out, local_start = self.global_shape[self.dim], [], 0
+        for start, length in self.ranges():
+            out.append((start, local_start, length, max(0, min(start + length, real) - start)))
+            local_start += length
+        return out
+
     def take(self, read, dtype: torch.dtype, device=None) -> torch.Tensor:
         """This rank's shard, from ``read(start, length)`` of the real rows (zero rows of
         ``dtype`` on ``device`` stand for padding)."""
-        real = self.global_shape[self.dim]
         parts = []
-        for start, length in self.ranges():
-            n_real = max(0, min(start + length, real) - start)
+        for start, _, length, n_real in self.pieces():
             if n_real:
                 parts.append(read(start, n_real))
             if n_real < length:

@@ -111,6 +111,8 @@ class Solution:
     param_storage: dict = field(default_factory=dict)  # placeholder -> Shard | None
     param_role: dict = field(default_factory=dict)  # placeholder -> Role
     local_outputs: dict = field(default_factory=dict)  # output index -> Shard (KV cache)
+    # output index -> Shard of other outputs returned split (solve(split_outputs=True))
+    returned_split: dict = field(default_factory=dict)
     param_padding: dict = field(default_factory=dict)  # placeholder -> padded size of dim 0
     # input index -> name of every input that may be stored split: parameters, and state
     # the graph writes back into (a static KV cache)
@@ -331,10 +333,12 @@ class _Round:
     new_reduced: set  # Partial values to all-reduce where they are made (next pass)
     new_prefs: dict  # seed -> the block cuts / units its consumers asked for (next pass)
     local_outputs: dict  # output index -> Shard of a key/value cache returned split
+    returned_split: dict  # output index -> Shard of another output returned split
     taint: dict  # value -> the seeds whose shard reached it
 
 
-def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced) -> _Round:
+def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
+               split_outputs: bool = False) -> _Round:
     """One pass over ``graph`` in topological order: each op's rule decides its output
     placement from its inputs' (see the module docstring)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
@@ -344,7 +348,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     conflicts = set()
     new_reduced = set()
     new_prefs = {}
-    local_outputs = {}
+    local_outputs, returned_split = {}, {}
     largest = max((p.meta["val"].numel() for p in params
                    if isinstance(p.meta.get("val"), torch.Tensor)), default=0)
     ctx = _Ctx(tp_size=tp_size, demoted=demoted, origin=origin, placements=pl, notes=notes,
@@ -394,6 +398,11 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
                         # A key/value cache returned for the next step: it stays split
                         # over heads (evenly or not), so each rank keeps its heads' cache.
                         local_outputs[i] = p
+                        continue
+                    if split_outputs and isinstance(p, Shard) and p.plain \
+                            and (static_int(o.meta["val"].shape[p.dim]) or 1) % tp_size == 0:
+                        # Returned to Python split (a TPTensor), not all-gathered.
+                        returned_split[i] = p
                         continue
                     convert(node, o, REPLICATE, allow_gather=True)
             continue
@@ -446,20 +455,26 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     return _Round(placements=pl, decisions=decisions, conversions=conversions,
                   demands=demands, r_used=r_used, conflicts=conflicts, notes=notes,
                   origin=origin, new_reduced=new_reduced, new_prefs=new_prefs,
-                  local_outputs=local_outputs, taint=taint)
+                  local_outputs=local_outputs, returned_split=returned_split, taint=taint)
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
-          max_rounds: int = 64, veto: frozenset = frozenset()) -> Solution:
+          max_rounds: int = 64, veto: frozenset = frozenset(),
+          split_outputs: bool = False) -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
-    a local copy)."""
+    a local copy).
+
+    ``split_outputs``: a graph output split evenly on one dim (the logits of a
+    column-parallel LM head) is returned split (``Solution.returned_split``) instead of
+    all-gathered; other outputs are gathered as usual."""
     forced: set = set()
     t0 = time.perf_counter()
     while True:
         sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
-                          max_rounds=max_rounds, forced=forced, veto=veto)
+                          max_rounds=max_rounds, forced=forced, veto=veto,
+                          split_outputs=split_outputs)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
                and sol.param_storage.get(arg(n, "self"),
@@ -472,7 +487,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
 
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
                 max_rounds: int = 64, forced: set = frozenset(),
-                veto: frozenset = frozenset()) -> Solution:
+                veto: frozenset = frozenset(), split_outputs: bool = False) -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -498,7 +513,8 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     indivisible: list = []
     while True:
         rounds += 1
-        rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced)
+        rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
+                         split_outputs)
         indivisible += [why for _, why in rnd.notes
                         if isinstance(why, Indivisible) and why not in indivisible]
         new = rnd.conflicts - demoted
@@ -518,6 +534,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     pl, origin, demands, r_used = rnd.placements, rnd.origin, rnd.demands, rnd.r_used
     sol = Solution(tp_size=tp_size, placements=pl, decisions=rnd.decisions, demoted=demoted,
                    notes=rnd.notes, rounds=rounds, local_outputs=rnd.local_outputs,
+                   returned_split=rnd.returned_split,
                    taint=rnd.taint, indivisible=indivisible)
     dropped = defaultdict(set)  # parameter -> its dims some value on its chain dropped
     for param, perm in origin.values():

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import TPShardedModuleError
 
-__all__ = ["TPTensor", "ToLocal", "promote", "is_tp_tensor"]
+__all__ = ["TPTensor", "ToLocal", "FromLocal", "promote", "is_tp_tensor"]
 
 aten = torch.ops.aten
 
@@ -112,17 +112,14 @@ class TPTensor(torch.Tensor):
     # whole tensor, and a load reads whatever chunks this rank's layout needs (any TP size).
     def _chunks(self) -> list:
         """``[(global offsets, sizes, local start)]`` of this rank's real (unpadded) rows."""
-        info = self._info
-        real, out, local_start = info.global_shape[info.dim], [], 0
-        for start, length in info.ranges():
-            n = max(0, min(start + length, real) - start)
+        info, out = self._info, []
+        for start, local_start, _, n in info.pieces():
             if n:
                 offsets = [0] * len(info.global_shape)
                 offsets[info.dim] = start
                 sizes = list(info.global_shape)
                 sizes[info.dim] = n
                 out.append((torch.Size(offsets), torch.Size(sizes), local_start))
-            local_start += length
         return out
 
     def __create_write_items__(self, fqn: str, obj):
@@ -169,11 +166,19 @@ class TPTensor(torch.Tensor):
         if kind == "handler":
             return _HANDLERS[func](func, args, kwargs)
         raise TPShardedModuleError(
-            f"{func} on a parameter tp_auto sharded ({first._info.fqn!r}, global shape "
-            f"{list(first.shape)}, this rank holds {list(first._local.shape)}): outside the "
-            "compiled model a sharded parameter supports element-wise operations (optimizer "
-            "steps), norms and copies only. Use .full_tensor() for the whole value (a "
-            "collective) or .to_local() for this rank's shard")
+            f"{func} on {_what(first._info)}, global shape {list(first.shape)}, of which "
+            f"this rank holds {list(first._local.shape)}: outside the compiled model a split "
+            "tensor supports element-wise operations (optimizer steps), norms and copies "
+            "only. Use .full_tensor() for the whole value (a collective) or .to_local() for "
+            "this rank's shard")
+
+
+def _what(info) -> str:
+    """What a TPTensor is, for error messages: a parameter or a graph's output."""
+    if info.fqn.startswith("output "):
+        return (f"{info.fqn} of a graph compiled with options={{'outputs': 'split'}} "
+                "(returned split, not gathered)")
+    return f"the parameter {info.fqn!r}, which tp_auto sharded"
 
 
 def _first_tp_tensor(args, kwargs) -> "TPTensor":
@@ -227,9 +232,9 @@ def _on_global_stand_ins(func, args, kwargs):
 def _mismatch(func, t: TPTensor, other) -> TPShardedModuleError:
     shape = list(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
     return TPShardedModuleError(
-        f"{func} combines the sharded parameter {t._info.fqn!r} (global shape "
-        f"{list(t.shape)}) with {shape}, which is not split the same way; use .full_tensor() "
-        "for the whole value (a collective)")
+        f"{func} combines {_what(t._info)} (global shape {list(t.shape)}) with {shape}, "
+        "which is not split the same way; use .full_tensor() for the whole value (a "
+        "collective)")
 
 
 def _unwrap_position(func, values: list):
@@ -257,13 +262,8 @@ def _padding_rows(info) -> list:
     padded dim (a vocabulary padded to a multiple of the TP size)."""
     if not info.padded:
         return []
-    real, out, offset = info.global_shape[info.dim], [], 0
-    for start, length in info.ranges():
-        pad_from = max(real, start)
-        if pad_from < start + length:
-            out.append((offset + pad_from - start, start + length - pad_from))
-        offset += length
-    return out
+    return [(local_start + n, length - n) for _, local_start, length, n in info.pieces()
+            if n < length]
 
 
 def _keep_padding_zero(local: torch.Tensor, info) -> torch.Tensor:
@@ -459,6 +459,23 @@ class ToLocal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return TPTensor(grad.contiguous(), ctx.info)
+
+
+class FromLocal(torch.autograd.Function):
+    """``local shard [.., D_local, ..] -> TPTensor [.., D, ..]`` (an output a graph returns
+    split, option ``outputs="split"``); backward hands the gradient's local shard back: a
+    TPTensor gradient's own shard, or this rank's slice of a whole one."""
+
+    @staticmethod
+    def forward(ctx, local, info):
+        ctx.info = info
+        return TPTensor(local.view_as(local), info)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if isinstance(grad, TPTensor):
+            return grad._local, None
+        return ctx.info.local_of(grad), None
 
 
 def promote(t: torch.nn.Parameter, info, local: torch.Tensor, holders) -> torch.nn.Parameter:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .leaf_ops import cross_entropy_row_scale
+
 __all__ = ["vocab_parallel_cross_entropy"]
 
 
@@ -124,14 +126,7 @@ def _backward(ctx, grad, _grad_lse):
     d.scatter_add_(1, safe, mine.unsqueeze(1).to(d.dtype) * -(1.0 - smoothing))
     if smoothing:
         d.sub_(smoothing / num_classes)
-    scale = valid.to(d.dtype)
-    if reduction == 0:
-        scale = scale * grad
-    elif reduction == 1:
-        scale = scale * (grad / valid.sum().to(d.dtype))
-    else:
-        scale = scale * grad
-    d.mul_(scale.unsqueeze(1))
+    d.mul_(cross_entropy_row_scale(valid, grad, reduction, d.dtype).unsqueeze(1))
     return (d.to(x.dtype),) + (None,) * 7
 
 

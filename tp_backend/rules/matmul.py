@@ -15,8 +15,8 @@ all-reduce (``Action.ROW_ADDMM``), never once per rank.
 
 Owns: the rules of ``mm``, ``bmm``, ``addmm``/``baddbmm``, grouped matmuls and
 ``linalg_solve_triangular``, the column-parallel seed, and :func:`einsum_decision`.
-Must not: insert the all-reduce or add the bias
-(:func:`tp_backend.layers.row_parallel_linear`, inserted by :mod:`tp_backend.rewrite`),
+Must not: insert the all-reduce or add the bias (the row-parallel linear that
+:mod:`tp_backend.rewrite` inserts from :mod:`tp_backend.layers`' parts),
 rewrite arguments (:mod:`tp_backend.local_args`), or veto a seed (:mod:`tp_backend.solver`).
 """
 
