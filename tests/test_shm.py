@@ -171,3 +171,24 @@ def test_without_deepspeed_auto_falls_back_and_shm_says_what_to_install():
         logits, impl = out["auto"]
         assert impl == "group"
         torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def _stale_lock(rank, world_size, extensions_dir):
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir
+    out = _shm_then_auto()
+    return {"shm": out["shm"], "impl": out["auto"][1]}
+
+
+@needs_deepspeed
+def test_stale_build_lock_falls_back_instead_of_hanging(tmp_path):
+    """A build of the kernel that was killed leaves its lock file, and torch's extension
+    loader would wait for it forever: an hour-old lock makes 'auto' fall back to the
+    group's all-reduce and 'shm' raise, naming the lock, on every rank."""
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    hour_ago = os.path.getmtime(lock) - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    for out in run_distributed(_stale_lock, 2, str(tmp_path)):
+        assert out["impl"] == "group", out
+        assert out["shm"] and str(lock) in out["shm"] and "rm -r" in out["shm"], out

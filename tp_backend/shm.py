@@ -64,6 +64,9 @@ _KERNEL: dict = {"ready": False, "level": 0, "peers": (), "inflight": None}
 _SERVED: dict = {}  # group_name -> bool (the agreed answer of setup)
 _WATCHDOG_AFTER_S = 1.0
 _TIMEOUT_S = dist.constants.default_pg_timeout.total_seconds()  # gloo's default: 30 min
+# A build lock older than this was left by a build that stopped (the kernel builds in about
+# 30-60 s on 2 cores): loading would wait for it forever.
+_STALE_LOCK_S = 600.0
 
 
 @torch.library.custom_op("tp_backend::shm_all_reduce", mutates_args=())
@@ -249,6 +252,14 @@ def _initialise(group):
     builder = ShareMemCommBuilder()
     if not builder.is_compatible():
         raise RuntimeError("DeepSpeed says its shared-memory kernel is not compatible here")
+    stale = _stale_build_lock(builder.name)
+    if stale is not None:
+        path, age = stale
+        raise RuntimeError(
+            f"the build lock {path} is {age:.0f} s old, left by a build that was stopped, and "
+            f"torch's extension loader would wait for it forever; delete its directory "
+            f"(rm -r {os.path.dirname(path)}) and the kernel rebuilds on the next run (about "
+            "a minute)")
     t0 = time.perf_counter()
     module = builder.load(verbose=False)
     log.info("tp_auto: DeepSpeed's shared-memory all-reduce loaded in %.1f s",
@@ -271,6 +282,30 @@ def _initialise(group):
     dist.all_gather_object(pids, os.getpid(), group=group)
     _KERNEL.update(ready=True, level=level, peers=tuple(p for p in pids if p != os.getpid()))
     threading.Thread(target=_watchdog, name="tp_backend-shm-watchdog", daemon=True).start()
+
+
+def _stale_build_lock(name: str) -> tuple[str, float] | None:
+    """``(path, age in seconds)`` of a lock file of extension ``name``'s build directory
+    older than any build takes (``_STALE_LOCK_S``), or ``None``. torch's extension loader
+    (``torch.utils.cpp_extension.load``, which DeepSpeed's builder calls) takes that lock
+    while it builds and, finding it taken, waits until the file goes: a build killed
+    midway leaves it behind, and every later load would wait forever. The directory is
+    ``$TORCH_EXTENSIONS_DIR/name``, else ``name`` under one of the per-Python subfolders of
+    ``torch.utils.cpp_extension.get_default_build_root()``."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    paths = ([os.path.join(root, name, "lock")] if root else
+             glob.glob(os.path.join(get_default_build_root(), "*", name, "lock")))
+    now = time.time()
+    for path in paths:
+        try:
+            age = now - os.path.getmtime(path)
+        except OSError:  # no lock, or the build that held it just finished
+            continue
+        if age > _STALE_LOCK_S:
+            return path, age
+    return None
 
 
 @contextmanager
