@@ -59,13 +59,13 @@ def test_matches_cross_entropy_on_whole_logits():
             assert r["loss_err"] <= 1e-6 and r["grad_err"] <= 1e-6, r
 
 
-def _in_model(rank, world_size):
+def _in_model(rank, world_size, options):
     import zoo
 
     torch._dynamo.reset()
     model = zoo.make_model("llama").train()
     ids = make_ids(vocab=250, seed=1)
-    step = torch.compile(model, backend="tp_auto", options={"compiler": "eager"})
+    step = torch.compile(model, backend="tp_auto", options={"compiler": "eager", **options})
     step(input_ids=ids, labels=ids).loss.backward()
     plan = tp_backend.last_plan()
     # the local graph calls the vocab-parallel loss, and gathers no [N, C] logits for it
@@ -76,16 +76,19 @@ def _in_model(rank, world_size):
             "gathers": [c.module for c in plan.collectives if str(c.kind) == "all_gather"]}
 
 
-def test_language_model_loss_runs_vocab_parallel():
+@pytest.mark.parametrize("options,gathers", [({}, []), ({"outputs": "gather"}, ["lm_head"])])
+def test_language_model_loss_runs_vocab_parallel(options, gathers):
     """A tiny Llama with ``labels`` at TP=2: the LM head stays vocab-split and the loss
-    takes two all-reduces; the only all-gather is the returned logits (gradients: see
-    test_training.py, whose causal-LM losses all take this path)."""
-    for r in run_distributed(_in_model, 2):
+    takes two all-reduces; nothing is all-gathered (the default returns the logits split
+    beside a training forward's own loss), or only the returned logits with
+    ``outputs="gather"`` (gradients: see test_training.py, whose causal-LM losses all take
+    this path)."""
+    for r in run_distributed(_in_model, 2, options):
         assert r["lm_head"] == "column" and r["loss_reduces"] == 2, r
-        assert r["gathers"] == ["lm_head"], r
+        assert r["gathers"] == gathers, r
 
 
-def _split_outputs(rank, world_size):
+def _split_outputs(rank, world_size, options):
     import copy
 
     import zoo
@@ -97,7 +100,7 @@ def _split_outputs(rank, world_size):
     want = ref(input_ids=ids, labels=ids)
     want.loss.backward()
     step = torch.compile(model, backend="tp_auto",
-                         options={"compiler": "eager", "outputs": "split"})
+                         options={"compiler": "eager", **options})
     out = step(input_ids=ids, labels=ids)
     out.loss.backward()
     plan = tp_backend.last_plan()
@@ -106,6 +109,8 @@ def _split_outputs(rank, world_size):
     mine = want.logits.detach()[..., rank * v_local:(rank + 1) * v_local]
     grad = model.lm_head.weight.grad
     grad_mine = ref.lm_head.weight.grad[rank * v_local:(rank + 1) * v_local]
+    with torch.no_grad():  # an evaluation forward with labels: an inference graph
+        eval_type = type(step(input_ids=ids, labels=ids).logits).__name__
     try:  # what generate would do: not element-wise, so a clear error
         logits[:, -1]
         refused = None
@@ -118,17 +123,21 @@ def _split_outputs(rank, world_size):
             "loss_err": (out.loss - want.loss).abs().item(),
             "grad_err": (grad.to_local() - grad_mine).abs().max().item(),
             "gathers": [c.module for c in plan.collectives if str(c.kind) == "all_gather"],
-            "refused": refused}
+            "refused": refused, "eval_type": eval_type}
 
 
-def test_split_outputs_return_the_logits_split():
-    """``options={"outputs": "split"}``: the logits returned beside the loss stay split
-    (a TPTensor of the global shape over this rank's vocabulary slice), so no rank holds
-    them whole; the loss, the gradients and the gathered logits equal one process's (fp32,
+@pytest.mark.parametrize("options,eval_type", [({}, "Tensor"),
+                                               ({"outputs": "split"}, "TPTensor")])
+def test_split_outputs_return_the_logits_split(options, eval_type):
+    """A training forward with labels, under the default ``outputs="auto"`` and under
+    ``"split"``: the logits returned beside the loss stay split (a TPTensor of the global
+    shape over this rank's vocabulary slice), so no rank holds them whole (an evaluation
+    forward under no_grad gathers them under "auto", not under "split"); the loss, the gradients and the gathered logits equal one process's (fp32,
     TP only reorders additions: observed <= 5e-7; 1e-5 absolute, while a wrong slice or a
     lost gradient is off by ~1e-1)."""
-    for r in run_distributed(_split_outputs, 2):
+    for r in run_distributed(_split_outputs, 2, options):
         assert r["type"] == "TPTensor" and r["shape"] == r["want_shape"], r
+        assert r["eval_type"] == eval_type, r
         assert r["gathers"] == [], r
-        assert r["refused"] and "'outputs': 'split'" in r["refused"], r
+        assert r["refused"] and "'outputs'" in r["refused"] and "'gather'" in r["refused"], r
         assert max(r["local_err"], r["whole_err"], r["loss_err"], r["grad_err"]) <= 1e-5, r

@@ -560,7 +560,7 @@ class TPAutoBackend:
                 stateful_names=labels, aliases=aliases,
                 module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto),
                 strict_divisibility=opts.fallback == "raise",
-                split_outputs=opts.outputs == "split")
+                outputs=_outputs_mode(opts.outputs, training))
             self.stats["solves"] += 1
             specs = []
             for node, s in sol.param_storage.items():
@@ -611,6 +611,15 @@ class TPAutoBackend:
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
                          local_in, dict(sol.local_outputs), run, labels, training,
                          dict(sol.returned_split))
+
+
+def _outputs_mode(option: str, training: bool) -> str:
+    """The solver's ``outputs`` mode for the ``outputs`` option: ``"auto"`` keeps the logits
+    split in a graph compiled for training that computes its own vocab-parallel loss (a
+    ``labels`` forward), and gathers them everywhere else."""
+    if option == "auto":
+        return "split_with_loss" if training else "gather"
+    return option
 
 
 def _wants_grad(fake, real) -> bool:

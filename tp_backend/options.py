@@ -45,15 +45,17 @@ OPTION_DOCS = {
     "fallback": "what a graph whose decomposition, solve or rewrite fails does: 'replicate' "
                 "(default: it runs unsplit, parameters whole, with one warning) or 'raise'",
     "outputs": "how a graph returns an output it computed split evenly on one dim (the logits "
-               "of a column-parallel LM head): 'gather' (default: all-gathered whole) or "
-               "'split' (a tp_backend.TPTensor holding this rank's shard, so the logits "
-               "returned beside a loss never exist whole; tp_backend.full_tensor(t) gathers "
-               "one, a collective every rank calls)",
+               "of a column-parallel LM head): 'auto' (default: split where a graph compiled "
+               "for training computes its own vocab-parallel loss, i.e. a forward with "
+               "labels, so the logits returned beside that loss never exist whole; gathered "
+               "everywhere else), 'gather' (always all-gathered whole) or 'split' (always a "
+               "tp_backend.TPTensor holding this rank's shard; tp_backend.full_tensor(t) "
+               "gathers one, a collective every rank calls)",
 }
 _COMPILERS = ("eager", "inductor")
 _FALLBACKS = ("replicate", "raise")
 _WHEN = ("first", "always", "off")
-_OUTPUTS = ("gather", "split")
+_OUTPUTS = ("auto", "gather", "split")
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ class TPOptions:
         all_reduce: ``"auto"``, ``"shm"`` or ``"group"`` (:mod:`tp_backend.shm`).
         fallback: ``"replicate"`` or ``"raise"``: a graph whose pass fails runs unsplit or
             raises :class:`~tp_backend.errors.TPPassError`.
-        outputs: ``"gather"`` or ``"split"``: outputs computed split are all-gathered, or
-            returned as :class:`~tp_backend.tp_tensor.TPTensor`.
+        outputs: ``"auto"``, ``"gather"`` or ``"split"``: whether outputs computed split
+            are all-gathered or returned as :class:`~tp_backend.tp_tensor.TPTensor` (``auto``:
+            split beside a vocab-parallel loss in a training graph).
     """
 
     tp_group: Any
@@ -85,7 +88,7 @@ class TPOptions:
     check_inputs: str = "first"
     fallback: str = "replicate"
     all_reduce: str = "auto"
-    outputs: str = "gather"
+    outputs: str = "auto"
 
     @property
     def group_name(self) -> str:

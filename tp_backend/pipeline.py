@@ -53,7 +53,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                  aliases: dict | None = None,
                  module_path: Callable[[fx.Node], str] = lambda n: "",
                  veto: frozenset = frozenset(), strict_divisibility: bool = False,
-                 split_outputs: bool = False,
+                 outputs: str = "gather",
                  ) -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
@@ -74,8 +74,9 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         training: the local graph will be differentiated: its redistributions are the
             differentiable ones of :mod:`tp_backend.conjugates`.
         veto: names of seed nodes to keep replicated (see :func:`~tp_backend.solver.solve`).
-        split_outputs: outputs split evenly on one dim are returned split, not gathered
-            (the ``outputs="split"`` option; see :func:`~tp_backend.solver.solve`).
+        outputs: whether outputs split evenly on one dim are returned split, not gathered:
+            ``"gather"``, ``"split"`` or ``"split_with_loss"`` (see
+            :func:`~tp_backend.solver.solve`).
         strict_divisibility: raise where a split needs a count (heads, groups of a fused
             projection) that ``tp_size`` does not divide; else keep that projection whole
             with a warning (the backend's ``fallback="replicate"``).
@@ -117,7 +118,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         nodemeta.set_role(stand_in[ph[i]], role)
     sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
                 params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto),
-                split_outputs=split_outputs)
+                outputs=outputs)
     for why in sol.indivisible:
         if strict_divisibility:
             raise TPDivisibilityError(f"tp_auto: {why}.")

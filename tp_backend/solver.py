@@ -54,8 +54,8 @@ from torch.utils._pytree import tree_flatten
 
 from .nodemeta import describe, role
 from .placement import REPLICATE, Collective, Placement, Shard
-from .rules import (Decision, Indivisible, Role, arg, lookup, replicate_all, static_int,
-                    tensor_inputs)
+from .rules import (Action, Decision, Indivisible, Role, arg, lookup, replicate_all,
+                    static_int, tensor_inputs)
 from .rules.attention import is_kv_cache
 from .rules.view import layout_dim_map
 
@@ -111,7 +111,7 @@ class Solution:
     param_storage: dict = field(default_factory=dict)  # placeholder -> Shard | None
     param_role: dict = field(default_factory=dict)  # placeholder -> Role
     local_outputs: dict = field(default_factory=dict)  # output index -> Shard (KV cache)
-    # output index -> Shard of other outputs returned split (solve(split_outputs=True))
+    # output index -> Shard of other outputs returned split (see solve's ``outputs``)
     returned_split: dict = field(default_factory=dict)
     param_padding: dict = field(default_factory=dict)  # placeholder -> padded size of dim 0
     # input index -> name of every input that may be stored split: parameters, and state
@@ -338,7 +338,7 @@ class _Round:
 
 
 def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
-               split_outputs: bool = False) -> _Round:
+               outputs: str = "gather") -> _Round:
     """One pass over ``graph`` in topological order: each op's rule decides its output
     placement from its inputs' (see the module docstring)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
@@ -390,6 +390,8 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
             continue
         if node.op == "output":
             outs, _ = tree_flatten(node.args[0])
+            split_outputs = outputs == "split" or outputs == "split_with_loss" and any(
+                d.action is Action.VOCAB_CROSS_ENTROPY for d in decisions.values())
             for i, o in enumerate(outs):
                 if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor):
                     p = pl.get(o)
@@ -460,21 +462,22 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
           max_rounds: int = 64, veto: frozenset = frozenset(),
-          split_outputs: bool = False) -> Solution:
+          outputs: str = "gather") -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
     a local copy).
 
-    ``split_outputs``: a graph output split evenly on one dim (the logits of a
-    column-parallel LM head) is returned split (``Solution.returned_split``) instead of
-    all-gathered; other outputs are gathered as usual."""
+    ``outputs``: ``"split"`` returns a graph output split evenly on one dim (the logits of
+    a column-parallel LM head) split (``Solution.returned_split``) instead of
+    all-gathering it; ``"split_with_loss"`` does so where the graph computes a
+    vocab-parallel cross-entropy; ``"gather"`` never. Other outputs are gathered as usual."""
     forced: set = set()
     t0 = time.perf_counter()
     while True:
         sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
                           max_rounds=max_rounds, forced=forced, veto=veto,
-                          split_outputs=split_outputs)
+                          outputs=outputs)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
                and sol.param_storage.get(arg(n, "self"),
@@ -487,7 +490,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
 
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
                 max_rounds: int = 64, forced: set = frozenset(),
-                veto: frozenset = frozenset(), split_outputs: bool = False) -> Solution:
+                veto: frozenset = frozenset(), outputs: str = "gather") -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -514,7 +517,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     while True:
         rounds += 1
         rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
-                         split_outputs)
+                         outputs)
         indivisible += [why for _, why in rnd.notes
                         if isinstance(why, Indivisible) and why not in indivisible]
         new = rnd.conflicts - demoted

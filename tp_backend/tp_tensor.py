@@ -176,8 +176,9 @@ class TPTensor(torch.Tensor):
 def _what(info) -> str:
     """What a TPTensor is, for error messages: a parameter or a graph's output."""
     if info.fqn.startswith("output "):
-        return (f"{info.fqn} of a graph compiled with options={{'outputs': 'split'}} "
-                "(returned split, not gathered)")
+        return (f"{info.fqn} of a graph, returned split (option 'outputs': its default 'auto' "
+                "splits the logits beside a training forward's own loss; 'gather' returns "
+                "them whole)")
     return f"the parameter {info.fqn!r}, which tp_auto sharded"
 
 
