@@ -15,7 +15,10 @@ captures, the backend
 6. returns a runner that, on its first call, stores the parameters split (this rank's
    slice goes to the store of :mod:`tp_backend.runtime`; ``param.data`` becomes a
    one-element placeholder of the global shape, so Dynamo's guards still hold) and from
-   then on runs the local graph with the slices in their place.
+   then on runs the local graph with the slices in their place; outputs come back whole
+   (all-gathered in the graph), except key/value caches (placeholders carrying this rank's
+   part) and, per the ``outputs`` option, split outputs returned as
+   :class:`~tp_backend.tp_tensor.TPTensor`.
 
 Solved graphs are cached (keyed by the graph code and the global input shapes), so a
 recompile neither re-solves nor re-shards. ``torch._dynamo.reset()`` clears the cache.
