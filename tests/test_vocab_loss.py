@@ -111,6 +111,10 @@ def _split_outputs(rank, world_size, options):
     grad_mine = ref.lm_head.weight.grad[rank * v_local:(rank + 1) * v_local]
     with torch.no_grad():  # an evaluation forward with labels: an inference graph
         eval_type = type(step(input_ids=ids, labels=ids).logits).__name__
+    # the same graph compiled again with outputs="gather" (no reset): solved apart
+    gathered = torch.compile(model, backend="tp_auto",
+                             options={"compiler": "eager", "outputs": "gather"})
+    gather_type = type(gathered(input_ids=ids, labels=ids).logits).__name__
     try:  # what generate would do: not element-wise, so a clear error
         logits[:, -1]
         refused = None
@@ -123,7 +127,7 @@ def _split_outputs(rank, world_size, options):
             "loss_err": (out.loss - want.loss).abs().item(),
             "grad_err": (grad.to_local() - grad_mine).abs().max().item(),
             "gathers": [c.module for c in plan.collectives if str(c.kind) == "all_gather"],
-            "refused": refused, "eval_type": eval_type}
+            "refused": refused, "eval_type": eval_type, "gather_type": gather_type}
 
 
 @pytest.mark.parametrize("options,eval_type", [({}, "Tensor"),
@@ -137,7 +141,7 @@ def test_split_outputs_return_the_logits_split(options, eval_type):
     lost gradient is off by ~1e-1)."""
     for r in run_distributed(_split_outputs, 2, options):
         assert r["type"] == "TPTensor" and r["shape"] == r["want_shape"], r
-        assert r["eval_type"] == eval_type, r
+        assert r["eval_type"] == eval_type and r["gather_type"] == "Tensor", r
         assert r["gathers"] == [], r
         assert r["refused"] and "'outputs'" in r["refused"] and "'gather'" in r["refused"], r
         assert max(r["local_err"], r["whole_err"], r["loss_err"], r["grad_err"]) <= 1e-5, r
