@@ -155,9 +155,9 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
 
 def _default_device(group) -> torch.device:
     """The current CUDA device for an NCCL group, else torch's default device."""
-    from .consistency import _collective_device
+    from .consistency import collective_device
 
-    device = _collective_device(group)
+    device = collective_device(group)
     return device if device.type == "cuda" else torch.get_default_device()
 
 

@@ -74,7 +74,7 @@ class _Compiled:
     run: object = None  # the local graph, compiled by the downstream compiler (or gm itself)
     labels: dict = dataclasses.field(default_factory=dict)  # input index -> user-facing name
     training: bool = False  # compiled to be differentiated (tp_backend.conjugates)
-    # output index -> Shard of outputs returned to Python as TPTensors (outputs="split")
+    # output index -> Shard of outputs returned to Python as TPTensors (the outputs option)
     returned_split: dict = dataclasses.field(default_factory=dict)
 
 
@@ -244,7 +244,7 @@ class _Runner:
         return self._split_outputs(list(outs))
 
     def _wrap_returned(self, outs: list) -> list:
-        """Each output the plan returns split (``outputs="split"``) as a
+        """Each output the plan returns split (the ``outputs`` option) as a
         :class:`~tp_backend.tp_tensor.TPTensor` of its global shape over the local shard
         (through :class:`~tp_backend.tp_tensor.FromLocal` where autograd records it)."""
         plan = self.compiled.plan

@@ -142,8 +142,9 @@ def read_tensor(meta: ParameterMeta, dim: int | None = None, start: int = 0,
                 length: int | None = None) -> torch.Tensor:
     """The parameter's values, or rows ``[start, start + length)`` of dim ``dim`` only.
 
-    Returns a contiguous tensor of ``meta.dtype`` on ``meta.device``. Raises :class:`TPWeightError` naming the
-    file and the tensor if the file is missing or corrupt or the shape is wrong.
+    Returns a contiguous tensor of ``meta.dtype`` on ``meta.device``. Raises
+    :class:`TPWeightError` naming the file and the tensor if the file is missing or corrupt
+    or the shape is wrong.
     """
     from safetensors import safe_open
 

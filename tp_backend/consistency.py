@@ -32,10 +32,10 @@ import torch.distributed as dist
 
 from .errors import TPInputMismatchError
 
-__all__ = ["sync_rng_state", "check_inputs_agree", "checksum", "any_rank"]
+__all__ = ["sync_rng_state", "check_inputs_agree", "checksum", "any_rank", "collective_device"]
 
 
-def _collective_device(group) -> torch.device:
+def collective_device(group) -> torch.device:
     """Where this group's collectives take tensors: CUDA for NCCL, else CPU (gloo)."""
     backend = str(dist.get_backend(group))
     if "nccl" in backend and "gloo" not in backend:
@@ -53,7 +53,7 @@ def sync_rng_state(group) -> None:
     """Set this rank's default random generators to the state of ``group``'s first rank:
     the CPU generator, and the current CUDA device's if CUDA has been initialised. A
     collective (a broadcast of each state, ~5 KB for the CPU one)."""
-    device = _collective_device(group)
+    device = collective_device(group)
     torch.set_rng_state(_broadcast_state(torch.get_rng_state(), group, device))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(_broadcast_state(torch.cuda.get_rng_state(), group, device))
@@ -87,7 +87,7 @@ def check_inputs_agree(inputs: list, group) -> None:
     """
     if not inputs:
         return
-    device = _collective_device(group)
+    device = collective_device(group)
     local = torch.stack([checksum(v) for _, v in inputs]).to(device)  # [n, 3]
     n_ranks = dist.get_world_size(group)
     gathered = torch.empty((n_ranks * local.shape[0], 3), dtype=local.dtype, device=device)
@@ -121,6 +121,6 @@ def check_inputs_agree(inputs: list, group) -> None:
 def any_rank(flag: bool, group) -> bool:
     """Whether ``flag`` is true on any rank of ``group`` (an all-reduce of one integer), so
     every rank takes the same branch."""
-    t = torch.tensor([int(flag)], device=_collective_device(group))
+    t = torch.tensor([int(flag)], device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
