@@ -1,7 +1,8 @@
 """The same-host shared-memory all-reduce (tp_backend.shm, DeepSpeed's kernel): exact
 against one process and against the group's all-reduce, really called where it serves,
-refused with a clear error where it cannot, and the op alone sums like gloo. The dead-peer
-watchdog is tested in test_consistency.py. Skipped without deepspeed (CI installs it)."""
+refused with a clear error where it cannot, and the op alone sums like gloo; its watchdog
+spares a rank whose peer finished the all-reduce and exited (ending a rank whose peer died
+mid-way is tested in test_consistency.py). Skipped without deepspeed (CI installs it)."""
 
 import importlib.util
 import os
@@ -192,3 +193,30 @@ def test_stale_build_lock_falls_back_instead_of_hanging(tmp_path):
     for out in run_distributed(_stale_lock, 2, str(tmp_path)):
         assert out["impl"] == "group", out
         assert out["shm"] and str(lock) in out["shm"] and "rm -r" in out["shm"], out
+
+
+_LATE_LEAVER = r"""
+import subprocess, sys, threading, time
+from tp_backend import shm
+peer = subprocess.Popen([sys.executable, "-c", "pass"]); peer.wait()  # a peer that exited
+shm._KERNEL.update(peers=(peer.pid,), inflight=time.monotonic() - 2.0)  # waited 2 s already
+threading.Thread(target=shm._watchdog, daemon=True).start()
+time.sleep(float(sys.argv[1]))  # still "in the kernel" this long after the peer exited
+shm._KERNEL["inflight"] = None  # then leaves the all-reduce
+time.sleep(2.0)
+"""
+
+
+@pytest.mark.parametrize("stays_s, code", [(2.0, 0), (9.0, 1)])
+def test_watchdog_spares_a_rank_leaving_an_all_reduce_its_peer_finished(stays_s, code):
+    """A peer that finished the all-reduce first may exit (its last collective) while this
+    rank's main thread is still on its way out of the kernel: the watchdog must not end a
+    finished run (it did once in CI, on a loaded machine). It ends the rank only when the
+    same all-reduce is still in flight 5 s after it saw the dead peer."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _LATE_LEAVER, str(stays_s)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == code, run.stderr
+    assert ("exited during a shared-memory all-reduce" in run.stderr) == bool(code), run.stderr

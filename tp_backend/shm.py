@@ -28,9 +28,10 @@ Anywhere else the group's own all-reduce (gloo, NCCL) runs. The kernel waits for
 by spinning on shared flags, with no timeout: a peer that exits in the middle would leave
 this rank waiting forever, so a watchdog thread checks, while an all-reduce has run for more
 than a second, whether every peer process still lives, and ends this rank with an error
-message (exit code 1) if one does not, or once it has waited torch.distributed's default
-timeout (30 minutes; a custom group timeout is not visible through a public API). Under
-torchrun the agent ends the other ranks first.
+message (exit code 1) if one does not and the same all-reduce is still in flight 5 s later
+(a peer that finished the all-reduce first may exit before this rank leaves it), or once
+it has waited torch.distributed's default timeout (30 minutes; a custom group timeout is not
+visible through a public API). Under torchrun the agent ends the other ranks first.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ ALL_REDUCE_CHOICES = ("auto", "shm", "group")
 _KERNEL: dict = {"ready": False, "level": 0, "peers": (), "inflight": None}
 _SERVED: dict = {}  # group_name -> bool (the agreed answer of setup)
 _WATCHDOG_AFTER_S = 1.0
+# How long the same all-reduce must stay in flight after a peer is seen dead before this rank
+# ends (see _watchdog).
+_DEAD_GRACE_S = 5.0
 _TIMEOUT_S = dist.constants.default_pg_timeout.total_seconds()  # gloo's default: 30 min
 # A build lock older than this was left by a build that stopped (the kernel builds in about
 # 30-60 s on 2 cores): loading would wait for it forever.
@@ -333,14 +337,25 @@ def _alive(pid: int) -> bool:
 
 
 def _watchdog():
+    """Ends this rank when the all-reduce in flight cannot finish: a peer process has
+    exited and, ``_DEAD_GRACE_S`` later, the same all-reduce is still in flight, or it has
+    waited torch.distributed's default timeout. The grace matters: a peer that finished this
+    all-reduce before us may exit at once (its last collective), while this rank's main
+    thread is still on its way out of the kernel (descheduled, or waiting for the GIL to
+    clear ``inflight``); ending this rank then would turn a finished run into a failure."""
+    suspect = None  # (start of the all-reduce in flight, when a dead peer was first seen)
     while True:
         time.sleep(0.5)
         start = _KERNEL["inflight"]
         if start is None or time.monotonic() - start < _WATCHDOG_AFTER_S:
+            suspect = None
             continue
         dead = [p for p in _KERNEL["peers"] if not _alive(p)]
-        waited = time.monotonic() - start
-        if dead or waited > _TIMEOUT_S:
+        now = time.monotonic()
+        waited = now - start
+        if dead and (suspect is None or suspect[0] != start):
+            suspect = (start, now)  # look again after the grace
+        if waited > _TIMEOUT_S or (dead and now - suspect[1] >= _DEAD_GRACE_S):
             why = (f"a peer rank (process {dead[0]}) exited" if dead else
                    f"the peers did not join for {waited:.0f} s (torch.distributed's default "
                    "timeout)")
