@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 ATOL, RTOL = 1e-5, 1e-5
 
 
-def _run_zoo(rank, world_size, names, compiler):
+def _run_zoo(rank, world_size, names, compiler, options=None):
     import tp_backend
 
     rows = {}
@@ -29,7 +29,8 @@ def _run_zoo(rank, world_size, names, compiler):
             with torch.no_grad():
                 ref = zoo.output_of(model(**kwargs))
                 out = zoo.output_of(torch.compile(model, backend="tp_auto",
-                                                  options={"compiler": compiler})(**kwargs))
+                                                  options={"compiler": compiler,
+                                                           **(options or {})})(**kwargs))
         except Exception as e:  # noqa: BLE001 - recorded in the table, fails the test
             rows[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
             continue
@@ -53,6 +54,7 @@ def _run_zoo(rank, world_size, names, compiler):
             "ar_per_layer": sorted(set(per_layer.values())),
             "ar_outside": plan.collectives_per_layer("all_reduce").get(None, 0),
             "gathers": sum(plan.collectives_per_layer("all_gather").values()),
+            "reduce_scatters": sum(plan.collectives_per_layer("reduce_scatter").values()),
             "replicated": sorted({d.split("'")[3] if d.count("'") >= 4 else d
                                   for d in plan.demoted}
                                  | {d.split("'")[3] for d, _ in plan.replicated_ops

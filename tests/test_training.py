@@ -104,7 +104,9 @@ def compare_grads(model, ref) -> dict:
             "compared": compared}
 
 
-def _grads(rank, world_size, model_types, compiler, overrides):
+def _grads(rank, world_size, model_types, compiler, overrides, options=None):
+    from tp_backend.backend import tp_auto
+
     out = {}
     for mt in model_types:
         torch._dynamo.reset()
@@ -113,12 +115,16 @@ def _grads(rank, world_size, model_types, compiler, overrides):
         pad = getattr(model.config, "pad_token_id", None)
         if isinstance(pad, int) and 0 <= pad < 250:
             ids[1, 3] = pad  # the embedding's padding row gets no gradient
-        step = torch.compile(model, backend="tp_auto", options={"compiler": compiler})
+        step = torch.compile(model, backend="tp_auto",
+                             options={"compiler": compiler, **(options or {})})
+        first = len(tp_auto.plans)
         loss = _loss(mt, step, ids)
         loss.backward()
         want = _loss(mt, ref, ids)
         want.backward()
-        out[mt] = {"loss_err": abs(loss.item() - want.item()), **compare_grads(model, ref)}
+        kinds = [c.kind for p in tp_auto.plans[first:] for c in p.collectives]
+        out[mt] = {"loss_err": abs(loss.item() - want.item()), **compare_grads(model, ref),
+                   "collectives": {k: kinds.count(k) for k in set(kinds)}}
     return out
 
 

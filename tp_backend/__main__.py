@@ -21,13 +21,16 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel size N")
     p.add_argument("--seq", type=int, default=128, help="sequence length of the traced input")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="plan with sequence parallelism (the sequence_parallel option)")
     args = parser.parse_args(argv)
 
     from .planning import format_plan, plan_model
 
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     t0 = time.perf_counter()
-    plans = plan_model(args.model, tp_size=args.tp, seq_len=args.seq, **overrides)
+    plans = plan_model(args.model, tp_size=args.tp, seq_len=args.seq,
+                       sequence_parallel=args.sequence_parallel, **overrides)
     for i, plan in enumerate(plans):
         title = f"{args.model} at tp_size={args.tp}" + (f" (graph {i + 1})" if len(plans) > 1 else "")
         print(format_plan(plan, title))

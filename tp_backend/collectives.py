@@ -7,7 +7,7 @@ same-host shared-memory kernel instead (:mod:`tp_backend.shm`).
 Letter key: N tp size, L local size of the gathered dim, o strided-shard outer factor.
 
 Owns: the collective functions the rewritten graphs call, :func:`all_reduce` and
-:func:`all_gather` (strided, blocked and uneven shards included). Must not: decide where a
+:func:`all_gather` (strided, blocked and uneven shards included) and :func:`reduce_scatter`. Must not: decide where a
 collective goes (the solver marks the conversions, :mod:`tp_backend.rewrite` inserts the
 calls), own the shared-memory kernel or decide which groups may use it
 (:mod:`tp_backend.shm`), or run the eager collectives that keep the ranks in step
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from . import shm
+from . import layers, shm
 from .placement import Shard
 
-__all__ = ["all_reduce", "all_gather"]
+__all__ = ["all_reduce", "all_gather", "reduce_scatter"]
 
 _c10d = torch.ops._c10d_functional
 
@@ -34,6 +34,26 @@ def all_reduce(x: torch.Tensor, group_name: str, use_shm: bool = False) -> torch
     if use_shm and shm.supports(x):
         return shm.shm_all_reduce(x.contiguous())
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
+                   group_name: str, blocks: tuple | None = None, units: int | None = None,
+                   use_shm: bool = False) -> torch.Tensor:
+    """Sum ``x`` (any shape, a partial sum) over the group and keep this rank's
+    ``Shard(dim, outer, blocks, units)`` of the sum (sequence parallelism: the tokens, dim
+    ``dim`` of size ``T``, become ``T / N`` per rank).
+
+    A plain shard goes through the group's reduce-scatter (``dim`` moved first, as
+    ``reduce_scatter_tensor`` splits dim 0): the same bytes on the wire as an all-reduce's
+    first half. Where the shared-memory kernel serves (``use_shm``, it only all-reduces)
+    or the split is strided, blocked or uneven, the all-reduce then the local chunk."""
+    plain = outer == 1 and blocks is None and units is None
+    if not plain or use_shm and shm.supports(x):
+        return layers.local_shard(all_reduce(x, group_name, use_shm), dim, outer, tp_rank,
+                                  tp_size, blocks, units).contiguous()
+    y = x.movedim(dim, 0).contiguous()
+    y = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(y, "sum", tp_size, group_name))
+    return y.movedim(0, dim).contiguous()
 
 
 def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str,

@@ -19,7 +19,15 @@ op                   forward                     backward
 ``gather``           all-gather (Shard -> R)     this rank's chunk of ``g``
 ``scatter``          local chunk (R -> Shard)    all-gather of the chunks' gradients
 ``copy``             identity                    all-reduce
+``reduce_scatter``   reduce-scatter (P -> Shard)  all-gather (sequence parallelism)
+``gather_to_split``  all-gather (Shard -> R)     reduce-scatter of the ranks' shares
 ===================  ==========================  =======================================
+
+``gather_to_split`` is ``gather`` then ``copy`` in one op, for a shard all-gathered only to
+enter split ops (the token-split input of a column-parallel matmul under sequence
+parallelism): its backward reduce-scatters the ranks' shares of the gradient instead of
+all-reducing them and keeping a chunk (Megatron-LM's
+``gather_from_sequence_parallel_region`` with ``tensor_parallel_output_grad``).
 
 ``copy`` goes on a replicated value where it enters an op whose output is split or partial
 (a column-parallel matmul, an element-wise op with a split operand, the keys sliced for a
@@ -27,8 +35,8 @@ KV-head group): the local backward of such an op gives only this rank's share of
 replicated input's gradient, and the shares sum to the true one. An op whose operands and
 output are all replicated gives the whole gradient locally and needs nothing.
 
-Owns: the custom ops ``tp_backend::reduce``, ``gather``, ``scatter``, ``copy`` and their
-autograd formulas. Must not: decide where they go (:mod:`tp_backend.rewrite` does, from
+Owns: the custom ops ``tp_backend::reduce``, ``gather``, ``scatter``, ``copy``,
+``reduce_scatter``, ``gather_to_split`` and their autograd formulas. Must not: decide where they go (:mod:`tp_backend.rewrite` does, from
 the solved placements) or implement the collectives (:mod:`tp_backend.collectives`).
 """
 
@@ -41,7 +49,7 @@ import torch
 from . import collectives, layers
 from .placement import Shard
 
-__all__ = ["reduce", "gather", "scatter", "copy"]
+__all__ = ["reduce", "gather", "scatter", "copy", "reduce_scatter", "gather_to_split"]
 
 
 def _fresh(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +158,53 @@ def _scatter_backward(ctx, g):
 
 scatter.register_autograd(_scatter_backward, setup_context=_shard_setup)
 
+@torch.library.custom_op("tp_backend::reduce_scatter", mutates_args=())
+def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
+                   group_name: str, blocks: Optional[list[int]] = None,
+                   units: Optional[int] = None, use_shm: bool = False) -> torch.Tensor:
+    """Partial -> Shard: :func:`tp_backend.collectives.reduce_scatter` of ``x`` (Megatron's
+    sequence-parallel reduce-scatter after a row-parallel layer). Backward: the all-gather
+    of the chunks' gradients (every partial term got the whole gradient)."""
+    s = _shard(dim, outer, blocks, units)
+    return _fresh(collectives.reduce_scatter(x, dim, outer, tp_rank, tp_size, group_name,
+                                             s.blocks, units, use_shm), x)
+
+
+@reduce_scatter.register_fake
+def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
+    shape = list(x.shape)
+    shape[dim] = _shard(dim, outer, blocks, units).local_size(shape[dim], tp_rank, tp_size)
+    return x.new_empty(shape)
+
+
+reduce_scatter.register_autograd(_scatter_backward, setup_context=_shard_setup)
+
+@torch.library.custom_op("tp_backend::gather_to_split", mutates_args=())
+def gather_to_split(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
+                    group_name: str, blocks: Optional[list[int]] = None,
+                    units: Optional[int] = None, use_shm: bool = False) -> torch.Tensor:
+    """Shard -> Replicate for split consumers only: :func:`gather`'s forward. Backward:
+    the reduce-scatter of the ranks' shares of the gradient (:func:`reduce_scatter`)."""
+    return gather(x, dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm)
+
+
+@gather_to_split.register_fake
+def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
+    shape = list(x.shape)
+    shape[dim] = _shard(dim, outer, blocks, units).global_size(shape[dim], tp_rank, tp_size)
+    return x.new_empty(shape)
+
+
+def _gather_to_split_backward(ctx, g):
+    return (reduce_scatter(g, *ctx.args), *([None] * len(ctx.args)))
+
+
+gather_to_split.register_autograd(_gather_to_split_backward, setup_context=_shard_setup)
+
 # The overloads the rewrite puts in graphs (a graph calls an op, not the Python definition).
 REDUCE = torch.ops.tp_backend.reduce.default
 COPY = torch.ops.tp_backend.copy.default
 GATHER = torch.ops.tp_backend.gather.default
 SCATTER = torch.ops.tp_backend.scatter.default
+REDUCE_SCATTER = torch.ops.tp_backend.reduce_scatter.default
+GATHER_TO_SPLIT = torch.ops.tp_backend.gather_to_split.default

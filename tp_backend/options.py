@@ -51,6 +51,12 @@ OPTION_DOCS = {
                "everywhere else), 'gather' (always all-gathered whole) or 'split' (always a "
                "tp_backend.TPTensor holding this rank's shard; tp_backend.full_tensor(t) "
                "gathers one, a collective every rank calls)",
+    "sequence_parallel": "True: Megatron's sequence parallelism (default False): the norms, "
+                         "residual adds and dropout between a row-parallel output and the "
+                         "next column-parallel input run split over the tokens, each "
+                         "all-reduce becoming a reduce-scatter plus an all-gather (same "
+                         "bytes, 1/N of those activations per rank); graphs with fewer "
+                         "tokens than ranks (decode) all-reduce as without it",
 }
 _COMPILERS = ("eager", "inductor")
 _FALLBACKS = ("replicate", "raise")
@@ -77,6 +83,8 @@ class TPOptions:
         outputs: ``"auto"``, ``"gather"`` or ``"split"``: whether outputs computed split
             are all-gathered or returned as :class:`~tp_backend.tp_tensor.TPTensor` (``auto``:
             split beside a vocab-parallel loss in a training graph).
+        sequence_parallel: split the regions between row- and column-parallel layers over
+            the tokens (:func:`tp_backend.solver.solve`).
     """
 
     tp_group: Any
@@ -89,6 +97,7 @@ class TPOptions:
     fallback: str = "replicate"
     all_reduce: str = "auto"
     outputs: str = "auto"
+    sequence_parallel: bool = False
 
     @property
     def group_name(self) -> str:
@@ -118,6 +127,10 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
     if unknown:
         valid = ", ".join(sorted(OPTION_DOCS))
         raise TPOptionsError(f"unknown tp_auto option {unknown[0]!r}; valid options: {valid}")
+    sp = options.get("sequence_parallel", False)
+    if not isinstance(sp, bool):
+        raise TPOptionsTypeError(f"tp_auto option 'sequence_parallel' must be True or False, "
+                                 f"got {type(sp).__name__}")
     group = options.get("tp_group")
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -138,4 +151,4 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
             raise TPOptionsError(f"tp_auto option {key!r} must be one of {choices}, "
                                  f"got {chosen[key]!r}")
     return TPOptions(tp_group=group, tp_rank=dist.get_rank(group),
-                     tp_size=dist.get_world_size(group), **chosen)
+                     tp_size=dist.get_world_size(group), sequence_parallel=sp, **chosen)

@@ -20,7 +20,8 @@ one mesh axis:
   over the ranks is the true value (the output of a row-parallel matmul before all-reduce).
 
 Converting ``Replicate -> Shard`` is free (a local slice), ``Partial -> Replicate`` costs an
-all-reduce and ``Shard -> Replicate`` an all-gather (:class:`Collective`).
+all-reduce, ``Partial -> Shard`` a reduce-scatter and ``Shard -> Replicate`` an all-gather
+(:class:`Collective`).
 
 Owns: the placement types (:class:`Replicate`, :class:`Shard`, :class:`Partial`,
 :class:`HeadGroup`), a shard's arithmetic (``ranges``, ``local_size``, ``global_size``,
@@ -47,11 +48,13 @@ class StrEnum(str, enum.Enum):
 
 
 class Collective(StrEnum):
-    """The collective a conversion away from a placement costs: ``Partial -> *`` an
-    all-reduce, ``Shard -> *`` an all-gather (a slice after it is free)."""
+    """The collective a conversion away from a placement costs: ``Partial -> Replicate`` an
+    all-reduce, ``Partial -> Shard`` a reduce-scatter (sequence parallelism), ``Shard -> *``
+    an all-gather (a slice after it is free)."""
 
     ALL_REDUCE = "all_reduce"
     ALL_GATHER = "all_gather"
+    REDUCE_SCATTER = "reduce_scatter"
 
 
 class Placement:

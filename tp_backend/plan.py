@@ -54,7 +54,8 @@ class ParamPlan:
 
 @dataclass(frozen=True)
 class CollectivePlan:
-    """One collective in the forward graph: ``kind`` is ``all_reduce`` or ``all_gather``;
+    """One collective in the forward graph: ``kind`` is ``all_reduce``, ``all_gather`` or
+    ``reduce_scatter`` (sequence parallelism);
     ``layer`` the repeated-block index (``None`` outside the blocks)."""
 
     kind: str
@@ -81,6 +82,14 @@ class TPPlan:
     # What sums the all-reduces: "group" (the process group's backend: gloo, NCCL) or "shm"
     # (DeepSpeed's same-host shared-memory kernel for CPU float tensors, tp_backend.shm).
     all_reduce_impl: str = "group"
+    # sequence_parallel: values split over their tokens (the regions between a row-parallel
+    # output's reduce-scatter and the next all-gather: residual adds, norms, dropout)
+    sequence_values: int = 0
+
+    def sequence_regions(self) -> list:
+        """Modules whose (partial-sum) output is reduce-scattered over the tokens, each
+        starting a sequence-parallel region, in graph order."""
+        return [c.module for c in self.collectives if c.kind == "reduce_scatter"]
 
     def layouts(self) -> dict:
         """``{layout: [fqn, ...]}``."""
@@ -110,17 +119,24 @@ class TPPlan:
         if full:
             lines.append(f"  parameter bytes per rank: {local / 2**20:.2f} MiB of "
                          f"{full / 2**20:.2f} MiB ({local / full:.1%})")
-        for kind in ("all_reduce", "all_gather"):
+        for kind in ("all_reduce", "reduce_scatter", "all_gather"):
             per = self.collectives_per_layer(kind)
             if per:
                 layers = sorted(k for k in per if k is not None)
                 inner = Counter(per[k] for k in layers)
                 desc = ", ".join(f"{n} per layer in {c} layers" for n, c in sorted(inner.items()))
                 outside = per.get(None, 0)
-                impl = (f" [{self.all_reduce_impl}]" if kind == "all_reduce" else "")
+                impl = (f" [{self.all_reduce_impl}]" if kind != "all_gather" else "")
                 lines.append(f"  {kind}{impl}: {sum(per.values())} in total"
                              + (f" ({desc}" + (f"; {outside} outside the layers)" if outside else ")")
                                 if layers else ""))
+        if self.sequence_values:
+            regions = self.sequence_regions()
+            lines.append(f"  sequence parallel: {len(regions)} regions split over the tokens "
+                         f"({self.sequence_values} values), e.g. after "
+                         f"{regions[0] or 'the graph input'}" if regions else
+                         f"  sequence parallel: {self.sequence_values} values split over the "
+                         "tokens")
         if self.demoted:
             lines.append(f"  kept whole (a shard would need a gather): {len(self.demoted)}, e.g. "
                          f"{self.demoted[0]}")

@@ -41,7 +41,7 @@ def _load_config(model, overrides):
 
 
 def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
-               **config_overrides) -> list[TPPlan]:
+               sequence_parallel: bool = False, **config_overrides) -> list[TPPlan]:
     """The plans (one per captured graph) of ``model`` at ``tp_size``.
 
     Args:
@@ -49,6 +49,7 @@ def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
             ``PretrainedConfig``, or an ``nn.Module`` (ideally on the meta device).
         tp_size: number of ranks ``N`` to plan for.
         seq_len: length of the ``[1, seq_len]`` meta input used to capture the forward.
+        sequence_parallel: plan with the backend's ``sequence_parallel=True`` option.
         **config_overrides: config fields to change first (e.g. ``num_hidden_layers=2``).
 
     Heads that ``tp_size`` does not divide stay whole (with a warning), as the backend
@@ -83,7 +84,8 @@ def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
                 aliases[i] = found.aliases if found is not None else ()
         _, _, plan = run_pipeline(gm, fakes, mode, params=params, fqns=fqns, presharded={},
                                   tp_size=tp_size, tp_rank=tp_rank, group_name="plan",
-                                  aliases=aliases, module_path=lambda n: names.module_path(n, gm))
+                                  aliases=aliases, module_path=lambda n: names.module_path(n, gm),
+                                  sequence_parallel=sequence_parallel)
         plans.append(plan)
         return gm.forward
 
@@ -112,10 +114,14 @@ def format_plan(plan: TPPlan, title: str = "") -> str:
         by_layer[layer_index(p.fqn)].append(p)
     per_ar = plan.collectives_per_layer("all_reduce")
     per_ag = plan.collectives_per_layer("all_gather")
+    per_rs = plan.collectives_per_layer("reduce_scatter")
 
     def describe(layer):
         rows = [(_rel(p.fqn), p.layout, p.global_shape, p.shape_text()) for p in by_layer[layer]]
-        return tuple(sorted(rows)), per_ar.get(layer, 0), per_ag.get(layer, 0)
+        counts = f"{per_ar.get(layer, 0)} all-reduce, {per_ag.get(layer, 0)} all-gather"
+        if per_rs:
+            counts += f", {per_rs.get(layer, 0)} reduce-scatter"
+        return tuple(sorted(rows)), counts
 
     lines = [title] if title else []
     lines.append(plan.summary())
@@ -128,12 +134,12 @@ def format_plan(plan: TPPlan, title: str = "") -> str:
         else:
             groups.append([k, k, d])
     if None in by_layer:
-        rows, ar, ag = describe(None)
-        lines.append(f"outside the layers: {ar} all-reduce, {ag} all-gather")
+        rows, counts = describe(None)
+        lines.append(f"outside the layers: {counts}")
         lines += [f"  {lay:9s} {name:50s} {list(g)} -> {l}" for name, lay, g, l in rows]
-    for first, last, (rows, ar, ag) in groups:
+    for first, last, (rows, counts) in groups:
         span = f"layer {first}" if first == last else f"layers {first}-{last} (each)"
-        lines.append(f"{span}: {ar} all-reduce, {ag} all-gather")
+        lines.append(f"{span}: {counts}")
         lines += [f"  {lay:9s} {name:50s} {list(g)} -> {l}" for name, lay, g, l in rows]
     local, full = plan.param_bytes()
     lines.append(f"parameter bytes per rank: {local / 2**30:.3f} GiB; full model: "

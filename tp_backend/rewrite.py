@@ -6,7 +6,8 @@
   64])`` -> ``view(x, [B, S, 3, 64])`` at TP=3), from the solved placements
   (:func:`tp_backend.local_args.local_args`);
 * redistributions are inserted on the edges the solver marked: a local slice of a
-  replicated value, an all-reduce of a partial sum, an all-gather of a shard; each is
+  replicated value, an all-reduce of a partial sum (a reduce-scatter where it is wanted
+  split: sequence parallelism), an all-gather of a shard; each is
   inserted once per (value, placement) and reused by later consumers;
 * vocab-parallel embeddings and row-parallel ``addmm`` become the layer functions of
   :mod:`tp_backend.layers`.
@@ -90,6 +91,13 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                        if training else
                        graph.call_function(collectives.all_reduce, (cur, group_name, use_shm)))
                 record(Collective.ALL_REDUCE, c.src)
+            elif c.collective is Collective.REDUCE_SCATTER:
+                w = c.want
+                cur = graph.call_function(
+                    conjugates.REDUCE_SCATTER if training else collectives.reduce_scatter,
+                    (cur, w.dim, w.outer, tp_rank, tp_size, group_name,
+                     _int_list(w.blocks) if training else w.blocks, w.units, use_shm))
+                record(Collective.REDUCE_SCATTER, c.src)
             elif c.collective is Collective.ALL_GATHER:
                 h = c.have
                 cur = (graph.call_function(conjugates.GATHER,
@@ -187,6 +195,21 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                 placed[part] = Partial()
                 enter_split(part)  # a replicated operand of the product (a whole weight)
             record(Collective.ALL_REDUCE, node)
+        elif dec.action is Action.ROW_ADDMM_PARTIAL:
+            # Sequence parallelism: the partial product plus the bias on the first rank only
+            # (0 * bias elsewhere, so every rank's bias gets its gradient's share): a partial
+            # sum whose reduce-scatter the solver placed after it.
+            bias, a, b = node.args[:3]
+            beta = node.kwargs.get("beta", 1) if tp_rank == 0 else 0
+            with graph.inserting_before(node):
+                part = graph.call_function(layers.partial_product, (a, b))
+                new = graph.call_function(layers.add_bias, (part, bias),
+                                          {"beta": beta, "alpha": node.kwargs.get("alpha", 1)})
+            nodemeta.copy_provenance(part, node)
+            if training:
+                placed[part] = Partial()
+                enter_split(part)
+                enter_split(new)
         elif dec.action is Action.VOCAB_CROSS_ENTROPY:
             x, target = arg(node, "input"), arg(node, "target")
             classes = _global_shape(x)[1]
@@ -208,10 +231,32 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         replaced[node] = new
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    if training:
+        _fuse_gather_copy(graph)
     _rank_random(graph, sol, placed, tp_rank)
     graph.lint()
     gm.recompile()
     return gm, inserted
+
+
+def _fuse_gather_copy(graph: fx.Graph) -> None:
+    """A ``copy`` whose input is a ``gather`` used by nothing else becomes one
+    ``gather_to_split`` (the same forward; backward a reduce-scatter instead of an
+    all-reduce then a chunk): the token-split input of a column-parallel matmul under
+    sequence parallelism."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not conjugates.COPY:
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_function"
+                and src.target is conjugates.GATHER and len(src.users) == 1):
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(conjugates.GATHER_TO_SPLIT, src.args, src.kwargs)
+        fused.meta.update(src.meta)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        graph.erase_node(src)
 
 
 def _rank_random(graph: fx.Graph, sol: Solution, placed: dict, tp_rank: int) -> None:

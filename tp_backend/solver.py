@@ -53,7 +53,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .nodemeta import describe, role
-from .placement import REPLICATE, Collective, Placement, Shard
+from .placement import REPLICATE, Collective, Partial, Placement, Shard
 from .rules import (Action, Decision, Indivisible, Role, arg, lookup, replicate_all,
                     static_int, tensor_inputs)
 from .rules.attention import is_kv_cache
@@ -91,12 +91,17 @@ class Conversion:
     @property
     def collective(self) -> Collective | None:
         if self.have.is_partial():
-            return Collective.ALL_REDUCE
+            # (a partial sum wanted split: the sequence-parallel reduce-scatter)
+            return (Collective.REDUCE_SCATTER if isinstance(self.want, Shard)
+                    else Collective.ALL_REDUCE)
         return Collective.ALL_GATHER if self.have.is_shard() else None
 
     @property
     def slices(self) -> bool:
-        """Whether this rank's part of the value is taken after the collective."""
+        """Whether this rank's part of the value is taken after the collective (a
+        reduce-scatter delivers it)."""
+        if self.collective is Collective.REDUCE_SCATTER:
+            return False
         return self.have.is_replicate() or not self.want.is_replicate()
 
 
@@ -123,6 +128,9 @@ class Solution:
     # splits refused in any round only because tp_size does not divide a count (the note
     # is gone from the last round once the seed behind it stays whole)
     indivisible: list = field(default_factory=list)  # [rules.Indivisible]
+    # values split on their tokens (sequence_parallel): the reduce-scattered partial sums
+    # and what sequence-wise ops made of them
+    sequence_values: set = field(default_factory=set)
     rounds: int = 0
     seconds: float = 0.0
 
@@ -133,8 +141,11 @@ class _Ctx:
     taint and demotions, and the preferences consumers send back to seeds."""
 
     def __init__(self, *, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
-                 new_prefs, forced, largest_param=0):
+                 new_prefs, forced, largest_param=0, sequence=None, sequence_parallel=False):
         self.tp_size = tp_size
+        self.sequence_parallel = sequence_parallel
+        self._sequence = sequence if sequence is not None else {}
+        self.masked: set = set()  # sequence shards the op being decided sees as replicated
         self._largest_param = largest_param
         self._reduced = reduced
         self._prefs = prefs
@@ -148,7 +159,11 @@ class _Ctx:
 
     def placement(self, arg):
         if isinstance(arg, fx.Node):
+            if arg in self.masked:
+                return REPLICATE
             p = self._pl.get(arg)
+            if arg in self._sequence and isinstance(p, Partial):
+                return self._sequence[arg]
             if not isinstance(p, Placement) or p.is_partial() and arg in self._reduced:
                 return REPLICATE
             return p
@@ -335,10 +350,50 @@ class _Round:
     local_outputs: dict  # output index -> Shard of a key/value cache returned split
     returned_split: dict  # output index -> Shard of another output returned split
     taint: dict  # value -> the seeds whose shard reached it
+    new_sequence: dict  # Partial value -> the token Shard to reduce-scatter it to (next pass)
+    sequence_values: set  # values split on their tokens (sequence-parallel regions)
+
+
+def _sequence_wise(node) -> bool:
+    """Whether ``node`` may run in a sequence-parallel region (Megatron's: the norms,
+    dropout and residual adds between a row-parallel output and the next column-parallel
+    input): an element-wise op, a cast, a reduction, a layer norm or a dropout mask.
+    Any other op sees its token-split inputs as whole (all-gathered before
+    it): a matmul, so that its weight still splits column-parallel, and an op that needs
+    the whole sequence (attention, a cumulative op, an index along the tokens)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return True
+    return getattr(target, "overloadpacket", None) in _SEQUENCE_WISE
+
+
+# (not views: a view flattening the tokens feeds a matmul, and the all-gather before the
+# view serves every view of the same value, q, k and v's alike)
+_SEQUENCE_WISE = {aten._to_copy, aten.clone, aten.alias, aten.detach, aten.mean, aten.sum,
+                  aten.var_mean, aten.amax, aten.native_layer_norm, aten.rand_like,
+                  aten.native_dropout}
+
+
+def _token_shard(value, tp_size) -> Shard | None:
+    """The sequence-parallel split of ``value`` (``[*, T, E]``, floating): its second-last
+    dim (the sequence of ``[B, S, E]``, the tokens of ``[B*S, E]``), evenly where
+    ``tp_size`` divides it, else dealt out unevenly (``units``); ``None`` where it is
+    shorter than ``tp_size`` (the decode step, ``S = 1``) or not a static size."""
+    val = value.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2 or not val.is_floating_point():
+        return None
+    d = val.dim() - 2
+    size = static_int(val.shape[d])
+    if size is None or size < tp_size:
+        return None
+    return Shard(d) if size % tp_size == 0 else Shard(d, units=size)
 
 
 def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
-               outputs: str = "gather") -> _Round:
+               outputs: str = "gather", sequence: dict | None = None,
+               sequence_parallel: bool = False) -> _Round:
     """One pass over ``graph`` in topological order: each op's rule decides its output
     placement from its inputs' (see the module docstring)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
@@ -349,11 +404,15 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     new_reduced = set()
     new_prefs = {}
     local_outputs, returned_split = {}, {}
+    sequence = sequence or {}
+    new_sequence: dict = {}
+    seq: set = set()  # values split on their tokens
     largest = max((p.meta["val"].numel() for p in params
                    if isinstance(p.meta.get("val"), torch.Tensor)), default=0)
     ctx = _Ctx(tp_size=tp_size, demoted=demoted, origin=origin, placements=pl, notes=notes,
                reduced=reduced, prefs=prefs, taint=taint, new_prefs=new_prefs, forced=forced,
-               largest_param=largest)
+               largest_param=largest, sequence=sequence,
+               sequence_parallel=sequence_parallel)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -374,6 +433,13 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
             # Once reduced for one consumer, every consumer should use the reduced value:
             # reducing at each of them would multiply the all-reduces.
             new_reduced.add(src)
+        if sequence_parallel and have.is_partial() and want.is_replicate() \
+                and src not in sequence and _sequence_wise(node):
+            # Sequence parallelism: reduce-scatter the partial sum over its tokens instead
+            # (next pass), for the consumers that can run on a token split.
+            token = _token_shard(src, tp_size)
+            if token is not None:
+                new_sequence[src] = token
         conversions.append(Conversion(node, src, have, want))
 
     for node in graph.nodes:
@@ -415,6 +481,8 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
             p = pl.get(src)
             pl[node] = p[idx] if isinstance(p, tuple) else None
             taint[node] = taint.get(src, empty)
+            if src in seq and isinstance(pl[node], Shard):
+                seq.add(node)
             continue
         if not _is_tensor_node(node):
             continue
@@ -428,7 +496,18 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
             decisions[node] = Decision(out=REPLICATE)
             continue
         rule = lookup(node.target)
+        # Token-split inputs (sequence parallelism) are seen whole by an op that is not
+        # sequence-wise, or whose rule cannot use them or would gather another split input
+        # to match them: they are all-gathered before it.
+        split_tokens = [a for a in tensor_inputs(node) if a in seq]
+        ctx.masked = set() if _sequence_wise(node) else set(split_tokens)
         dec = rule(ctx, node) if rule is not None else None
+        if split_tokens and not ctx.masked and rule is not None and (
+                dec is None or any(taint.get(a) and ctx.placement(a).is_shard()
+                                   and dec.inputs.get(a, ctx.placement(a)) != ctx.placement(a)
+                                   for a in tensor_inputs(node) if a not in seq)):
+            ctx.masked = set(split_tokens)
+            dec = rule(ctx, node)
         if dec is None:
             shown = [repr(ctx.placement(a)) for a in tensor_inputs(node)]
             if any(s != "R" for s in shown):
@@ -443,8 +522,14 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
         for a in tensor_inputs(node):
             want = dec.inputs.get(a, ctx.placement(a))
             convert(node, a, want, dec.allow_gather)
-            if want.is_shard() and ctx.placement(a).is_shard():
+            if want.is_shard() and ctx.placement(a).is_shard() and a not in seq:
+                # (a reduce-scattered partial sum starts a token split of its own: the
+                # seeds behind the partial sum do not reach it)
                 t.update(taint.get(a, empty))
+        if split_tokens and set(split_tokens) - ctx.masked and not _replicated_out(dec.out) \
+                or node in sequence and isinstance(dec.out, Partial):
+            seq.add(node)
+        ctx.masked = set()
         for a, role in dec.roles.items():
             if a in origin and demands[origin[a][0]]:
                 want, _ = demands[origin[a][0]][-1]
@@ -457,12 +542,19 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     return _Round(placements=pl, decisions=decisions, conversions=conversions,
                   demands=demands, r_used=r_used, conflicts=conflicts, notes=notes,
                   origin=origin, new_reduced=new_reduced, new_prefs=new_prefs,
-                  local_outputs=local_outputs, returned_split=returned_split, taint=taint)
+                  local_outputs=local_outputs, returned_split=returned_split, taint=taint,
+                  new_sequence=new_sequence, sequence_values=seq)
+
+
+def _replicated_out(out) -> bool:
+    if isinstance(out, (tuple, list)):
+        return all(_replicated_out(o) for o in out)
+    return out is None or out.is_replicate()
 
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
           max_rounds: int = 64, veto: frozenset = frozenset(),
-          outputs: str = "gather") -> Solution:
+          outputs: str = "gather", sequence_parallel: bool = False) -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
@@ -471,13 +563,21 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     ``outputs``: ``"split"`` returns a graph output split evenly on one dim (the logits of
     a column-parallel LM head) split (``Solution.returned_split``) instead of
     all-gathering it; ``"split_with_loss"`` does so where the graph computes a
-    vocab-parallel cross-entropy; ``"gather"`` never. Other outputs are gathered as usual."""
+    vocab-parallel cross-entropy; ``"gather"`` never. Other outputs are gathered as usual.
+
+    ``sequence_parallel``: a partial sum whose consumers are sequence-wise (the residual
+    add, the norm after a row-parallel output) is reduce-scattered over its tokens instead
+    of all-reduced, and the region it starts runs split on the tokens until an op that is
+    not sequence-wise (the next column-parallel matmul) all-gathers it: Megatron-LM's
+    sequence parallelism (Korthikanti et al., "Reducing Activation Recomputation in Large
+    Transformer Models", 2022, section 4.2.2). Partial sums with fewer tokens than ranks
+    (decode) are all-reduced as without it."""
     forced: set = set()
     t0 = time.perf_counter()
     while True:
         sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
                           max_rounds=max_rounds, forced=forced, veto=veto,
-                          outputs=outputs)
+                          outputs=outputs, sequence_parallel=sequence_parallel)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
                and sol.param_storage.get(arg(n, "self"),
@@ -490,7 +590,8 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
 
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
                 max_rounds: int = 64, forced: set = frozenset(),
-                veto: frozenset = frozenset(), outputs: str = "gather") -> Solution:
+                veto: frozenset = frozenset(), outputs: str = "gather",
+                sequence_parallel: bool = False) -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -512,17 +613,19 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     demoted: set = {n for n in graph.nodes if n.name in veto}
     reduced: set = set()  # Partial values all-reduced right where they are made
     prefs: dict = {}  # seed -> cut points its consumers split its output at
+    sequence: dict = {}  # Partial value -> the token Shard it is reduce-scattered to
     rounds = 0
     indivisible: list = []
     while True:
         rounds += 1
         rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
-                         outputs)
+                         outputs, sequence, sequence_parallel)
         indivisible += [why for _, why in rnd.notes
                         if isinstance(why, Indivisible) and why not in indivisible]
         new = rnd.conflicts - demoted
         new_red = rnd.new_reduced - reduced
-        if not new and not new_red and not rnd.new_prefs or rounds >= max_rounds:
+        if not new and not new_red and not rnd.new_prefs and not rnd.new_sequence \
+                or rounds >= max_rounds:
             break
         if new_red or rnd.new_prefs:
             # Settle where partial sums are reduced and how fused projections are split
@@ -530,15 +633,21 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             reduced |= new_red
             prefs.update(rnd.new_prefs)
             continue
-        for seed in sorted(new, key=lambda n: n.name):
-            log.debug("tp_auto: replicating %s (its shard reaches an op that needs it whole)",
-                      describe(seed))
-        demoted |= new
+        if new:
+            for seed in sorted(new, key=lambda n: n.name):
+                log.debug("tp_auto: replicating %s (its shard reaches an op that needs it "
+                          "whole)", describe(seed))
+            demoted |= new
+            continue
+        # The tensor-parallel placements are settled: sequence parallelism last, on the
+        # partial sums they leave (a later round may find more, behind the first ones).
+        sequence.update(rnd.new_sequence)
     pl, origin, demands, r_used = rnd.placements, rnd.origin, rnd.demands, rnd.r_used
     sol = Solution(tp_size=tp_size, placements=pl, decisions=rnd.decisions, demoted=demoted,
                    notes=rnd.notes, rounds=rounds, local_outputs=rnd.local_outputs,
                    returned_split=rnd.returned_split,
-                   taint=rnd.taint, indivisible=indivisible)
+                   taint=rnd.taint, indivisible=indivisible,
+                   sequence_values=rnd.sequence_values)
     dropped = defaultdict(set)  # parameter -> its dims some value on its chain dropped
     for param, perm in origin.values():
         dropped[param].update(set(range(len(param.meta["val"].shape))) - set(perm))

@@ -62,6 +62,9 @@ class Action(StrEnum):
 
     VOCAB_EMBEDDING = "vocab_embedding"  # lookups outside the rank's rows give zeros
     ROW_ADDMM = "row_addmm"  # all-reduce the partial product, then add the bias once
+    # (sequence parallelism) the partial product plus the bias on the first rank only: a
+    # partial sum, reduce-scattered over the tokens where its consumers allow
+    ROW_ADDMM_PARTIAL = "row_addmm_partial"
     VOCAB_CROSS_ENTROPY = "vocab_cross_entropy"  # the loss on logits split over classes
 
 
@@ -99,6 +102,7 @@ class Indivisible(str):
 
 class RuleContext(Protocol):
     tp_size: int
+    sequence_parallel: bool  # row-parallel addmm keeps a partial sum (see Action)
 
     def placement(self, arg: Any) -> Placement | None: ...
     def shape(self, arg: Any) -> tuple: ...

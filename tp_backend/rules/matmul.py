@@ -11,7 +11,8 @@ string through one generator, :func:`einsum_decision`), and triangular solves.
 * ``a`` split on ``M`` (rows) keeps the split; ``Partial`` times replicated stays Partial.
 
 ``addmm(bias, a, b)`` follows ``mm``; a row-parallel addmm adds the bias once, after the
-all-reduce (``Action.ROW_ADDMM``), never once per rank.
+all-reduce (``Action.ROW_ADDMM``), never once per rank; under sequence parallelism the first
+rank adds it to its partial product (``Action.ROW_ADDMM_PARTIAL``: the sum stays partial).
 
 Owns: the rules of ``mm``, ``bmm``, ``addmm``/``baddbmm``, grouped matmuls and
 ``linalg_solve_triangular``, the column-parallel seed, and :func:`einsum_decision`.
@@ -142,8 +143,13 @@ def _addmm(ctx, node):
         return dec
     pbias = ctx.placement(bias)
     if dec.out.is_partial():
-        # Row-parallel: all-reduce the product, then add the (replicated) bias once.
+        # Row-parallel: all-reduce the product, then add the (replicated) bias once. Under
+        # sequence parallelism the bias is added once before the sum instead (by the first
+        # rank), so the partial sum can be reduce-scattered where its consumers allow.
         dec.inputs[bias] = REPLICATE
+        if getattr(ctx, "sequence_parallel", False):
+            return Decision(out=PARTIAL, inputs=dec.inputs, roles=dec.roles,
+                            action=Action.ROW_ADDMM_PARTIAL)
         return Decision(out=REPLICATE, inputs=dec.inputs, roles=dec.roles,
                         action=Action.ROW_ADDMM)
     if pbias.is_partial():
