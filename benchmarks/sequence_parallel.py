@@ -14,14 +14,15 @@ the plain and sequence-parallel rows of each kind back to back:
   saves; ``inductor`` compiles the joint graph, minutes per row on 2 cores). Reported per rank (the largest rank's): the
   median step time after two warm-up steps; the activation bytes the forward saved for
   backward (``torch.autograd.graph.saved_tensors_hooks`` around the compiled call: every
-  tensor autograd keeps, counted once by storage); the resident memory the forward left
-  allocated (RSS after the forward minus before it: the saved activations as the
-  allocator holds them); and the peak RSS of a whole step above its start.
+  tensor autograd keeps, counted once by storage, the parameters' own storages left out);
+  and the peak RSS of the process
+  (``ru_maxrss``, compilation included, as ``train.py`` reports it). (RSS growth within a
+  step says nothing here: after the warm-up steps the allocator reuses freed memory.)
 * ``prefill S`` -- a full-logits forward under ``no_grad`` on ``[1, S]`` tokens, compiled by
   ``--compiler``: the median of 3 after one warm-up.
 
-Model: ``llama`` is the 258M-parameter Llama of ``forward.py`` (hidden 1024, 8 layers, 16
-heads, 8 KV heads, vocab 32000); ``small`` the 27M one of ``train.py``.
+Model: ``llama`` is the 258M-parameter Llama of ``forward.py`` (hidden 1536, 6 layers, 24
+heads, 12 KV heads, vocab 32064); ``small`` the 27M one of ``train.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -39,19 +41,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _param_storages(model) -> set:
+    """Data pointers of the storages of ``model``'s parameters (a sharded one's local
+    shard): what autograd saves of them is weights, not activations."""
+    out = set()
+    for p in model.parameters():
+        for t in (p, getattr(p, "to_local", lambda: p)()):
+            try:
+                out.add(t.untyped_storage().data_ptr())
+            except RuntimeError:
+                pass
+    return out
 
 
-def _saved_bytes(fn):
-    """``(fn(), bytes of the distinct storages autograd saved for backward during it)``."""
+def _saved_bytes(fn, params: set):
+    """``(fn(), bytes of the distinct storages autograd saved for backward during it,
+    parameters' storages left out)``."""
     seen = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        try:
             st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, AttributeError):  # a fake tensor (while compiling)
+            pass
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -63,8 +77,6 @@ def run_one(model_name: str, kind: str, sp: bool, batch: int, seq: int, steps: i
             compiler: str) -> dict:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
-
-    from vocab_loss import _PeakRSS
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -83,22 +95,21 @@ def run_one(model_name: str, kind: str, sp: bool, batch: int, seq: int, steps: i
         model.train()
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        times, saved, held, peaks = [], [], [], []
+        times, saved = [], []
         for i in range(steps + 2):
             t0 = time.perf_counter()
-            with _PeakRSS() as peak:
-                before = _rss_mib()
-                loss, nbytes = _saved_bytes(lambda: step_fn(input_ids=ids, labels=ids).loss)
-                held.append(_rss_mib() - before)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
+            run = lambda: step_fn(input_ids=ids, labels=ids).loss  # noqa: E731
+            # (not while the first call compiles: the hooks would see its fake tensors)
+            loss, nbytes = (_saved_bytes(run, _param_storages(model)) if i >= 2
+                            else (run(), 0))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
             times.append(time.perf_counter() - t0)
             saved.append(nbytes)
-            peaks.append(peak.added)
         res = {"step_s": statistics.median(times[2:]), "first_step_s": times[0],
                "saved_mib": statistics.median(saved[2:]) / 2**20,
-               "held_mib": statistics.median(held[2:]), "peak_mib": statistics.median(peaks[2:]),
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "loss": loss.item()}
     else:
         s = int(kind.split()[1])
@@ -112,13 +123,13 @@ def run_one(model_name: str, kind: str, sp: bool, batch: int, seq: int, steps: i
                 ts.append(time.perf_counter() - t0)
         res = {"prefill_s": statistics.median(ts[1:])}
     from tp_backend.backend import tp_auto
-    kinds = [str(c.kind) for p in tp_auto.plans for c in p.collectives]
+    kinds = [str(c.kind) for c in tp_auto.plans[-1].collectives]
     res["collectives"] = {k: kinds.count(k) for k in sorted(set(kinds))}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, res)
     dist.destroy_process_group()
     worst = dict(res)
-    for key in ("saved_mib", "held_mib", "peak_mib"):
+    for key in ("saved_mib", "peak_rss_mib"):
         if key in res:
             worst[key] = max(g[key] for g in gathered)
     return worst
@@ -167,8 +178,8 @@ def main():
             print(name, rows[name], flush=True)
     print(f"\nsequence parallelism at TP=2, {args.model}: training step (compiler "
           f"{args.train_compiler}), batch {args.batch} x {args.seq} tokens")
-    print(f"{'row':<18} {'step (s)':>9} {'saved act. (MiB)':>16} {'held (MiB)':>10} "
-          f"{'peak (MiB)':>10} {'SP / plain':>10}")
+    print(f"{'row':<18} {'step (s)':>9} {'saved act. (MiB)':>16} {'SP / plain':>10} "
+          f"{'peak RSS (MiB)':>14}  collectives (forward)")
     for name in ("train", "train SP"):
         r = rows[name]
         if "error" in r:
@@ -176,8 +187,8 @@ def main():
             continue
         base = rows["train"]
         ratio = (r["saved_mib"] / base["saved_mib"]) if "saved_mib" in base else float("nan")
-        print(f"{name:<18} {r['step_s']:>9.3f} {r['saved_mib']:>16.1f} {r['held_mib']:>10.0f} "
-              f"{r['peak_mib']:>10.0f} {ratio:>9.2f}x")
+        print(f"{name:<18} {r['step_s']:>9.3f} {r['saved_mib']:>16.1f} {ratio:>9.2f}x "
+              f"{r['peak_rss_mib']:>14.0f}  {r['collectives']}")
     print(f"\nprefill, full logits, batch 1 (compiler {args.compiler})")
     print(f"{'row':<18} {'prefill (s)':>11} {'SP / plain':>10}")
     for kind in kinds[1:]:
@@ -188,7 +199,7 @@ def main():
                 continue
             base = rows[kind].get("prefill_s")
             ratio = r["prefill_s"] / base if base else float("nan")
-            print(f"{name:<18} {r['prefill_s']:>11.3f} {ratio:>9.2f}x")
+            print(f"{name:<18} {r['prefill_s']:>11.3f} {ratio:>9.2f}x  {r['collectives']}")
     write_json(rows, args.out or os.path.join(HERE, "results",
                                               f"sequence-parallel-{args.model}.json"))
 
