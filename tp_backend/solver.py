@@ -20,6 +20,12 @@ Algorithm (iterative, deterministic, linear in graph size per round):
 3. Repeat until no conflict is left. Each round demotes at least one seed, so it ends;
    all conflicts of a round are collected at once, so identical layers are fixed in the
    same round and the round count does not grow with depth.
+4. *Sequence parallelism* (``sequence_parallel=True``), once steps 1-3 have settled (the
+   all-reduces below are placed): a ``Partial`` value whose consumer is sequence-wise
+   (:func:`_sequence_wise`) is reduce-scattered over its tokens instead
+   (:func:`_token_shard`); sequence-wise ops keep the token split, every other op sees it
+   whole (an all-gather before it). Token splits carry no taint: gathering them is never
+   a conflict.
 
 ``Partial`` values (row-parallel outputs, vocab-parallel lookups) are all-reduced lazily,
 right before the first op that is not linear in them: for a standard decoder this is the
@@ -33,7 +39,8 @@ it stays whole and the uses that need a shard slice it locally.
 
 Owns: :func:`solve` and its result (:class:`Solution`, :class:`Conversion`): the rounds,
 seeds and their taint, conflicts and demotion, preferences, where ``Partial`` values are
-all-reduced, parameter storage (``_CHAIN``) and outputs kept split (key/value caches).
+all-reduced or reduce-scattered (sequence parallelism, which ops may run on a token split),
+parameter storage (``_CHAIN``) and outputs kept split (key/value caches).
 Must not: decide what one op can do with a sharded input (its rule in
 :mod:`tp_backend.rules` does), rewrite the graph or its arguments (:mod:`tp_backend.rewrite`,
 :mod:`tp_backend.local_args`), or build the user's plan (:mod:`tp_backend.pipeline`).
@@ -357,10 +364,10 @@ class _Round:
 def _sequence_wise(node) -> bool:
     """Whether ``node`` may run in a sequence-parallel region (Megatron's: the norms,
     dropout and residual adds between a row-parallel output and the next column-parallel
-    input): an element-wise op, a cast, a reduction, a layer norm or a dropout mask.
-    Any other op sees its token-split inputs as whole (all-gathered before
-    it): a matmul, so that its weight still splits column-parallel, and an op that needs
-    the whole sequence (attention, a cumulative op, an index along the tokens)."""
+    input): an element-wise op, a cast, a reduction, a layer norm or a dropout mask. Any
+    other op sees its token-split inputs as whole (all-gathered before it): a matmul, so
+    that its weight still splits column-parallel, and an op that needs the whole sequence
+    (attention, a cumulative op, an index along the tokens)."""
     if node.op != "call_function":
         return False
     target = node.target
