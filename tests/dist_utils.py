@@ -68,8 +68,14 @@ def run_distributed(fn, world_size: int, *args):
         init_file = os.path.join(tmp, "rendezvous")
         ctx = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args),
                                  nprocs=world_size, join=False, start_method="spawn")
-        while not ctx.join(timeout=600):
-            pass
+        try:
+            while not ctx.join(timeout=600):
+                pass
+        except mp.ProcessExitedException:
+            # A rank that raised wrote its error before exiting cleanly; the rank that
+            # exited non-zero is often only its peer, ended while waiting for it.
+            _raise_recorded_error(tmp, world_size)
+            raise
         results = []
         for rank in range(world_size):
             out = torch.load(os.path.join(tmp, f"rank{rank}.pt"), weights_only=False)
@@ -77,6 +83,15 @@ def run_distributed(fn, world_size: int, *args):
                 raise RuntimeError(f"rank {rank} failed: {out['error']}\n{out['traceback']}")
             results.append(out["result"])
         return results
+
+
+def _raise_recorded_error(tmp: str, world_size: int) -> None:
+    for rank in range(world_size):
+        path = os.path.join(tmp, f"rank{rank}.pt")
+        if os.path.exists(path):
+            out = torch.load(path, weights_only=False)
+            if not out["ok"]:
+                raise RuntimeError(f"rank {rank} failed: {out['error']}\n{out['traceback']}")
 
 
 def run_each(fn, world_size: int, *args, timeout: float = 300):
