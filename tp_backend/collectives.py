@@ -6,9 +6,9 @@ All-reduces over a group that :func:`tp_backend.shm.setup` accepted call DeepSpe
 same-host shared-memory kernel instead (:mod:`tp_backend.shm`).
 Letter key: N tp size, L local size of the gathered dim, o strided-shard outer factor.
 
-Owns: the collective functions the rewritten graphs call, :func:`all_reduce` and
-:func:`all_gather` (strided, blocked and uneven shards included) and :func:`reduce_scatter`. Must not: decide where a
-collective goes (the solver marks the conversions, :mod:`tp_backend.rewrite` inserts the
+Owns: the collective functions the rewritten graphs call, :func:`all_reduce`,
+:func:`all_gather` (strided, blocked and uneven shards included) and
+:func:`reduce_scatter`. Must not: decide where a collective goes (the solver marks the conversions, :mod:`tp_backend.rewrite` inserts the
 calls), own the shared-memory kernel or decide which groups may use it
 (:mod:`tp_backend.shm`), or run the eager collectives that keep the ranks in step
 (:mod:`tp_backend.consistency`).

@@ -36,8 +36,8 @@ replicated input's gradient, and the shares sum to the true one. An op whose ope
 output are all replicated gives the whole gradient locally and needs nothing.
 
 Owns: the custom ops ``tp_backend::reduce``, ``gather``, ``scatter``, ``copy``,
-``reduce_scatter``, ``gather_to_split`` and their autograd formulas. Must not: decide where they go (:mod:`tp_backend.rewrite` does, from
-the solved placements) or implement the collectives (:mod:`tp_backend.collectives`).
+``reduce_scatter``, ``gather_to_split`` and their autograd formulas. Must not: decide where
+they go (:mod:`tp_backend.rewrite` does, from the solved placements) or implement the collectives (:mod:`tp_backend.collectives`).
 """
 
 from __future__ import annotations
@@ -121,11 +121,16 @@ def gather(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int, gr
                                          tp_rank, use_shm, units), x)
 
 
-@gather.register_fake
-def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
+def _gathered_fake(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None,
+                   use_shm=False):
+    """The fake of an op whose output is the whole of a shard ``x`` (gather,
+    gather_to_split)."""
     shape = list(x.shape)
     shape[dim] = _shard(dim, outer, blocks, units).global_size(shape[dim], tp_rank, tp_size)
     return x.new_empty(shape)
+
+
+gather.register_fake(_gathered_fake)
 
 
 def _gather_backward(ctx, g):
@@ -145,11 +150,16 @@ def scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
     return _fresh(layers.local_shard(x, dim, outer, tp_rank, tp_size, s.blocks, units), x)
 
 
-@scatter.register_fake
-def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
+def _chunk_fake(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None,
+                use_shm=False):
+    """The fake of an op whose output is this rank's shard of ``x`` (scatter,
+    reduce_scatter)."""
     shape = list(x.shape)
     shape[dim] = _shard(dim, outer, blocks, units).local_size(shape[dim], tp_rank, tp_size)
     return x.new_empty(shape)
+
+
+scatter.register_fake(_chunk_fake)
 
 
 def _scatter_backward(ctx, g):
@@ -157,6 +167,7 @@ def _scatter_backward(ctx, g):
 
 
 scatter.register_autograd(_scatter_backward, setup_context=_shard_setup)
+
 
 @torch.library.custom_op("tp_backend::reduce_scatter", mutates_args=())
 def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
@@ -170,14 +181,9 @@ def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size:
                                              s.blocks, units, use_shm), x)
 
 
-@reduce_scatter.register_fake
-def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
-    shape = list(x.shape)
-    shape[dim] = _shard(dim, outer, blocks, units).local_size(shape[dim], tp_rank, tp_size)
-    return x.new_empty(shape)
-
-
+reduce_scatter.register_fake(_chunk_fake)
 reduce_scatter.register_autograd(_scatter_backward, setup_context=_shard_setup)
+
 
 @torch.library.custom_op("tp_backend::gather_to_split", mutates_args=())
 def gather_to_split(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
@@ -188,11 +194,7 @@ def gather_to_split(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size
     return gather(x, dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm)
 
 
-@gather_to_split.register_fake
-def _(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None, use_shm=False):
-    shape = list(x.shape)
-    shape[dim] = _shard(dim, outer, blocks, units).global_size(shape[dim], tp_rank, tp_size)
-    return x.new_empty(shape)
+gather_to_split.register_fake(_gathered_fake)
 
 
 def _gather_to_split_backward(ctx, g):

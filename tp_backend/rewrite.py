@@ -178,38 +178,32 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                                            arg(node, "padding_idx")))
             if training:
                 enter_split(new)
-        elif dec.action is Action.ROW_ADDMM:
+        elif dec.action in (Action.ROW_ADDMM, Action.ROW_ADDMM_PARTIAL):
             # Megatron's row-parallel linear: the local partial product, its all-reduce,
-            # then the (replicated) bias added once, not once per rank.
+            # then the (replicated) bias added once, not once per rank. Under sequence
+            # parallelism (ROW_ADDMM_PARTIAL) no all-reduce: the first rank adds the bias to
+            # its partial product (0 * bias elsewhere, so every rank's bias gets its
+            # gradient's share), and the solver placed the reduce-scatter after it.
             bias, a, b = node.args[:3]
+            keeps_partial = dec.action is Action.ROW_ADDMM_PARTIAL
+            scaling = {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs}
+            if keeps_partial and tp_rank != 0:
+                scaling["beta"] = 0
             reduce = conjugates.REDUCE if training else collectives.all_reduce
             with graph.inserting_before(node):
-                part = graph.call_function(layers.partial_product, (a, b))
-                summed = graph.call_function(reduce, (part, group_name, use_shm))
-                new = graph.call_function(
-                    layers.add_bias, (summed, bias),
-                    {k: node.kwargs[k] for k in ("beta", "alpha") if k in node.kwargs})
-            for n in (part, summed):
+                part = summed = graph.call_function(layers.partial_product, (a, b))
+                if not keeps_partial:
+                    summed = graph.call_function(reduce, (part, group_name, use_shm))
+                new = graph.call_function(layers.add_bias, (summed, bias), scaling)
+            for n in {part, summed}:
                 nodemeta.copy_provenance(n, node)
             if training:
                 placed[part] = Partial()
                 enter_split(part)  # a replicated operand of the product (a whole weight)
-            record(Collective.ALL_REDUCE, node)
-        elif dec.action is Action.ROW_ADDMM_PARTIAL:
-            # Sequence parallelism: the partial product plus the bias on the first rank only
-            # (0 * bias elsewhere, so every rank's bias gets its gradient's share): a partial
-            # sum whose reduce-scatter the solver placed after it.
-            bias, a, b = node.args[:3]
-            beta = node.kwargs.get("beta", 1) if tp_rank == 0 else 0
-            with graph.inserting_before(node):
-                part = graph.call_function(layers.partial_product, (a, b))
-                new = graph.call_function(layers.add_bias, (part, bias),
-                                          {"beta": beta, "alpha": node.kwargs.get("alpha", 1)})
-            nodemeta.copy_provenance(part, node)
-            if training:
-                placed[part] = Partial()
-                enter_split(part)
-                enter_split(new)
+                if keeps_partial:
+                    enter_split(new)  # the bias, into a partial sum
+            if not keeps_partial:
+                record(Collective.ALL_REDUCE, node)
         elif dec.action is Action.VOCAB_CROSS_ENTROPY:
             x, target = arg(node, "input"), arg(node, "target")
             classes = _global_shape(x)[1]
