@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="plan with sequence parallelism (the sequence_parallel option)")
+    p.add_argument("--lm-head", choices=("split", "replicate"), default="split",
+                   help="the LM head vocab-parallel (default) or whole on every rank (the "
+                        "lm_head option)")
     args = parser.parse_args(argv)
 
     from .planning import format_plan, plan_model
@@ -30,7 +33,8 @@ def main(argv=None) -> int:
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     t0 = time.perf_counter()
     plans = plan_model(args.model, tp_size=args.tp, seq_len=args.seq,
-                       sequence_parallel=args.sequence_parallel, **overrides)
+                       sequence_parallel=args.sequence_parallel, lm_head=args.lm_head,
+                       **overrides)
     for i, plan in enumerate(plans):
         title = f"{args.model} at tp_size={args.tp}" + (f" (graph {i + 1})" if len(plans) > 1 else "")
         print(format_plan(plan, title))

@@ -494,7 +494,7 @@ class TPAutoBackend:
         # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
         # keys on it), so a graph compiled under 1 thread is not reused under 4.
         key = (gm.code, training, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm,
-               opts.tp_rank, opts.outputs, opts.sequence_parallel,
+               opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head,
                torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
                tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
                      else str(f) for f in fakes), tuple(sorted(params)))
@@ -564,7 +564,7 @@ class TPAutoBackend:
                 module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto),
                 strict_divisibility=opts.fallback == "raise",
                 outputs=_outputs_mode(opts.outputs, training),
-                sequence_parallel=opts.sequence_parallel)
+                sequence_parallel=opts.sequence_parallel, lm_head=opts.lm_head)
             self.stats["solves"] += 1
             specs = []
             for node, s in sol.param_storage.items():

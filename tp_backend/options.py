@@ -57,11 +57,17 @@ OPTION_DOCS = {
                          "all-reduce becoming a reduce-scatter plus an all-gather (same "
                          "bytes, 1/N of those activations per rank); graphs with fewer "
                          "tokens than ranks (decode) all-reduce as without it",
+    "lm_head": "where the LM head (the projection to the logits) lives: 'split' (default: "
+               "vocab-parallel, 1/N of it per rank, the logits all-gathered) or 'replicate' "
+               "(whole on every rank, with its tied embedding: no logits all-gather and no "
+               "embedding all-reduce, for N times its matmul and (N-1)/N of its bytes more "
+               "per rank)",
 }
 _COMPILERS = ("eager", "inductor")
 _FALLBACKS = ("replicate", "raise")
 _WHEN = ("first", "always", "off")
 _OUTPUTS = ("auto", "gather", "split")
+_LM_HEADS = ("split", "replicate")
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class TPOptions:
             split beside a vocab-parallel loss in a training graph).
         sequence_parallel: split the regions between row- and column-parallel layers over
             the tokens (:func:`tp_backend.solver.solve`).
+        lm_head: ``"split"`` or ``"replicate"``: the LM head vocab-parallel or whole on every
+            rank (:func:`tp_backend.solver.solve`).
     """
 
     tp_group: Any
@@ -98,6 +106,7 @@ class TPOptions:
     all_reduce: str = "auto"
     outputs: str = "auto"
     sequence_parallel: bool = False
+    lm_head: str = "split"
 
     @property
     def group_name(self) -> str:
@@ -107,7 +116,7 @@ class TPOptions:
 # The options chosen from a fixed set of values, and their defaults (TPOptions' own).
 _CHOICES = {"compiler": _COMPILERS, "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
             "check_inputs": _WHEN, "fallback": _FALLBACKS, "all_reduce": ALL_REDUCE_CHOICES,
-            "outputs": _OUTPUTS}
+            "outputs": _OUTPUTS, "lm_head": _LM_HEADS}
 _DEFAULTS = {f.name: f.default for f in fields(TPOptions) if f.name in _CHOICES}
 
 
@@ -131,6 +140,12 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
     if not isinstance(sp, bool):
         raise TPOptionsTypeError(f"tp_auto option 'sequence_parallel' must be True or False, "
                                  f"got {type(sp).__name__}")
+    chosen = {}
+    for key, choices in _CHOICES.items():
+        chosen[key] = options.get(key, _DEFAULTS[key])
+        if chosen[key] not in choices:
+            raise TPOptionsError(f"tp_auto option {key!r} must be one of {choices}, "
+                                 f"got {chosen[key]!r}")
     group = options.get("tp_group")
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -144,11 +159,5 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
         raise TPOptionsTypeError(
             f"tp_auto option 'tp_group' must be a torch.distributed.ProcessGroup, got "
             f"{type(group).__name__}")
-    chosen = {}
-    for key, choices in _CHOICES.items():
-        chosen[key] = options.get(key, _DEFAULTS[key])
-        if chosen[key] not in choices:
-            raise TPOptionsError(f"tp_auto option {key!r} must be one of {choices}, "
-                                 f"got {chosen[key]!r}")
     return TPOptions(tp_group=group, tp_rank=dist.get_rank(group),
                      tp_size=dist.get_world_size(group), sequence_parallel=sp, **chosen)

@@ -54,7 +54,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                  module_path: Callable[[fx.Node], str] = lambda n: "",
                  veto: frozenset = frozenset(), strict_divisibility: bool = False,
                  outputs: str = "gather", sequence_parallel: bool = False,
-                 ) -> tuple[fx.GraphModule, Solution, TPPlan]:
+                 lm_head: str = "split") -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
 
@@ -79,6 +79,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
             :func:`~tp_backend.solver.solve`).
         sequence_parallel: reduce-scatter partial sums over their tokens where the
             consumers are sequence-wise (see :func:`~tp_backend.solver.solve`).
+        lm_head: ``"split"`` (vocab-parallel) or ``"replicate"`` (whole on every rank): the
+            LM head's placement (see :func:`~tp_backend.solver.solve`).
         strict_divisibility: raise where a split needs a count (heads, groups of a fused
             projection) that ``tp_size`` does not divide; else keep that projection whole
             with a warning (the backend's ``fallback="replicate"``).
@@ -120,7 +122,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         nodemeta.set_role(stand_in[ph[i]], role)
     sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
                 params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto),
-                outputs=outputs, sequence_parallel=sequence_parallel)
+                outputs=outputs, sequence_parallel=sequence_parallel, lm_head=lm_head)
     for why in sol.indivisible:
         if strict_divisibility:
             raise TPDivisibilityError(f"tp_auto: {why}.")
@@ -160,6 +162,9 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     plan.replicated_ops = [(nodemeta.describe(n), why) for n, why in sol.notes]
     plan.demoted = [nodemeta.describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
     plan.sequence_values = len(sol.sequence_values)
+    padded = {pad: w for w, pad in pads.items()}
+    plan.lm_head = tuple(sorted(fqns[nodemeta.input_index(padded.get(n, n))] for n in sol.lm_head))
+    plan.lm_head_choice = lm_head
     for n, why in sol.notes:
         log.info("tp_auto: replicated %s (%s)", nodemeta.describe(n), why)
     t0 = time.perf_counter()

@@ -85,6 +85,10 @@ class TPPlan:
     # sequence_parallel: values split over their tokens (the regions between a row-parallel
     # output's reduce-scatter and the next all-gather: residual adds, norms, dropout)
     sequence_values: int = 0
+    # the LM head (the parameters behind the logits, a graph output split on its last dim
+    # where the head is vocab-parallel) and the lm_head option's choice for it
+    lm_head: tuple = ()
+    lm_head_choice: str = "split"
 
     def sequence_regions(self) -> list:
         """Modules whose (partial-sum) output is reduce-scattered over the tokens, each
@@ -137,6 +141,15 @@ class TPPlan:
                          f"{regions[0] or 'the graph input'}" if regions else
                          f"  sequence parallel: {self.sequence_values} values split over the "
                          "tokens")
+        if self.lm_head:
+            names = ", ".join(
+                f + (f" (tied: {', '.join(self.params[f].aliases)})"
+                     if f in self.params and self.params[f].aliases else "")
+                for f in self.lm_head)
+            lines.append(f"  LM head: {names} kept whole on every rank (lm_head='replicate': no "
+                         "logits all-gather)" if self.lm_head_choice == "replicate" else
+                         f"  LM head: {names} vocab-parallel (the logits all-gathered; "
+                         "lm_head='replicate' keeps it whole)")
         if self.demoted:
             lines.append(f"  kept whole (a shard would need a gather): {len(self.demoted)}, e.g. "
                          f"{self.demoted[0]}")

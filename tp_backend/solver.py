@@ -138,6 +138,8 @@ class Solution:
     # values split on their tokens (sequence_parallel): the reduce-scattered partial sums
     # and what sequence-wise ops made of them
     sequence_values: set = field(default_factory=set)
+    # the LM head: the parameters behind a graph output split on its last dim (the logits)
+    lm_head: set = field(default_factory=set)
     rounds: int = 0
     seconds: float = 0.0
 
@@ -359,6 +361,7 @@ class _Round:
     taint: dict  # value -> the seeds whose shard reached it
     new_sequence: dict  # Partial value -> the token Shard to reduce-scatter it to (next pass)
     sequence_values: set  # values split on their tokens (sequence-parallel regions)
+    head_params: set  # parameters of the seeds behind an output split on its last dim
 
 
 def _sequence_wise(node) -> bool:
@@ -400,7 +403,8 @@ def _token_shard(value, tp_size) -> Shard | None:
 
 def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
                outputs: str = "gather", sequence: dict | None = None,
-               sequence_parallel: bool = False) -> _Round:
+               sequence_parallel: bool = False, replicate_head: bool = False,
+               head_params: frozenset = frozenset()) -> _Round:
     """One pass over ``graph`` in topological order: each op's rule decides its output
     placement from its inputs' (see the module docstring)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
@@ -414,6 +418,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     sequence = sequence or {}
     new_sequence: dict = {}
     seq: set = set()  # values split on their tokens
+    head_seeds: set = set()  # seeds behind an output split on its last dim (the LM head)
     largest = max((p.meta["val"].numel() for p in params
                    if isinstance(p.meta.get("val"), torch.Tensor)), default=0)
     ctx = _Ctx(tp_size=tp_size, demoted=demoted, origin=origin, placements=pl, notes=notes,
@@ -474,6 +479,10 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
                         # over heads (evenly or not), so each rank keeps its heads' cache.
                         local_outputs[i] = p
                         continue
+                    if isinstance(p, Shard) and p.dim == o.meta["val"].dim() - 1 \
+                            and o not in seq:
+                        # The logits of a column-parallel (vocab-split) LM head.
+                        head_seeds.update(taint.get(o, empty))
                     if split_outputs and isinstance(p, Shard) and p.plain \
                             and (static_int(o.meta["val"].shape[p.dim]) or 1) % tp_size == 0:
                         # Returned to Python split (a TPTensor), not all-gathered.
@@ -546,11 +555,19 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
         pl[node] = dec.out
         taint[node] = frozenset(t)
         decisions[node] = dec
+    found = {origin[a][0] for s in head_seeds for a in tensor_inputs(s) if a in origin}
+    if replicate_head:
+        # lm_head="replicate": the head's seeds, and every other seed on its parameters (the
+        # lookup of a tied embedding), stay whole. (``head_params``: those found in earlier
+        # rounds, before their seeds were demoted.)
+        conflicts.update(n for n, d in decisions.items() if d.seed and any(
+            a in origin and origin[a][0] in head_params | found for a in tensor_inputs(n)))
+        conflicts.update(head_seeds)
     return _Round(placements=pl, decisions=decisions, conversions=conversions,
                   demands=demands, r_used=r_used, conflicts=conflicts, notes=notes,
                   origin=origin, new_reduced=new_reduced, new_prefs=new_prefs,
                   local_outputs=local_outputs, returned_split=returned_split, taint=taint,
-                  new_sequence=new_sequence, sequence_values=seq)
+                  new_sequence=new_sequence, sequence_values=seq, head_params=found)
 
 
 def _replicated_out(out) -> bool:
@@ -561,7 +578,8 @@ def _replicated_out(out) -> bool:
 
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
           max_rounds: int = 64, veto: frozenset = frozenset(),
-          outputs: str = "gather", sequence_parallel: bool = False) -> Solution:
+          outputs: str = "gather", sequence_parallel: bool = False,
+          lm_head: str = "split") -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
@@ -578,13 +596,22 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     not sequence-wise (the next column-parallel matmul) all-gathers it: Megatron-LM's
     sequence parallelism (Korthikanti et al., "Reducing Activation Recomputation in Large
     Transformer Models", 2022, section 4.2.2). Partial sums with fewer tokens than ranks
-    (decode) are all-reduced as without it."""
+    (decode) are all-reduced as without it.
+
+    ``lm_head``: the LM head is the parameter behind a graph output split on its last dim
+    (the logits of a column-parallel projection; found the same way in every model).
+    ``"split"`` keeps it vocab-parallel (``1/N`` of it per rank, the logits all-gathered);
+    ``"replicate"`` keeps it whole on every rank, with every other split of the same
+    parameter (a tied embedding's lookup): no logits all-gather and, tied, no embedding
+    all-reduce, for ``(N-1)/N`` of the head's bytes more per rank and ``N`` times its
+    matmul. ``Solution.lm_head`` names it either way."""
     forced: set = set()
     t0 = time.perf_counter()
     while True:
         sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
                           max_rounds=max_rounds, forced=forced, veto=veto,
-                          outputs=outputs, sequence_parallel=sequence_parallel)
+                          outputs=outputs, sequence_parallel=sequence_parallel,
+                          lm_head=lm_head)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
                and sol.param_storage.get(arg(n, "self"),
@@ -598,7 +625,7 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
                 max_rounds: int = 64, forced: set = frozenset(),
                 veto: frozenset = frozenset(), outputs: str = "gather",
-                sequence_parallel: bool = False) -> Solution:
+                sequence_parallel: bool = False, lm_head: str = "split") -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -621,12 +648,15 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     reduced: set = set()  # Partial values all-reduced right where they are made
     prefs: dict = {}  # seed -> cut points its consumers split its output at
     sequence: dict = {}  # Partial value -> the token Shard it is reduce-scattered to
+    head: set = set()  # the LM head's parameters, as found in any round
     rounds = 0
     indivisible: list = []
     while True:
         rounds += 1
         rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
-                         outputs, sequence, sequence_parallel)
+                         outputs, sequence, sequence_parallel, lm_head == "replicate",
+                         frozenset(head))
+        head |= rnd.head_params
         indivisible += [why for _, why in rnd.notes
                         if isinstance(why, Indivisible) and why not in indivisible]
         new = rnd.conflicts - demoted
@@ -654,7 +684,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
                    notes=rnd.notes, rounds=rounds, local_outputs=rnd.local_outputs,
                    returned_split=rnd.returned_split,
                    taint=rnd.taint, indivisible=indivisible,
-                   sequence_values=rnd.sequence_values)
+                   sequence_values=rnd.sequence_values, lm_head=head)
     dropped = defaultdict(set)  # parameter -> its dims some value on its chain dropped
     for param, perm in origin.values():
         dropped[param].update(set(range(len(param.meta["val"].shape))) - set(perm))
