@@ -160,7 +160,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                                          nbytes, nbytes_local, (aliases or {}).get(i, ()),
                                          rank_sizes)
     plan.replicated_ops = [(nodemeta.describe(n), why) for n, why in sol.notes]
-    plan.demoted = [nodemeta.describe(n) for n in sorted(sol.demoted, key=lambda n: n.name)]
+    plan.demoted = [nodemeta.describe(n) for n in sorted(sol.demoted - sol.lm_head_seeds,
+                                                         key=lambda n: n.name)]
     plan.sequence_values = len(sol.sequence_values)
     padded = {pad: w for w, pad in pads.items()}
     plan.lm_head = tuple(sorted(fqns[nodemeta.input_index(padded.get(n, n))] for n in sol.lm_head))

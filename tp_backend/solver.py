@@ -140,6 +140,7 @@ class Solution:
     sequence_values: set = field(default_factory=set)
     # the LM head: the parameters behind a graph output split on its last dim (the logits)
     lm_head: set = field(default_factory=set)
+    lm_head_seeds: set = field(default_factory=set)  # seeds kept whole for lm_head="replicate"
     rounds: int = 0
     seconds: float = 0.0
 
@@ -362,6 +363,7 @@ class _Round:
     new_sequence: dict  # Partial value -> the token Shard to reduce-scatter it to (next pass)
     sequence_values: set  # values split on their tokens (sequence-parallel regions)
     head_params: set  # parameters of the seeds behind an output split on its last dim
+    head_conflicts: set  # seeds kept whole for lm_head="replicate"
 
 
 def _sequence_wise(node) -> bool:
@@ -556,18 +558,21 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
         taint[node] = frozenset(t)
         decisions[node] = dec
     found = {origin[a][0] for s in head_seeds for a in tensor_inputs(s) if a in origin}
+    head_conflicts: set = set()
     if replicate_head:
         # lm_head="replicate": the head's seeds, and every other seed on its parameters (the
         # lookup of a tied embedding), stay whole. (``head_params``: those found in earlier
         # rounds, before their seeds were demoted.)
-        conflicts.update(n for n, d in decisions.items() if d.seed and any(
-            a in origin and origin[a][0] in head_params | found for a in tensor_inputs(n)))
-        conflicts.update(head_seeds)
+        head_conflicts = {n for n, d in decisions.items() if d.seed and any(
+            a in origin and origin[a][0] in head_params | found for a in tensor_inputs(n))}
+        head_conflicts |= head_seeds
+        conflicts |= head_conflicts
     return _Round(placements=pl, decisions=decisions, conversions=conversions,
                   demands=demands, r_used=r_used, conflicts=conflicts, notes=notes,
                   origin=origin, new_reduced=new_reduced, new_prefs=new_prefs,
                   local_outputs=local_outputs, returned_split=returned_split, taint=taint,
-                  new_sequence=new_sequence, sequence_values=seq, head_params=found)
+                  new_sequence=new_sequence, sequence_values=seq, head_params=found,
+                  head_conflicts=head_conflicts)
 
 
 def _replicated_out(out) -> bool:
@@ -649,6 +654,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
     prefs: dict = {}  # seed -> cut points its consumers split its output at
     sequence: dict = {}  # Partial value -> the token Shard it is reduce-scattered to
     head: set = set()  # the LM head's parameters, as found in any round
+    head_demoted: set = set()  # seeds kept whole for lm_head="replicate"
     rounds = 0
     indivisible: list = []
     while True:
@@ -657,6 +663,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
                          outputs, sequence, sequence_parallel, lm_head == "replicate",
                          frozenset(head))
         head |= rnd.head_params
+        head_demoted |= rnd.head_conflicts
         indivisible += [why for _, why in rnd.notes
                         if isinstance(why, Indivisible) and why not in indivisible]
         new = rnd.conflicts - demoted
@@ -684,7 +691,8 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
                    notes=rnd.notes, rounds=rounds, local_outputs=rnd.local_outputs,
                    returned_split=rnd.returned_split,
                    taint=rnd.taint, indivisible=indivisible,
-                   sequence_values=rnd.sequence_values, lm_head=head)
+                   sequence_values=rnd.sequence_values, lm_head=head,
+                   lm_head_seeds=head_demoted)
     dropped = defaultdict(set)  # parameter -> its dims some value on its chain dropped
     for param, perm in origin.values():
         dropped[param].update(set(range(len(param.meta["val"].shape))) - set(perm))
