@@ -25,6 +25,8 @@ models, and each round times, in turn:
   per rank;
 * ``tp_auto/gloo`` -- the same with ``all_reduce="group"``: gloo's all-reduce instead of
   DeepSpeed's shared-memory kernel (``tp_auto`` uses it where it can, ``tp_backend.shm``);
+* ``tp_auto/head`` -- the same with ``lm_head="replicate"``: the LM head whole on every
+  rank, no logits all-gather (as DeepSpeed AutoTP keeps it);
 * ``tp_auto/aten`` -- the same with ``cpu_matmul="aten"`` (ATen's matmul, MKL, as eager
   and transformers use): isolates the split from the kernel choice;
 * ``hf_tp`` -- transformers ``from_pretrained(..., tp_plan="auto")``, 1 thread per rank;
@@ -36,8 +38,11 @@ models, and each round times, in turn:
   extra) or ``init_inference`` fails.
 
 Workloads (the ones ``forward.py`` defines): prefill at S=128 and S=512 (KV cache on,
-last-token logits, which is what ``generate`` runs), and greedy decode tokens/s (32 new
-tokens after a 32-token prompt, minus a 1-token run, so the prefill is excluded). A
+last-token logits, which is what ``generate`` runs), a full-logits forward at S=512 (no
+cache: every position's logits, what a training or scoring forward computes), and greedy
+decode tokens/s (32 new tokens after a 32-token prompt, minus a 1-token run, so the
+prefill is excluded). ``--impls`` times a subset of the rows (``eager x1``, the baseline,
+always runs). A
 barrier before and after each timing keeps the ranks in step.
 
 Reported per workload: the median and minimum time of each implementation over the
@@ -82,7 +87,12 @@ def main():
     ap.add_argument("--model", default="llama", choices=("llama", "smollm2"))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--impls", nargs="+", default=None, metavar="ROW",
+                    help="time only these rows (e.g. tp_auto tp_auto/head ds_autotp); "
+                         "'eager x1' always runs")
     args = ap.parse_args()
+    want = (lambda impl: True) if args.impls is None else (
+        lambda impl: impl in args.impls or impl == "eager x1")
 
     import tp_backend
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -105,28 +115,35 @@ def main():
     # recompile limit of 8 per code object, past which it would silently run eagerly.
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 512
-    models = {"tp_auto": tp_backend.parallelize_model(path),
-              "tp_auto/gloo": tp_backend.parallelize_model(path, all_reduce="group"),
-              "tp_auto/aten": tp_backend.parallelize_model(path, cpu_matmul="aten"),
-              "hf_tp": AutoModelForCausalLM.from_pretrained(path, tp_plan="auto").eval()}
-    ds_model, ds_note = deepspeed_autotp(path, tp)
-    if ds_model is not None:
-        models["ds_autotp"] = ds_model
-    elif rank == 0:
-        print(f"ds_autotp row skipped: {ds_note}", flush=True)
+    builders = {"tp_auto": lambda: tp_backend.parallelize_model(path),
+                "tp_auto/gloo": lambda: tp_backend.parallelize_model(path, all_reduce="group"),
+                "tp_auto/head": lambda: tp_backend.parallelize_model(path, lm_head="replicate"),
+                "tp_auto/aten": lambda: tp_backend.parallelize_model(path, cpu_matmul="aten"),
+                "hf_tp": lambda: AutoModelForCausalLM.from_pretrained(path,
+                                                                      tp_plan="auto").eval()}
+    models = {impl: build() for impl, build in builders.items() if want(impl)}
+    ds_model = None
+    if want("ds_autotp"):
+        ds_model, ds_note = deepspeed_autotp(path, tp)
+        if ds_model is not None:
+            models["ds_autotp"] = ds_model
+        elif rank == 0:
+            print(f"ds_autotp row skipped: {ds_note}", flush=True)
     # Every rank builds its own one-rank tp_auto model and compiles it in the warm-up round
     # (only rank 0 times it): Dynamo's automatic dynamic shapes are decided per code object
     # from every size it has seen, so a rank that had compiled more graphs of the same
     # forward would mark other dims dynamic, compile other graphs than its peers and
     # desynchronise the ranks' collectives (check_inputs' all-gather on first calls).
     solos = [dist.new_group([r]) for r in range(tp)]  # collective: every rank calls each
-    models["tp_auto x1"] = tp_backend.parallelize_model(path, tp_group=solos[rank])
-    models[f"tp_auto x{tp}"] = tp_backend.parallelize_model(path, tp_group=solos[rank])
+    for impl in ("tp_auto x1", f"tp_auto x{tp}"):
+        if want(impl):
+            models[impl] = tp_backend.parallelize_model(path, tp_group=solos[rank])
     if rank == 0:
         models["eager x1"] = models[f"eager x{tp}"] = AutoModelForCausalLM.from_pretrained(path).eval()
-    impls = ("eager x1", f"eager x{tp}", "tp_auto x1", f"tp_auto x{tp}", "tp_auto",
-             "tp_auto/gloo", "tp_auto/aten", "hf_tp") + (("ds_autotp",) if ds_model is not None
-                                                        else ())
+    impls = tuple(impl for impl in ("eager x1", f"eager x{tp}", "tp_auto x1", f"tp_auto x{tp}",
+                                    "tp_auto", "tp_auto/gloo", "tp_auto/head", "tp_auto/aten",
+                                    "hf_tp", "ds_autotp")
+                  if want(impl) and (impl != "ds_autotp" or ds_model is not None))
     threads = {impl: 1 for impl in impls}
     threads[f"eager x{tp}"] = threads[f"tp_auto x{tp}"] = tp
     on_rank0 = {"eager x1", f"eager x{tp}", "tp_auto x1", f"tp_auto x{tp}"}
@@ -144,6 +161,7 @@ def main():
             return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n,
                                           do_sample=False)
         return {**{f"prefill {s}": prefill(s) for s in SEQS},
+                "full 512": lambda: model(input_ids=ids[512], use_cache=False),
                 "decode 1": generate(1), f"decode {NEW_TOKENS}": generate(NEW_TOKENS)}
 
     times = {impl: {} for impl in impls}
@@ -172,7 +190,7 @@ def report(args, tp: int, times: dict) -> None:
     for impl in impls:  # decode seconds per new token, prefill excluded, per round
         t = times[impl]
         t["decode per token"] = [(a - b) / (NEW_TOKENS - 1) for a, b in zip(t[decode], t["decode 1"])]
-    work = [f"prefill {s}" for s in SEQS] + ["decode per token"]
+    work = [f"prefill {s}" for s in SEQS] + ["full 512", "decode per token"]
     res = {"model": args.model, "tp": tp, "rounds": args.rounds, "threads_per_rank": 1,
            "times_s": times, "summary": {}}
     print(f"\n{args.model}, TP={tp}, {args.rounds} alternating rounds, 1 thread per TP rank "
@@ -192,6 +210,7 @@ def report(args, tp: int, times: dict) -> None:
         return statistics.median(r), [min(r), max(r)]
 
     same_kernel_base = {"tp_auto": "tp_auto x1", "tp_auto/gloo": "tp_auto x1",
+                        "tp_auto/head": "tp_auto x1",
                         "tp_auto/aten": "eager x1", "hf_tp": "eager x1", "ds_autotp": "eager x1"}
     for w in work:
         for impl in impls:
@@ -202,7 +221,8 @@ def report(args, tp: int, times: dict) -> None:
             if impl in same_kernel_base and same_kernel_base[impl] in times:
                 row["speedup_same_kernels"], rng = ratio(times[same_kernel_base[impl]][w], ts)
                 cols[0] = f"{row['speedup_same_kernels']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
-            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/aten", "ds_autotp"):
+            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/head", "tp_auto/aten",
+                        "ds_autotp") and "hf_tp" in times:
                 row["vs_hf_tp"], row["vs_hf_tp_range"] = ratio(times["hf_tp"][w], ts)
                 rng = row["vs_hf_tp_range"]
                 cols[1] = f"{row['vs_hf_tp']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
@@ -210,7 +230,8 @@ def report(args, tp: int, times: dict) -> None:
                 row["vs_ds_autotp"], row["vs_ds_autotp_range"] = ratio(times["ds_autotp"][w], ts)
                 rng = row["vs_ds_autotp_range"]
                 cols[2] = f"{row['vs_ds_autotp']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
-            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/aten", "hf_tp", "ds_autotp"):
+            if impl in ("tp_auto", "tp_auto/gloo", "tp_auto/head", "tp_auto/aten", "hf_tp",
+                        "ds_autotp") and f"tp_auto x{tp}" in times:
                 row["vs_one_process"], rng = ratio(times[f"tp_auto x{tp}"][w], ts)
                 cols[3] = f"{row['vs_one_process']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
             res["summary"].setdefault(w, {})[impl] = row

@@ -149,3 +149,28 @@ def test_a_graph_compiled_under_other_threads_is_not_reused():
     for seen in run_distributed(_threads_worker, 2):
         assert seen[0]["solves"] >= 1, seen
         assert seen[1]["solves"] > seen[0]["solves"], seen  # 2 threads: solved and compiled again
+
+
+def _layouts_worker(rank, world_size):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    ref.load_state_dict(model.state_dict())
+    step = torch.compile(model, backend="tp_auto", dynamic=True)
+    errs = []
+    with torch.no_grad():
+        # a transposed view, a contiguous tensor, a transposed view again: Dynamo compiles
+        # one graph per layout, with the same code and the same symbolic shapes
+        for x in (torch.randn(8, 5).t(), torch.randn(6, 8), torch.randn(8, 7).t()):
+            errs.append((step(x) - ref(x)).abs().max().item())
+    return errs
+
+
+def test_a_graph_compiled_for_other_input_strides_is_not_reused():
+    """Dynamo recompiles when an input's layout changes (a key/value cache is a transposed
+    view after the prefill, contiguous after a decode step's ``cat``); the backend's own
+    cache must not hand the new graph the one compiled for the other strides, whose
+    Inductor code assumes them (it failed with a stride assertion)."""
+    for errs in run_distributed(_layouts_worker, 2):
+        assert max(errs) <= ATOL, errs

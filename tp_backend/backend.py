@@ -496,8 +496,12 @@ class TPAutoBackend:
         key = (gm.code, training, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm,
                opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head,
                torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
-               tuple((tuple(str(d) for d in f.shape), f.dtype) if isinstance(f, torch.Tensor)
-                     else str(f) for f in fakes), tuple(sorted(params)))
+               # (strides too: Dynamo recompiles for an input of another layout, e.g. a
+               # key/value cache that is a transposed view after the prefill and contiguous
+               # after a decode step's cat, and the downstream compile assumes its strides)
+               tuple((tuple(str(d) for d in f.shape), tuple(str(d) for d in f.stride()),
+                      f.dtype) if isinstance(f, torch.Tensor) else str(f) for f in fakes),
+               tuple(sorted(params)))
         compiled = self._cache.get(key)
         if compiled is not None:
             self.stats["cache_hits"] += 1
