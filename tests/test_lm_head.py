@@ -17,14 +17,10 @@ import torch
 import zoo
 from dist_utils import run_distributed
 from models import make_ids
+from test_sequence_parallel import _kinds
 from test_training import _check, _grads
 
 REPLICATE = {"lm_head": "replicate"}
-
-
-def _kinds(plans) -> dict:
-    kinds = [str(c.kind) for p in plans for c in p.collectives]
-    return {k: kinds.count(k) for k in set(kinds)}
 
 
 def _inference(rank, world_size, name, options, overrides):

@@ -12,6 +12,9 @@ import sys
 import time
 
 
+from .options import LM_HEAD_CHOICES
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tp_backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="plan with sequence parallelism (the sequence_parallel option)")
-    p.add_argument("--lm-head", choices=("split", "replicate"), default="split",
+    p.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default="split",
                    help="the LM head vocab-parallel (default) or whole on every rank (the "
                         "lm_head option)")
     args = parser.parse_args(argv)

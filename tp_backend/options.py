@@ -67,7 +67,7 @@ _COMPILERS = ("eager", "inductor")
 _FALLBACKS = ("replicate", "raise")
 _WHEN = ("first", "always", "off")
 _OUTPUTS = ("auto", "gather", "split")
-_LM_HEADS = ("split", "replicate")
+LM_HEAD_CHOICES = ("split", "replicate")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class TPOptions:
 # The options chosen from a fixed set of values, and their defaults (TPOptions' own).
 _CHOICES = {"compiler": _COMPILERS, "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
             "check_inputs": _WHEN, "fallback": _FALLBACKS, "all_reduce": ALL_REDUCE_CHOICES,
-            "outputs": _OUTPUTS, "lm_head": _LM_HEADS}
+            "outputs": _OUTPUTS, "lm_head": LM_HEAD_CHOICES}
 _DEFAULTS = {f.name: f.default for f in fields(TPOptions) if f.name in _CHOICES}
 
 

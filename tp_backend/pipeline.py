@@ -132,6 +132,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         sol.param_storage[w] = sol.param_storage.pop(pad)
         sol.param_role[w] = sol.param_role.pop(pad)
         sol.param_padding[w] = int(pad.meta["val"].shape[0])
+        if pad in sol.lm_head:
+            sol.lm_head = sol.lm_head - {pad} | {w}
     plan = TPPlan(tp_size=tp_size, tp_rank=tp_rank, solve_seconds=sol.seconds, rounds=sol.rounds,
                   num_nodes=len(aten_gm.graph.nodes), all_reduce_impl="shm" if use_shm else "group")
     plan.timings["decompose_s"] = t_decomposed - t_start
@@ -163,8 +165,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     plan.demoted = [nodemeta.describe(n) for n in sorted(sol.demoted - sol.lm_head_seeds,
                                                          key=lambda n: n.name)]
     plan.sequence_values = len(sol.sequence_values)
-    padded = {pad: w for w, pad in pads.items()}
-    plan.lm_head = tuple(sorted(fqns[nodemeta.input_index(padded.get(n, n))] for n in sol.lm_head))
+    plan.lm_head = tuple(sorted(fqns[nodemeta.input_index(n)] for n in sol.lm_head))
     plan.lm_head_choice = lm_head
     for n, why in sol.notes:
         log.info("tp_auto: replicated %s (%s)", nodemeta.describe(n), why)
