@@ -15,7 +15,8 @@ def run_child(script: str, args: list, tp: int = 1, fresh_inductor_cache: bool =
               torchrun: bool | None = None) -> dict:
     """Run ``script args`` (under torchrun with ``tp`` processes if ``tp > 1`` or
     ``torchrun``) and return
-    the JSON it printed after ``RESULT`` (rank 0), or ``{"error": last stderr line}``.
+    the JSON it printed after ``RESULT`` (rank 0), or ``{"error": the line naming the error,
+    "stderr_tail": the last 40 lines of stderr}``.
     ``fresh_inductor_cache``: an empty ``TORCHINDUCTOR_CACHE_DIR`` (cold compiles)."""
     env = dict(os.environ)
     tmp = None
@@ -34,7 +35,8 @@ def run_child(script: str, args: list, tp: int = 1, fresh_inductor_cache: bool =
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if line:
         return json.loads(line[-1][len("RESULT "):])
-    return {"error": _error_line(proc.stderr)}
+    return {"error": _error_line(proc.stderr),
+            "stderr_tail": "\n".join(proc.stderr.splitlines()[-40:])}
 
 
 def _error_line(stderr: str) -> str:

@@ -11,6 +11,7 @@ child process, one after another:
 * ``inductor`` -- the same, ``model.compile()`` (Inductor's default mode);
 * ``tp_auto TP=1`` -- ``tp_backend.parallelize_model`` under torchrun with one NCCL rank
   (the weights read straight to the GPU; the local graph compiled by Inductor);
+* ``tp_auto TP=1 gloo`` -- the same with a gloo group (the path the CUDA tests take);
 * ``tp_auto TP=2 gloo`` -- two ranks on the *same* GPU through gloo (NCCL refuses two
   ranks on one device): exactness and overhead only, its times say nothing about speed-up
   (the ranks share one GPU and every collective goes through host memory).
@@ -48,7 +49,7 @@ from forward import checkpoint  # noqa: E402
 SEQS = (512, 2048)
 NEW_TOKENS = 32
 ROWS = [("eager", "eager", 1), ("inductor", "inductor", 1), ("tp_auto TP=1", "tp_auto", 1),
-        ("tp_auto TP=2 gloo", "tp_auto_gloo", 2)]
+        ("tp_auto TP=1 gloo", "tp_auto_gloo", 1), ("tp_auto TP=2 gloo", "tp_auto_gloo", 2)]
 
 
 def _timed(fn, reps=5, warmups=2) -> float:
@@ -143,7 +144,9 @@ def main() -> None:
         rows[name] = run_child(__file__, ["--child", impl], tp=ranks,
                                torchrun=impl.startswith("tp_auto"))
         print(f"{name}: done", {k: v for k, v in rows[name].items()
-                                if k not in ("last_logits", "tokens")}, flush=True)
+                                if k not in ("last_logits", "tokens", "stderr_tail")}, flush=True)
+        if "stderr_tail" in rows[name]:
+            print(rows[name]["stderr_tail"], flush=True)
     ref = rows.get("eager", {})
     for r in rows.values():
         if "last_logits" in r and "last_logits" in ref:

@@ -222,7 +222,7 @@ def test_hub_id_resolved_offline_from_hf_cache(checkpoint, tmp_path, monkeypatch
 
 def test_minimum_transformers_check(monkeypatch):
     """The reference's version check and its message are kept."""
-    import importlib_metadata
+    import importlib.metadata as importlib_metadata
 
     from tp_backend.api import check_transformers_version
 

@@ -45,7 +45,7 @@ def check_transformers_version() -> None:
     Raises:
         ImportError: transformers is older than 4.20.0.
     """
-    from importlib_metadata import version
+    from importlib.metadata import version
     from packaging.version import Version
 
     found = version("transformers")
