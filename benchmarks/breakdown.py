@@ -1,7 +1,12 @@
 """Where the time goes, per rank (issue 17 item 1, issue 21 item 2): ``tp_auto`` against
-DeepSpeed AutoTP at TP=2 on the benchmark Llama of ``forward.py``, one thread per rank.
+DeepSpeed AutoTP at TP=2 on a benchmark model of ``forward.py`` (the random Llama, or
+SmolLM2-135M), one thread per rank.
 
-    python benchmarks/breakdown.py [--impl tp_auto ds_autotp] [--reps 5] [--decode-steps 8]
+    python benchmarks/breakdown.py [--model llama|smollm2] [--impl tp_auto tp_auto/head ds_autotp]
+        [--reps 5] [--decode-steps 8]
+
+Rows: ``tp_auto`` (default options), ``tp_auto/head`` (``lm_head="replicate"``: the LM head
+whole on every rank, as DeepSpeed keeps it) and ``ds_autotp``.
 
 Phases: a full-logits forward at S=512 (``use_cache=False``), the prefill ``generate``
 runs at S=512 (KV cache on, last-token logits), and one decode step (one new token on a
@@ -34,7 +39,7 @@ called) is summed per category, from the op names:
 
 The profiler adds a few µs per op, so profiled times run above the wall time; the table
 gives each category as a share of the profiled call, then in ms scaled to the unprofiled
-wall time. Prints the table and writes ``benchmarks/results/breakdown-llama-tp2.json``.
+wall time. Prints the table and writes ``benchmarks/results/breakdown-<model>-tp2.json``.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ def _profile(fn) -> tuple[float, dict]:
     return wall, per
 
 
-def run_one(impl: str, reps: int, decode_steps: int) -> dict:
+def run_one(impl: str, model_name: str, reps: int, decode_steps: int) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -126,15 +131,16 @@ def run_one(impl: str, reps: int, decode_steps: int) -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()
-    path = checkpoint("llama")
-    if impl == "tp_auto":
+    path = checkpoint(model_name)
+    if impl.startswith("tp_auto"):
         import torch._inductor.config as inductor_config
 
         import tp_backend
 
         inductor_config.cpp.enable_kernel_profile = True
         _instrument_runner()
-        model = tp_backend.parallelize_model(path)
+        model = tp_backend.parallelize_model(
+            path, lm_head="replicate" if impl == "tp_auto/head" else "split")
     else:
         model, why = deepspeed_autotp(path, tp)
         if model is None:
@@ -193,22 +199,24 @@ def print_table(rows: dict) -> None:
     for phase in PHASES:
         print(f"\n{phase}: ms per call (wall, unprofiled median), then per category: ms scaled "
               "from its share of one profiled call")
-        print(f"{'impl':10s} {'rank':>4s} {'wall':>7s} " +
+        print(f"{'impl':12s} {'rank':>4s} {'wall':>7s} " +
               " ".join(f"{c[:12]:>12s}" for c in CATEGORIES))
         for impl, r in rows.items():
             if "ranks" not in r:
-                print(f"{impl:10s} {r.get('skipped') or r.get('error')}")
+                print(f"{impl:12s} {r.get('skipped') or r.get('error')}")
                 continue
             for rank, res in enumerate(r["ranks"]):
                 ph = res[phase]
                 scale = ph["wall_ms"] / ph["profiled_ms"]
                 cells = " ".join(f"{ph['self_ms'][c] * scale:12.2f}" for c in CATEGORIES)
-                print(f"{impl:10s} {rank:4d} {ph['wall_ms']:7.1f} {cells}")
+                print(f"{impl:12s} {rank:4d} {ph['wall_ms']:7.1f} {cells}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--impl", nargs="+", default=["tp_auto", "ds_autotp"])
+    ap.add_argument("--model", default="llama", choices=("llama", "smollm2"))
+    ap.add_argument("--impl", nargs="+", default=["tp_auto", "ds_autotp"],
+                    choices=("tp_auto", "tp_auto/head", "ds_autotp"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -216,17 +224,17 @@ def main():
     if a.child:
         import json
 
-        out = run_one(a.child, a.reps, a.decode_steps)
+        out = run_one(a.child, a.model, a.reps, a.decode_steps)
         if out:
             print("RESULT " + json.dumps(out))
         return
     rows = {}
     for impl in a.impl:
         rows[impl] = run_child(os.path.abspath(__file__),
-                               ["--child", impl, "--reps", str(a.reps),
+                               ["--child", impl, "--model", a.model, "--reps", str(a.reps),
                                 "--decode-steps", str(a.decode_steps)], tp=2)
     print_table(rows)
-    write_json(rows, os.path.join(HERE, "results", "breakdown-llama-tp2.json"))
+    write_json(rows, os.path.join(HERE, "results", f"breakdown-{a.model}-tp2.json"))
 
 
 if __name__ == "__main__":

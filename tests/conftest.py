@@ -9,15 +9,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False,
                      help="also run tests marked slow (real models; CI runs them)")
+    parser.addoption("--run-long", action="store_true", default=False,
+                     help="also run tests marked long (more ranks than cores on a real model, "
+                          "repeats of what a slow test checks at another size; CI does not)")
     parser.addoption("--fuzz-profile", default=os.environ.get("TP_FUZZ_PROFILE", "ci"),
                      choices=["ci", "quick", "long"],
                      help="how many random models test_fuzz.py draws (see its docstring)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: pass --run-slow (CI does)")
+    skips = {"slow": (config.getoption("--run-slow"), "slow: pass --run-slow (CI does)"),
+             "long": (config.getoption("--run-long"), "long: pass --run-long (CI does not)")}
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, (run, reason) in skips.items():
+            if marker in item.keywords and not run:
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -92,7 +92,10 @@ ATTENTION_KEPT_WHOLE = {("codegen", 3)}
 # configs widened so 3 divides their heads) and TP=4 check the same rules at other splits
 # with the rewritten graphs run eagerly, which tests the same plans in a third of the time
 # (Inductor's compile is most of the zoo's run time).
-@pytest.mark.parametrize("tp_size,compiler", [(2, "inductor"), (3, "eager"), (4, "eager")])
+# TP=4 (4 ranks on CI's 2 cores) is long (--run-long): test_training.py runs four types at
+# TP=4 and test_fuzz.py draws hundreds of models at TP=4.
+@pytest.mark.parametrize("tp_size,compiler", [(2, "inductor"), (3, "eager"),
+                                              pytest.param(4, "eager", marks=pytest.mark.long)])
 def test_zoo(tp_size, compiler, capsys):
     rows = run_distributed(_run_zoo, tp_size, zoo.ALL, compiler)[0]
     with capsys.disabled():

@@ -150,8 +150,10 @@ def test_sequence_parallel_option_is_checked():
         validate_options({"sequence_parallel": "yes"})
 
 
+# TP=4 is long (--run-long): 4 ranks on CI's 2 cores; test_gradients_with_sequence_parallel
+# _at_tp4 runs sequence parallelism at TP=4.
 @pytest.mark.slow
-@pytest.mark.parametrize("tp_size", [2, 4])
+@pytest.mark.parametrize("tp_size", [2, pytest.param(4, marks=pytest.mark.long)])
 def test_zoo_outputs_with_sequence_parallel(tp_size, capsys):
     """Every type of the zoo (test_coverage's run, with ``sequence_parallel=True``) gives
     one process's output on 7 tokens, split 4 + 3 at TP=2 and 2 + 2 + 2 + 1 at TP=4, and
