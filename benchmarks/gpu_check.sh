@@ -30,9 +30,9 @@ FILES=(${TESTS:-tests/test_backend_models.py tests/test_generation.py tests/test
   tests/test_tp_tensor.py tests/test_state.py tests/test_parallelize_model.py tests/test_training.py})
 EACH=$(( ${TEST_S:-290} / ${#FILES[@]} ))
 for f in "${FILES[@]}"; do
-  T0=$(date +%s)
+  T0=$(date +%s); LOG=$OUT/tests-$(basename $f .py).log
   TP_TEST_DEVICE=cuda timeout $EACH python3 -m pytest -q -p no:cacheprovider -n ${NW:-8} \
-    --timeout $EACH --tb=short -rfE $f > $OUT/tests-$(basename $f .py).log 2>&1
+    --timeout $EACH --tb=short -rfE $f > $LOG 2>&1
   echo "$f rc=$? in $(( $(date +%s) - T0 )) s"
-  grep -E "^(FAILED|ERROR)|passed|failed|SIGSEGV|^E  " $OUT/tests-$(basename $f .py).log | head -12
+  grep -E "^(FAILED|ERROR)|passed|failed|SIGSEGV|^E  " $LOG | head -12
 done
