@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from . import conjugates, consistency, cpu_matmul, layers, nodemeta, selfcheck, shm, state
+from . import conjugates, consistency, downstream, layers, nodemeta, selfcheck, shm, state
 from .errors import TPError, TPPassError, TPTrainingError
 from .options import TPOptions, validate_options
 from .placement import Shard
@@ -109,22 +109,14 @@ class _InferenceOnly(torch.autograd.Function):
 
 def _downstream_compile(gm: fx.GraphModule, local_fakes: list, opts: TPOptions,
                         plan: TPPlan | None = None):
-    """Hand this rank's local ATen graph to the downstream compiler.
-
-    ``local_fakes``: fake tensors of the shapes this rank really feeds (local shards), in
-    Dynamo's fake mode, so Inductor shares Dynamo's symbolic shapes and guards -- exactly
-    what ``backend="inductor"`` does with a captured graph. The functional collectives in
-    the graph are lowered by Inductor (``_c10d_functional``); float32 CPU matmuls go to the
-    kernel ``opts.cpu_matmul`` names (:mod:`tp_backend.cpu_matmul`). ``"eager"`` runs the
-    graph as it is (for debugging)."""
+    """Hand this rank's local ATen graph to the downstream compiler
+    (:func:`tp_backend.downstream.compile_local_graph` for Inductor; ``"eager"`` runs the
+    graph as it is, for debugging), recording the seconds in ``plan.timings``."""
     if opts.compiler != "inductor":
         return gm
-    from torch._inductor.compile_fx import compile_fx
-
-    t0 = time.perf_counter()
-    fn = compile_fx(gm, local_fakes, decompositions=cpu_matmul.decompositions(opts.cpu_matmul))
+    fn, seconds = downstream.compile_local_graph(gm, local_fakes, opts.cpu_matmul)
     if plan is not None:
-        plan.timings["downstream_compile_s"] = time.perf_counter() - t0
+        plan.timings["downstream_compile_s"] = seconds
     return fn
 
 

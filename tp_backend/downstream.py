@@ -1,0 +1,106 @@
+"""The downstream compile of each rank's local graph (Inductor by default), kept cacheable.
+
+Inductor caches what it compiles on disk (AOTAutograd's cache and its FX-graph cache, both on
+by default, in ``TORCHINDUCTOR_CACHE_DIR``), so a graph compiled once loads in about a second
+the next time: in the next process that runs the same model, and in another rank of the same
+host whose local graph is the same. Two things in a local graph would stop that, and this
+module handles both:
+
+* **tp_backend's own graph functions** (the collectives of :mod:`tp_backend.collectives`, the
+  vocab-parallel lookup of :mod:`tp_backend.layers`, ...) are plain Python functions that
+  AOTAutograd traces through. AOTAutograd only caches graphs whose functions it knows are
+  pure, so each one the graph calls is declared cacheable through Inductor's documented
+  setting ``unsafe_marked_cacheable_functions``, keyed by a digest of tp_backend's source:
+  editing tp_backend invalidates the entries.
+* **The decomposition table** of :mod:`tp_backend.cpu_matmul` is part of the cache key, and
+  Inductor's table holds C++ functions that cannot be pickled: the table pickles as the call
+  that builds it (``cpu_matmul.decompositions(kernel)``) plus the same digest.
+
+Caching is Inductor's: ``torch._inductor.config.fx_graph_cache = False`` (or
+``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``) turns it off, and the compiled code is the same
+either way.
+
+Owns: calling the downstream compiler on a local graph, and what makes that call cacheable.
+Must not: decide placements or rewrite graphs (the pipeline), or choose matmul kernels
+(:mod:`tp_backend.cpu_matmul` does; this module only passes its table on).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pathlib
+import time
+import types
+
+import torch
+import torch.fx as fx
+
+from . import cpu_matmul
+
+__all__ = ["compile_local_graph", "source_digest"]
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """A hex digest of every ``.py`` file of the installed tp_backend package (names and
+    bytes): part of the key of every cache entry whose behaviour depends on tp_backend's
+    code."""
+    root = pathlib.Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def _graph_functions(gm: fx.GraphModule) -> dict[str, str]:
+    """``unsafe_marked_cacheable_functions`` entries for the tp_backend Python functions
+    ``gm`` calls (found by identity: the nodes' targets), each keyed by
+    :func:`source_digest`."""
+    found = {}
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, types.FunctionType) \
+                and (target.__module__ or "").split(".")[0] == __name__.split(".")[0]:
+            found[f"{target.__module__}.{target.__name__}"] = source_digest()
+    return found
+
+
+class _DecompositionTable(dict):
+    """:func:`tp_backend.cpu_matmul.decompositions` ``(kernel)``, pickled (into Inductor's
+    cache keys) as the call that builds it and :func:`source_digest`: Inductor's own table
+    holds C++ functions, which cannot be pickled."""
+
+    def __init__(self, kernel: str, digest: str):
+        super().__init__(cpu_matmul.decompositions(kernel))
+        self.kernel, self.digest = kernel, digest
+
+    def __reduce__(self):
+        return _DecompositionTable, (self.kernel, self.digest)
+
+
+def compile_local_graph(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str):
+    """Compile ``gm`` (a rank's local ATen graph) with Inductor, as ``backend="inductor"``
+    does with a captured graph, and return the compiled callable and the seconds it took.
+
+    ``local_fakes``: fake tensors of the shapes this rank really feeds (local shards), in
+    Dynamo's fake mode, so Inductor shares Dynamo's symbolic shapes and guards. The
+    functional collectives in the graph are lowered by Inductor (``_c10d_functional``);
+    float32 CPU matmuls go to the kernel ``cpu_matmul_kernel`` names
+    (:mod:`tp_backend.cpu_matmul`). The compile reads and writes Inductor's on-disk caches
+    (see the module docstring).
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    digest = source_digest()
+    marked = dict(torch._inductor.config.unsafe_marked_cacheable_functions)
+    marked.update(_graph_functions(gm))
+    # AOTAutograd's cache key holds Inductor's settings but not the decomposition table:
+    # this entry puts the kernel choice in it (the name is the table's builder).
+    marked[f"{cpu_matmul.__name__}.decompositions"] = f"{cpu_matmul_kernel}-{digest}"
+    t0 = time.perf_counter()
+    fn = compile_fx(gm, local_fakes,
+                    config_patches={"unsafe_marked_cacheable_functions": marked},
+                    decompositions=_DecompositionTable(cpu_matmul_kernel, digest))
+    return fn, time.perf_counter() - t0
