@@ -110,11 +110,13 @@ class _InferenceOnly(torch.autograd.Function):
 def _downstream_compile(gm: fx.GraphModule, local_fakes: list, opts: TPOptions,
                         plan: TPPlan | None = None):
     """Hand this rank's local ATen graph to the downstream compiler
-    (:func:`tp_backend.downstream.compile_local_graph` for Inductor; ``"eager"`` runs the
-    graph as it is, for debugging), recording the seconds in ``plan.timings``."""
+    (:func:`tp_backend.downstream.compile_local_graph` for Inductor: a collective where
+    ``tp_size > 1``; ``"eager"`` runs the graph as it is, for debugging), recording the
+    seconds in ``plan.timings``."""
     if opts.compiler != "inductor":
         return gm
-    fn, seconds = downstream.compile_local_graph(gm, local_fakes, opts.cpu_matmul)
+    fn, seconds = downstream.compile_local_graph(
+        gm, local_fakes, opts.cpu_matmul, opts.tp_group if opts.tp_size > 1 else None)
     if plan is not None:
         plan.timings["downstream_compile_s"] = seconds
     return fn
@@ -440,6 +442,7 @@ class TPAutoBackend:
         # A collective on every rank (each compiles the same graphs in the same order); the
         # answer is cached per group after the first graph.
         use_shm = shm.setup(opts.tp_group, opts.all_reduce)
+        layers.register_rank(opts.group_name, opts.tp_rank)  # read by graphs as they run
         # As AOTAutograd decides: a graph that may be differentiated is compiled for
         # training (Dynamo guards on grad mode and on requires_grad, so the inference graph
         # and the training graph of one model are compiled apart).

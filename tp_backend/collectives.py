@@ -63,8 +63,8 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
     (``outer`` equal blocks, or the given ``blocks``), its chunk of it; returns the whole
     tensor on every rank.
 
-    ``use_shm`` (the group was accepted by :func:`tp_backend.shm.setup`) with ``tp_rank``,
-    where the chunk sizes are known at trace time: :func:`tp_backend.shm.shm_all_gather`
+    ``use_shm`` (the group was accepted by :func:`tp_backend.shm.setup`), where the chunk
+    sizes are known at trace time: :func:`tp_backend.shm.shm_all_gather`
     (each rank writes its chunks into a zero buffer of the whole shape, summed in place by
     the shared-memory kernel: exact, 2.6-3.4x gloo's all-gather here at any size).
 
@@ -79,9 +79,8 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
     shape = list(x.shape)
     pieces = ([b // tp_size for b in blocks] if blocks is not None
               else [shape[dim] // outer] * outer)
-    if (use_shm and tp_rank is not None and shm.supports(x)
-            and all(isinstance(p, int) for p in pieces)):
-        return shm.shm_all_gather(x, dim, pieces, tp_rank, tp_size)
+    if use_shm and shm.supports(x) and all(isinstance(p, int) for p in pieces):
+        return shm.shm_all_gather(x, dim, pieces, tp_size)
     g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x, tp_size, group_name))  # [N*d0, ...]
     g = g.view(tp_size, *x.shape)  # [N, *local]
     if outer == 1 and blocks is None:

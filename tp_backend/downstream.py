@@ -16,11 +16,20 @@ module handles both:
   Inductor's table holds C++ functions that cannot be pickled: the table pickles as the call
   that builds it (``cpu_matmul.decompositions(kernel)``) plus the same digest.
 
+**Compile once per host.** Where the ranks of a host have the same local graph (the common
+case: an even split, where the graphs read their rank when they run rather than holding it
+as a constant), the lowest of them compiles first while the others wait, and the others then
+load its result from the cache instead of compiling the same graph again at the same time.
+Ranks whose graphs differ (an uneven split) compile at once, as before. This needs
+Inductor's caches on, and a cache directory the ranks of a host share (the default,
+``/tmp/torchinductor_<user>``, is).
+
 Caching is Inductor's: ``torch._inductor.config.fx_graph_cache = False`` (or
 ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``) turns it off, and the compiled code is the same
 either way.
 
-Owns: calling the downstream compiler on a local graph, and what makes that call cacheable.
+Owns: calling the downstream compiler on a local graph, what makes that call cacheable, and
+the order in which the ranks of a host compile.
 Must not: decide placements or rewrite graphs (the pipeline), or choose matmul kernels
 (:mod:`tp_backend.cpu_matmul` does; this module only passes its table on).
 """
@@ -29,16 +38,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import pathlib
+import socket
 import time
 import types
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from . import cpu_matmul
 
-__all__ = ["compile_local_graph", "source_digest"]
+__all__ = ["compile_local_graph", "source_digest", "caches_enabled"]
+
+log = logging.getLogger("tp_backend")
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +94,52 @@ class _DecompositionTable(dict):
         return _DecompositionTable, (self.kernel, self.digest)
 
 
-def compile_local_graph(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str):
+def caches_enabled() -> bool:
+    """Whether Inductor's AOTAutograd and FX-graph caches (both needed to load a compiled
+    graph) are on in this process."""
+    return (bool(torch._inductor.config.fx_graph_cache)
+            and bool(torch._functorch.config.enable_autograd_cache)
+            and not torch.compiler.config.force_disable_caches)
+
+
+def _graph_digest(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str) -> str:
+    """A digest of what a rank hands Inductor: the graph's code, its inputs' shapes,
+    strides, dtypes and devices, the matmul kernel and the thread count. Ranks with equal
+    digests compile the same graph (it only orders the compiles: what a rank loads from the
+    cache is decided by Inductor's own key)."""
+    h = hashlib.sha256(gm.code.encode())
+    for f in local_fakes:
+        meta = ((tuple(map(str, f.shape)), tuple(map(str, f.stride())), str(f.dtype),
+                 str(f.device), f.requires_grad) if isinstance(f, torch.Tensor) else repr(f))
+        h.update(repr(meta).encode())
+    h.update(f"{cpu_matmul_kernel}/{torch.get_num_threads()}".encode())
+    return h.hexdigest()
+
+
+def _compile_turn(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
+                  tp_group) -> str | None:
+    """This rank's turn: ``"wait"`` where a lower rank of its host has the same local graph
+    (it compiles after that one, from the cache), ``"first"`` where some rank of the group
+    waits (this one compiles, then releases them), ``None`` where no rank waits (no two ranks
+    of a host share a graph, or some rank has Inductor's caches off). A collective: every
+    rank of ``tp_group`` calls it for the same captured graph."""
+    mine = (socket.gethostname(), _graph_digest(gm, local_fakes, cpu_matmul_kernel))
+    everyone = [None] * dist.get_world_size(tp_group)
+    dist.all_gather_object(everyone, (caches_enabled(), mine), group=tp_group)
+    if not all(cached for cached, _ in everyone):
+        return None
+    graphs = [g for _, g in everyone]
+    waits = [graphs.index(g) != r for r, g in enumerate(graphs)]
+    if not any(waits):
+        return None
+    return "wait" if waits[dist.get_rank(tp_group)] else "first"
+
+
+def compile_local_graph(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
+                        tp_group=None):
     """Compile ``gm`` (a rank's local ATen graph) with Inductor, as ``backend="inductor"``
-    does with a captured graph, and return the compiled callable and the seconds it took.
+    does with a captured graph, and return the compiled callable and the seconds it took
+    (not counting a wait for another rank).
 
     ``local_fakes``: fake tensors of the shapes this rank really feeds (local shards), in
     Dynamo's fake mode, so Inductor shares Dynamo's symbolic shapes and guards. The
@@ -90,7 +147,32 @@ def compile_local_graph(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel
     float32 CPU matmuls go to the kernel ``cpu_matmul_kernel`` names
     (:mod:`tp_backend.cpu_matmul`). The compile reads and writes Inductor's on-disk caches
     (see the module docstring).
+
+    ``tp_group``: the group whose ranks compile their local graphs of one captured graph
+    now. Ranks of one host with the same local graph compile one after the other (module
+    docstring). A collective then (one all-gather and one barrier): every rank of the group
+    calls it, for the same captured graph. ``None``: compile at once.
+
+    Raises: whatever Inductor raises; a rank that compiles first raises only after the
+    ranks waiting for it have been released.
     """
+    turn = None if tp_group is None else _compile_turn(gm, local_fakes, cpu_matmul_kernel,
+                                                        tp_group)
+    if turn is None:
+        return _compile(gm, local_fakes, cpu_matmul_kernel)
+    if turn == "wait":
+        t0 = time.perf_counter()
+        dist.barrier(group=tp_group)  # released once the other ranks have compiled
+        log.debug("tp_auto: waited %.1f s for a rank of this host to compile the same "
+                  "graph; loading it from Inductor's cache", time.perf_counter() - t0)
+        return _compile(gm, local_fakes, cpu_matmul_kernel)
+    try:
+        return _compile(gm, local_fakes, cpu_matmul_kernel)
+    finally:
+        dist.barrier(group=tp_group)
+
+
+def _compile(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str):
     from torch._inductor.compile_fx import compile_fx
 
     digest = source_digest()

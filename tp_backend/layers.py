@@ -11,12 +11,16 @@ them, so a layer is a function of local tensors, not a module with weights:
 * row-parallel linear -- ``W`` split on ``in``: :func:`partial_product`, an all-reduce
   (:mod:`tp_backend.collectives`, or its differentiable conjugate when training), then
   :func:`add_bias` once; the rewrite inserts the three as separate nodes.
-* :func:`vocab_parallel_embedding` -- the table ``[V, E]`` split on ``V``.
+* :func:`vocab_parallel_embedding` -- the table ``[V, E]`` split on ``V``; in an inference
+  graph :func:`vocab_parallel_embedding_of_rank`, which reads this process's rank when it
+  runs (:func:`register_rank`), so the local graphs of the ranks are the same graph and one
+  compile serves every rank of a host (:mod:`tp_backend.downstream`).
 * :func:`local_shard` -- this rank's chunk of a replicated value (no communication).
 
 Owns: the functions the local graphs call for parallel layers and local slices:
 :func:`partial_product` and :func:`add_bias` (the row-parallel linear's local parts),
-:func:`vocab_parallel_embedding`, :func:`local_shard`, :func:`shard_ranges` and
+:func:`vocab_parallel_embedding` (and the rank each process holds in a group, for
+:func:`vocab_parallel_embedding_of_rank`), :func:`local_shard`, :func:`shard_ranges` and
 :func:`kv_head_slice`. Must not: decide placements (:mod:`tp_backend.rules` and the solver
 do) or where a layer goes (:mod:`tp_backend.rewrite` inserts the calls), or implement a
 collective (:mod:`tp_backend.collectives`).
@@ -29,7 +33,7 @@ import torch
 from .placement import Shard
 
 __all__ = ["partial_product", "add_bias", "vocab_parallel_embedding",
-           "local_shard", "kv_head_slice"]
+           "vocab_parallel_embedding_of_rank", "register_rank", "local_shard", "kv_head_slice"]
 
 aten = torch.ops.aten
 
@@ -60,6 +64,46 @@ def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, vocab_star
     local = aten.masked_fill(ids - vocab_start, outside, 0)
     local_pad = padding_idx - vocab_start if vocab_start <= padding_idx < vocab_end else -1
     out = aten.embedding(weight, local, local_pad)
+    return aten.masked_fill(out, outside.unsqueeze(-1), 0)
+
+
+# group name -> this process's rank in the group (set by the backend before it compiles for
+# the group; read by the kernel of tp_backend::vocab_shard_ids when a graph runs).
+_RANKS: dict[str, int] = {}
+
+
+def register_rank(group_name: str, tp_rank: int) -> None:
+    """Record that this process is rank ``tp_rank`` of the group ``group_name`` (the
+    functional collectives' name of ``tp_group``), for graphs that read their rank when they
+    run."""
+    _RANKS[group_name] = tp_rank
+
+
+@torch.library.custom_op("tp_backend::vocab_shard_ids", mutates_args=())
+def vocab_shard_ids(ids: torch.Tensor, rows: int,
+                    group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's local row of each id (``ids: [*]`` int64), with rows ``[r * rows, (r + 1)
+    * rows)`` held by rank ``r`` of ``group_name``, and where the id lies outside them
+    (``[*]`` bool; those ids get row 0). The rank is read when the op runs, not traced."""
+    start = _RANKS[group_name] * rows
+    outside = (ids < start) | (ids >= start + rows)
+    return (ids - start).masked_fill_(outside, 0), outside
+
+
+@vocab_shard_ids.register_fake
+def _(ids, rows, group_name):
+    return torch.empty_like(ids), torch.empty_like(ids, dtype=torch.bool)
+
+
+def vocab_parallel_embedding_of_rank(weight: torch.Tensor, ids: torch.Tensor, rows: int,
+                                     group_name: str) -> torch.Tensor:
+    """:func:`vocab_parallel_embedding` for rank ``r`` of ``group_name`` holding the table's
+    rows ``[r * rows, (r + 1) * rows)`` (``weight: [rows, E]``), with ``r`` read when the
+    graph runs (:func:`register_rank`): the traced graph is the same on every rank. Without
+    ``padding_idx``, which only changes the gradient (inference graphs, or tables without
+    one)."""
+    local, outside = vocab_shard_ids(ids, rows, group_name)
+    out = aten.embedding(weight, local)
     return aten.masked_fill(out, outside.unsqueeze(-1), 0)
 
 

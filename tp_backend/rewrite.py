@@ -106,7 +106,9 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                        if training else
                        graph.call_function(collectives.all_gather,
                                            (cur, h.dim, h.outer, tp_size, group_name,
-                                            h.blocks, tp_rank, use_shm, h.units)))
+                                            # the rank only where the split is uneven
+                                            h.blocks, tp_rank if h.units is not None else None,
+                                            use_shm, h.units)))
                 record(Collective.ALL_GATHER, c.src)
             w = c.want
             if isinstance(w, HeadGroup):
@@ -172,10 +174,16 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             w, ids = node.args[0], node.args[1]
             v_global = _global_rows(node, sol)
             step = v_global // tp_size
+            padding_idx = arg(node, "padding_idx")
             with graph.inserting_before(node):
-                new = graph.call_function(layers.vocab_parallel_embedding,
-                                          (w, ids, tp_rank * step, (tp_rank + 1) * step,
-                                           arg(node, "padding_idx")))
+                # The same call on every rank (the rank is read when the graph runs) where
+                # padding_idx cannot matter: it only changes the gradient.
+                new = (graph.call_function(layers.vocab_parallel_embedding_of_rank,
+                                           (w, ids, step, group_name))
+                       if not training or padding_idx < 0 else
+                       graph.call_function(layers.vocab_parallel_embedding,
+                                           (w, ids, tp_rank * step, (tp_rank + 1) * step,
+                                            padding_idx)))
             if training:
                 enter_split(new)
         elif dec.action in (Action.ROW_ADDMM, Action.ROW_ADDMM_PARTIAL):

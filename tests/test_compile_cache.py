@@ -1,0 +1,71 @@
+"""Inductor's caches and tp_auto (tp_backend/downstream.py): the ranks of one host compile an
+evenly split graph once (the lowest rank compiles, the others load its result), a second
+process loads every rank's graph from the cache, and a graph loaded from the cache gives
+the single-process logits."""
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from models import make_ids, make_model
+
+# fp32 logits of the tiny models, reordered sums only (see test_backend_models.py for the
+# 1e-5 budget): a graph loaded from the cache must meet the same budget as one compiled.
+ATOL = 1e-5
+
+
+import zoo
+
+# 9 query heads and 3 KV heads, as SmolLM2 (test_generation.py): TP=2 splits them 5 + 4.
+UNEVEN = dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+              intermediate_size=100)
+
+
+def _compile_and_run(rank, world_size, name):
+    from torch._dynamo.utils import counters
+
+    import tp_backend
+
+    counters.clear()
+    model = zoo.make_model("llama", **UNEVEN) if name == "uneven" else make_model(name)
+    ids = make_ids(batch=2, seq=9)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(model, backend="tp_auto")
+        got = compiled(input_ids=ids, use_cache=False).logits
+    plan = tp_backend.last_plan()
+    return {"err": (got - ref).abs().max().item(),
+            "aot": dict(counters["aot_autograd"]), "fx": dict(counters["inductor"]),
+            "sharded": sum(1 for p in plan.params.values() if p.shard_dim is not None)}
+
+
+def _hits(res):
+    return res["aot"].get("autograd_cache_hit", 0), res["aot"].get("autograd_cache_miss", 0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_ranks_of_a_host_compile_once(tmp_path, monkeypatch, name):
+    """TP=2 in an empty cache directory: rank 0 compiles the graph (a miss, written to the
+    cache), rank 1 loads it (a hit, no compile of its own): their local graphs are the same
+    graph, although each holds another half of the vocabulary-parallel embedding and
+    all-gathers its own part of the logits. A second run of both ranks loads both. Every
+    run gives the single-process logits."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    first = run_distributed(_compile_and_run, 2, name)
+    assert first[0]["sharded"] > 0, first  # the graph really is split
+    assert _hits(first[0]) == (0, 1) and first[0]["aot"].get("autograd_cache_saved") == 1, first
+    assert _hits(first[1]) == (1, 0), first
+    again = run_distributed(_compile_and_run, 2, name)
+    assert [_hits(r) for r in again] == [(1, 0), (1, 0)], again
+    for res in first + again:
+        assert res["err"] <= ATOL, res
+
+
+def test_uneven_ranks_compile_apart(tmp_path, monkeypatch):
+    """9 heads at TP=2 split 5 + 4: the ranks' local graphs differ, so each compiles its own
+    (no rank waits for a graph it cannot use), and the logits still match."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    res = run_distributed(_compile_and_run, 2, "uneven")
+    assert [_hits(r) for r in res] == [(0, 1), (0, 1)], res
+    for r in res:
+        assert r["err"] <= ATOL, r
