@@ -504,18 +504,21 @@ class TPAutoBackend:
             return _Runner(compiled, names, opts)
         failed = None
         try:
-            compiled = self._solve_and_rewrite(gm, fakes, fake_mode, params, presharded, fqns,
-                                               opts, local_in, aliases, names, buffer_names,
-                                               use_shm, training, example_inputs)
+            compiled, local_fakes = self._solve_and_rewrite(
+                gm, fakes, fake_mode, params, presharded, fqns, opts, local_in, aliases, names,
+                buffer_names, use_shm, training, example_inputs)
         except TPPassError as e:
             if opts.fallback == "raise":
                 raise
             failed = e
         # Every rank takes the same branch (a rank running the graph split while another
-        # runs it whole would wait forever in a collective).
+        # runs it whole would wait forever in a collective), before the downstream compile
+        # (a collective of its own where ranks of a host share a graph).
         if consistency.any_rank(failed is not None, opts.tp_group):
             compiled = self._replicated(gm, example_inputs, params, opts, names, failed,
                                         bool(presharded or local_in))
+        else:
+            compiled.run = _downstream_compile(compiled.gm, local_fakes, opts, compiled.plan)
         self._cache[key] = compiled
         return _Runner(compiled, names, opts)
 
@@ -544,6 +547,9 @@ class TPAutoBackend:
     def _solve_and_rewrite(self, gm, fakes, fake_mode, params, presharded, fqns, opts, local_in,
                            aliases, names: NameIndex, buffer_names: dict, use_shm: bool,
                            training: bool, example_inputs: list):
+        """Solve, rewrite and self-check the graph for this rank: returns its
+        :class:`_Compiled` (``run`` not set yet: the caller compiles once every rank has
+        agreed the graph runs split) and the fake inputs of this rank's local shapes."""
         pre = {i: Shard(info.dim, info.outer, info.blocks, info.units)
                for i, info in presharded.items()}
         pre.update(local_in)
@@ -610,10 +616,9 @@ class TPAutoBackend:
             plan.vetoed = sorted(veto)
             break
         self.plans.append(plan)
-        run = _downstream_compile(aten_gm, local_fakes, opts, plan)
         return _Compiled(aten_gm, plan, specs, [i for i in sorted(params) if i not in sharded],
-                         local_in, dict(sol.local_outputs), run, labels, training,
-                         dict(sol.returned_split))
+                         local_in, dict(sol.local_outputs), None, labels, training,
+                         dict(sol.returned_split)), local_fakes
 
 
 def _outputs_mode(option: str, training: bool) -> str:
