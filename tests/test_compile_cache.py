@@ -1,7 +1,10 @@
-"""Inductor's caches and tp_auto (tp_backend/downstream.py): the ranks of one host compile an
-evenly split graph once (the lowest rank compiles, the others load its result), a second
-process loads every rank's graph from the cache, and a graph loaded from the cache gives
-the single-process logits."""
+"""Inductor's caches and tp_auto (tp_backend/downstream.py): the ranks of a host with fewer
+CPUs than ranks compile an evenly split graph once (the lowest rank compiles, the others
+load its result), ranks with a CPU each compile side by side, a second process loads every
+rank's graph from the cache, and a graph loaded from the cache gives the single-process
+logits."""
+
+import os
 
 import pytest
 import torch
@@ -21,11 +24,13 @@ UNEVEN = dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
               intermediate_size=100)
 
 
-def _compile_and_run(rank, world_size, name):
+def _compile_and_run(rank, world_size, name, one_cpu=False):
     from torch._dynamo.utils import counters
 
     import tp_backend
 
+    if one_cpu:  # every rank on the same CPU: a host with more ranks than CPUs
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     counters.clear()
     model = zoo.make_model("llama", **UNEVEN) if name == "uneven" else make_model(name)
     ids = make_ids(batch=2, seq=9)
@@ -44,28 +49,39 @@ def _hits(res):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_ranks_of_a_host_compile_once(tmp_path, monkeypatch, name):
-    """TP=2 in an empty cache directory: rank 0 compiles the graph (a miss, written to the
-    cache), rank 1 loads it (a hit, no compile of its own): their local graphs are the same
-    graph, although each holds another half of the vocabulary-parallel embedding and
-    all-gathers its own part of the logits. A second run of both ranks loads both. Every
-    run gives the single-process logits."""
+def test_ranks_of_a_crowded_host_compile_once(tmp_path, monkeypatch, name):
+    """TP=2 on one CPU, in an empty cache directory: rank 0 compiles the graph (a miss,
+    written to the cache), rank 1 loads it (a hit, no compile of its own): their local
+    graphs are the same graph, although each holds another half of the vocabulary-parallel
+    embedding and all-gathers its own part of the logits. A second run of both ranks loads
+    both. Every run gives the single-process logits."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    first = run_distributed(_compile_and_run, 2, name)
+    first = run_distributed(_compile_and_run, 2, name, True)
     assert first[0]["sharded"] > 0, first  # the graph really is split
     assert _hits(first[0]) == (0, 1) and first[0]["aot"].get("autograd_cache_saved") == 1, first
     assert _hits(first[1]) == (1, 0), first
-    again = run_distributed(_compile_and_run, 2, name)
+    # (pinned again: Inductor's key holds its compile-worker count, set from the CPUs)
+    again = run_distributed(_compile_and_run, 2, name, True)
     assert [_hits(r) for r in again] == [(1, 0), (1, 0)], again
     for res in first + again:
         assert res["err"] <= ATOL, res
 
 
-def test_uneven_ranks_compile_apart(tmp_path, monkeypatch):
-    """9 heads at TP=2 split 5 + 4: the ranks' local graphs differ, so each compiles its own
-    (no rank waits for a graph it cannot use), and the logits still match."""
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_ranks_with_a_cpu_each_compile_side_by_side(tmp_path, monkeypatch):
+    """TP=2 with a CPU per rank: both ranks compile at once (neither waits), exact."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    res = run_distributed(_compile_and_run, 2, "uneven")
+    res = run_distributed(_compile_and_run, 2, "llama")
+    assert [_hits(r) for r in res] == [(0, 1), (0, 1)], res
+    for r in res:
+        assert r["err"] <= ATOL, r
+
+
+def test_uneven_ranks_compile_apart(tmp_path, monkeypatch):
+    """9 heads at TP=2 split 5 + 4, on one CPU: the ranks' local graphs differ, so each
+    compiles its own (no rank waits for a graph it cannot use), and the logits match."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    res = run_distributed(_compile_and_run, 2, "uneven", True)
     assert [_hits(r) for r in res] == [(0, 1), (0, 1)], res
     for r in res:
         assert r["err"] <= ATOL, r

@@ -16,11 +16,13 @@ module handles both:
   Inductor's table holds C++ functions that cannot be pickled: the table pickles as the call
   that builds it (``cpu_matmul.decompositions(kernel)``) plus the same digest.
 
-**Compile once per host.** Where the ranks of a host have the same local graph (the common
-case: an even split, where the graphs read their rank when they run rather than holding it
-as a constant), the lowest of them compiles first while the others wait, and the others then
-load its result from the cache instead of compiling the same graph again at the same time.
-Ranks whose graphs differ (an uneven split) compile at once, as before. This needs
+**Compile once per host.** Where a host runs more ranks than it has CPUs and its ranks have
+the same local graph (the common case: an even split, where the graphs read their rank when
+they run rather than holding it as a constant), the lowest of them compiles first while the
+others wait, and the others then load its result from the cache instead of compiling the
+same graph again on the same CPUs. Ranks whose graphs differ (an uneven split) compile at
+once, as do the ranks of a host with a CPU for each (side by side they take the time of one
+compile; later runs load every rank's graph from the cache). This needs
 Inductor's caches on, and a cache directory the ranks of a host share (the default,
 ``/tmp/torchinductor_<user>``, is).
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import pathlib
 import socket
 import time
@@ -116,20 +119,40 @@ def _graph_digest(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str)
     return h.hexdigest()
 
 
+def _cpus() -> frozenset:
+    """The CPUs this process may run on."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return frozenset(range(os.cpu_count() or 1))
+
+
 def _compile_turn(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
                   tp_group) -> str | None:
-    """This rank's turn: ``"wait"`` where a lower rank of its host has the same local graph
-    (it compiles after that one, from the cache), ``"first"`` where some rank of the group
-    waits (this one compiles, then releases them), ``None`` where no rank waits (no two ranks
-    of a host share a graph, or some rank has Inductor's caches off). A collective: every
-    rank of ``tp_group`` calls it for the same captured graph."""
-    mine = (socket.gethostname(), _graph_digest(gm, local_fakes, cpu_matmul_kernel))
+    """This rank's turn: ``"wait"`` where its host has more ranks than CPUs and a lower rank
+    of the host has the same local graph (it compiles after that one, from the cache),
+    ``"first"`` where some rank of the group waits (this one compiles, then releases them),
+    ``None`` where no rank waits (no host is oversubscribed, no two ranks of one share a
+    graph, or some rank has Inductor's caches off). A collective: every rank of
+    ``tp_group`` calls it for the same captured graph.
+
+    Why only oversubscribed hosts: where each rank has a CPU of its own, the ranks' compiles
+    run side by side in the time of one, and waiting for another rank's compile only adds
+    the load (measured on 2 cores: the same first output at TP=2 for the 258M Llama of
+    ``benchmarks/first_output.py``, 3 s later for the tiny test Llama); at TP=3 on 2 cores
+    it saves a fifth of the first output."""
+    host = socket.gethostname()
+    mine = (caches_enabled(), host, _graph_digest(gm, local_fakes, cpu_matmul_kernel), _cpus())
     everyone = [None] * dist.get_world_size(tp_group)
-    dist.all_gather_object(everyone, (caches_enabled(), mine), group=tp_group)
-    if not all(cached for cached, _ in everyone):
+    dist.all_gather_object(everyone, mine, group=tp_group)
+    if not all(e[0] for e in everyone):
         return None
-    graphs = [g for _, g in everyone]
-    waits = [graphs.index(g) != r for r, g in enumerate(graphs)]
+    crowded = {}
+    for h in {e[1] for e in everyone}:
+        ranks = [e for e in everyone if e[1] == h]
+        crowded[h] = len(ranks) > len(frozenset().union(*(e[3] for e in ranks)))
+    graphs = [(e[1], e[2]) for e in everyone]
+    waits = [crowded[g[0]] and graphs.index(g) != r for r, g in enumerate(graphs)]
     if not any(waits):
         return None
     return "wait" if waits[dist.get_rank(tp_group)] else "first"
