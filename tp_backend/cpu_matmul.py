@@ -30,7 +30,7 @@ Letter key: M rows (tokens), K contraction dim (``in_features``), N output dim
 Owns: the CPU fp32 matmul kernel of the compiled local graphs: the custom op
 :func:`onednn_linear`, the choice :func:`use_onednn`, the table :func:`decompositions` and
 ``CPU_MATMUL_KERNELS``. Must not: validate the ``cpu_matmul`` option
-(:mod:`tp_backend.options`), call the downstream compiler (:mod:`tp_backend.backend` passes
+(:mod:`tp_backend.options`), call the downstream compiler (:mod:`tp_backend.downstream` passes
 the table to Inductor), or touch placements and collectives (the solver and
 :mod:`tp_backend.rewrite`).
 """
