@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import pathlib
 import socket
 import time
@@ -52,6 +51,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import cpu_matmul
+from .shm import _cpus  # the CPUs this process may run on
 
 __all__ = ["compile_local_graph", "source_digest", "caches_enabled"]
 
@@ -117,14 +117,6 @@ def _graph_digest(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str)
         h.update(repr(meta).encode())
     h.update(f"{cpu_matmul_kernel}/{torch.get_num_threads()}".encode())
     return h.hexdigest()
-
-
-def _cpus() -> frozenset:
-    """The CPUs this process may run on."""
-    try:
-        return frozenset(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return frozenset(range(os.cpu_count() or 1))
 
 
 def _compile_turn(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
