@@ -39,6 +39,13 @@ def run_child(script: str, args: list, tp: int = 1, fresh_inductor_cache: bool =
             "stderr_tail": "\n".join(proc.stderr.splitlines()[-40:])}
 
 
+def print_result(result) -> None:
+    """Print ``result`` (anything ``json.dumps`` takes) as the ``RESULT`` line that
+    :func:`run_child` reads back from a child run, flushed at once so that a child killed
+    later still leaves it behind."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def _error_line(stderr: str) -> str:
     """The line of a failed child's stderr that names the error: the last one that reads
     ``SomethingError: ...`` (torchrun ends with a banner of ``=`` that says nothing; a

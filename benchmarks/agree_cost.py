@@ -12,7 +12,6 @@ call) and writes benchmarks/results/agree-cost-tp2.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import run_child, write_json  # noqa: E402
+from _common import print_result, run_child, write_json  # noqa: E402
 
 MODES = {"off": {"check_inputs": "off", "sync_rng": "off"},
          "check_inputs=always": {"check_inputs": "always", "sync_rng": "off"},
@@ -57,7 +56,7 @@ def child(args):
             m.generate(ids, **kw)
             times[name].append((time.perf_counter() - t0) / args.tokens * 1e3)
     if rank == 0:
-        print("RESULT " + json.dumps(times))
+        print_result(times)
 
 
 def main():

@@ -53,7 +53,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import deepspeed_autotp, run_child, wrap_runner, write_json  # noqa: E402
+from _common import deepspeed_autotp, print_result, run_child, wrap_runner, write_json  # noqa: E402
 
 CATEGORIES = ("matmul", "attention", "all-reduce", "all-gather", "fused (Inductor)",
               "other ops", "runner", "Python, not in an op")
@@ -222,11 +222,9 @@ def main():
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        import json
-
         out = run_one(a.child, a.model, a.reps, a.decode_steps)
         if out:
-            print("RESULT " + json.dumps(out))
+            print_result(out)
         return
     rows = {}
     for impl in a.impl:

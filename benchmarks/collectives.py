@@ -15,7 +15,6 @@ time per call (rank 0), and gloo / shm. Without deepspeed, or where the kernel c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from _common import write_json
+from _common import print_result, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"6 KiB": 6 << 10, "64 KiB": 64 << 10, "2 MiB": 2 << 20, "8 MiB": 8 << 20}
@@ -78,7 +77,7 @@ def main():
             print(f"{size:8s} {row['gloo']:10.1f} {shm_col} {ratio:>9s}")
         out = args.out or os.path.join(HERE, "results", f"collectives-tp{tp}.json")
         write_json(res, out)
-        print("RESULT " + json.dumps(res["us"]))
+        print_result(res["us"])
     dist.destroy_process_group()
 
 

@@ -21,14 +21,13 @@ saves the most.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
 import torch
 
-from _common import run_child, write_json
+from _common import print_result, run_child, write_json
 from forward import checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +88,7 @@ def main():
     if args.impl:  # a child run
         res = run_one(args.model[0], args.impl)
         if res:
-            print("RESULT " + json.dumps(res))
+            print_result(res)
         return
     results = {}
     for model in args.model:

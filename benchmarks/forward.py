@@ -48,7 +48,6 @@ oversubscribes it: those rows show correctness and overhead under load, not spee
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -56,7 +55,7 @@ import time
 
 import torch
 
-from _common import deepspeed_autotp, run_child, write_json
+from _common import deepspeed_autotp, print_result, run_child, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAMA = dict(hidden_size=1536, intermediate_size=4224, num_attention_heads=24,
@@ -294,7 +293,7 @@ def main():
     if args.impl:  # a child run
         res = run_one(args.model[0], args.impl, args.threads)
         if res:
-            print("RESULT " + json.dumps(res))
+            print_result(res)
         return
     results = {}
     for model in args.model:

@@ -32,7 +32,6 @@ Without a CUDA device it prints one line and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import run_child, write_json  # noqa: E402
+from _common import print_result, run_child, write_json  # noqa: E402
 from forward import checkpoint  # noqa: E402
 
 SEQS = (512, 2048)
@@ -131,7 +130,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child)))
+        print_result(run_one(args.child))
         return
     if not torch.cuda.is_available():
         print("gpu.py: no CUDA device here; nothing measured")

@@ -18,7 +18,6 @@ for a 30-layer model. Prints a table and writes benchmarks/results/overhead-tp2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ from contextlib import contextmanager
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import run_child, wrap_runner, write_json  # noqa: E402
+from _common import print_result, run_child, wrap_runner, write_json  # noqa: E402
 
 
 def _instrument():
@@ -89,8 +88,8 @@ def child(args):
             per_round.append(statistics.median(c - g for c, g in mine) / 1e3)
             graph.append(statistics.median(g for _, g in mine) / 1e3)
     if rank == 0:
-        print("RESULT " + json.dumps({"runner_us": per_round, "graph_us": graph,
-                                      "step_us": total, "decode_calls": len(mine)}))
+        print_result({"runner_us": per_round, "graph_us": graph,
+                      "step_us": total, "decode_calls": len(mine)})
     dist.destroy_process_group()
 
 

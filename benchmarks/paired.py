@@ -55,7 +55,6 @@ machine moves both sides of a ratio together.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -63,7 +62,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from _common import deepspeed_autotp, write_json
+from _common import deepspeed_autotp, print_result, write_json
 from forward import NEW_TOKENS, SEQS, checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -241,7 +240,7 @@ def report(args, tp: int, times: dict) -> None:
                   f"{lo:5.2f}-{hi:<5.2f} {cols[0]:>18s} {cols[1]:>18s} {cols[2]:>18s} {cols[3]:>18s}")
     out = args.out or os.path.join(HERE, "results", f"paired-{args.model}-tp{tp}.json")
     write_json(res, out)
-    print("RESULT " + json.dumps(res["summary"]))
+    print_result(res["summary"])
 
 
 if __name__ == "__main__":

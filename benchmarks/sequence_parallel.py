@@ -28,7 +28,6 @@ heads, 12 KV heads, vocab 32064); ``small`` the 27M one of ``train.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -39,6 +38,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _common import print_result, run_child, write_json  # noqa: E402
 
 
 def _param_storages(model) -> set:
@@ -155,9 +155,8 @@ def main():
         except Exception as e:  # noqa: BLE001 - reported as the row's note
             res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         if os.environ.get("RANK", "0") == "0":
-            print("RESULT " + json.dumps(res), flush=True)
+            print_result(res)
         return
-    from _common import run_child, write_json
 
     if args.model == "llama":
         from forward import checkpoint

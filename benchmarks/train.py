@@ -27,7 +27,6 @@ for larger ones) and ``llama`` (the 258M-parameter Llama of ``forward.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -38,6 +37,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _common import print_result, run_child, write_json  # noqa: E402
 
 SMALL = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
              num_key_value_heads=4, num_hidden_layers=4, vocab_size=8000,
@@ -123,9 +123,8 @@ def main():
         except Exception as e:  # noqa: BLE001 - reported as the row's note
             res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         if os.environ.get("RANK", "0") == "0":
-            print("RESULT " + json.dumps(res), flush=True)
+            print_result(res)
         return
-    from _common import run_child, write_json
 
     checkpoint(args.model)  # created once, before the children read it
     rows = {}

@@ -27,7 +27,6 @@ first step, which compiles, excluded) and the median step time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _common import print_result, run_child, write_json  # noqa: E402
 
 ROWS = [("one process", "whole", 1), ("gathered TP=2", "gathered", 2),
         ("vocab-parallel TP=2", "vocab_parallel", 2)]
@@ -191,9 +191,8 @@ def main():
         except Exception as e:  # noqa: BLE001 - reported as the row's note
             res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         if os.environ.get("RANK", "0") == "0":
-            print("RESULT " + json.dumps(res), flush=True)
+            print_result(res)
         return
-    from _common import run_child, write_json
 
     rows = {}
     for name, impl, ranks in ROWS + ([] if args.no_model else MODEL_ROWS):
