@@ -42,7 +42,6 @@ import functools
 import hashlib
 import logging
 import pathlib
-import socket
 import time
 import types
 
@@ -51,7 +50,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import cpu_matmul
-from .shm import _cpus  # the CPUs this process may run on
+from .shm import crowded_hosts, where_am_i
 
 __all__ = ["compile_local_graph", "source_digest", "caches_enabled"]
 
@@ -133,17 +132,13 @@ def _compile_turn(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
     the load (measured on 2 cores: the same first output at TP=2 for the 258M Llama of
     ``benchmarks/first_output.py``, 3 s later for the tiny test Llama); at TP=3 on 2 cores
     it saves a fifth of the first output."""
-    host = socket.gethostname()
-    mine = (caches_enabled(), host, _graph_digest(gm, local_fakes, cpu_matmul_kernel), _cpus())
+    mine = (caches_enabled(), where_am_i(), _graph_digest(gm, local_fakes, cpu_matmul_kernel))
     everyone = [None] * dist.get_world_size(tp_group)
     dist.all_gather_object(everyone, mine, group=tp_group)
     if not all(e[0] for e in everyone):
         return None
-    crowded = {}
-    for h in {e[1] for e in everyone}:
-        ranks = [e for e in everyone if e[1] == h]
-        crowded[h] = len(ranks) > len(frozenset().union(*(e[3] for e in ranks)))
-    graphs = [(e[1], e[2]) for e in everyone]
+    crowded = crowded_hosts([e[1] for e in everyone])
+    graphs = [(e[1][0], e[2]) for e in everyone]
     waits = [crowded[g[0]] and graphs.index(g) != r for r, g in enumerate(graphs)]
     if not any(waits):
         return None

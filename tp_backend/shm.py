@@ -164,14 +164,14 @@ def setup(group, mode: str) -> bool:
         return _SERVED[name]
     why = _local_obstacle(group)
     where: list = [None] * group.size()
-    dist.all_gather_object(where, (socket.gethostname(), _cpus()), group=group)
-    hosts = {h for h, _ in where}
-    cpus = set().union(*(c for _, c in where))
+    dist.all_gather_object(where, where_am_i(), group=group)
+    hosts = crowded_hosts(where)
     if why is None and len(hosts) > 1:
         why = f"the ranks are on {len(hosts)} hosts"
-    elif why is None and len(cpus) < group.size():
+    elif why is None and any(hosts.values()):
         # The kernel waits by spinning: with more ranks than CPUs a waiting rank burns the
         # time slice its peer needs (measured: no faster than gloo at 3 and 4 ranks on 2).
+        cpus = frozenset().union(*(c for _, c in where))
         why = f"{group.size()} ranks share {len(cpus)} CPUs and the kernel waits by spinning"
     if why is None:
         why = _import_obstacle()
@@ -208,6 +208,22 @@ def _refuse(group, why: str):
         f"tp_group {group.group_name} ({why}). It needs every rank of the world in tp_group, "
         "on one Linux host, one CPU per rank, gloo, and deepspeed (tp_backend's shm extra); use "
         "all_reduce='auto' to fall back to the group's all-reduce.")
+
+
+def where_am_i() -> tuple[str, frozenset]:
+    """This process's host name and the CPUs it may run on (its affinity)."""
+    return socket.gethostname(), _cpus()
+
+
+def crowded_hosts(where: list) -> dict[str, bool]:
+    """For ``where``, a :func:`where_am_i` per rank: each host named, and whether it runs
+    more ranks than it has CPUs (the union of those ranks' affinities), so that a rank
+    there waits for a time slice while another runs."""
+    out = {}
+    for host in {h for h, _ in where}:
+        ranks = [c for h, c in where if h == host]
+        out[host] = len(ranks) > len(frozenset().union(*ranks))
+    return out
 
 
 def _cpus() -> frozenset:
