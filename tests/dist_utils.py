@@ -42,6 +42,35 @@ def _to_cpu(result):
     return tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, result)
 
 
+# Workers start from a fork server that has imported these once (``multiprocessing``'s
+# forkserver start method with preloaded modules): each worker is still a fresh process,
+# but skips the 4-5 s of importing torch, transformers and Dynamo that a spawned one spends,
+# most of a small test's time. The server is started once per pytest process and forks
+# from its own state, not the test's: a test that has changed the environment since then
+# (``monkeypatch.setenv``; some settings are read when a module is imported) gets spawned
+# workers instead, which see it.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch._inductor.compile_fx",
+            "transformers", "transformers.models.llama.modeling_llama",
+            "transformers.models.gpt2.modeling_gpt2", "tp_backend", "tp_backend.backend"]
+_SERVER: dict = {}
+
+
+def _context():
+    """The ``multiprocessing`` context to start workers with (see ``_PRELOAD``)."""
+    if not _SERVER:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        _SERVER.update(ctx=ctx, environ=_environ())
+    if _environ() != _SERVER["environ"]:
+        return mp.get_context("spawn")
+    return _SERVER["ctx"]
+
+
+def _environ() -> dict:
+    """The environment, less what pytest itself sets for each test."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
 def _worker(rank, world_size, init_file, out_dir, fn, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -67,7 +96,8 @@ def run_distributed(fn, world_size: int, *args):
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         ctx = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args),
-                                 nprocs=world_size, join=False, start_method="spawn")
+                                 nprocs=world_size, join=False,
+                                 start_method=_context().get_start_method())
         try:
             while not ctx.join(timeout=600):
                 pass
@@ -99,7 +129,7 @@ def run_each(fn, world_size: int, *args, timeout: float = 300):
     for every process (up to ``timeout`` seconds each) and returns, per rank, ``("ok",
     result)``, ``("error", message)``, ``("exit", exit code)`` (no result written) or
     ``("hang", None)`` (still running at the timeout; then killed)."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, tmp, fn, args))

@@ -52,8 +52,10 @@ def _inference(rank, world_size, name, options, overrides):
             "local_bytes": tp_backend.local_parameter_bytes(model)}
 
 
+# Llama with a tied head is long (--run-long): GPT-2's head is tied as well (40 s of CI).
 @pytest.mark.parametrize("name,overrides", [("llama", {}),
-                                            ("llama", {"tie_word_embeddings": True}),
+                                            pytest.param("llama", {"tie_word_embeddings": True},
+                                                         marks=pytest.mark.long),
                                             ("gpt2", {})],
                          ids=["llama", "llama-tied", "gpt2-tied"])
 def test_replicated_lm_head_matches_one_process(name, overrides):
