@@ -16,8 +16,9 @@ with oneDNN; the 512-token prefill of ``benchmarks/forward.py``'s 258M Llama 1.8
 in eager. Inductor's own oneDNN linear (``mkldnn._linear_pointwise``, used with
 ``freezing=True`` for bf16/fp16 weights or a dynamic batch; frozen fp32 linears otherwise go
 to MKL's packed GEMM) needs the weights as frozen constants, and here they are graph inputs
-(each rank's shard, fed by the runner), so the kernel is wrapped as a custom op that
-Inductor calls as an opaque kernel, like :mod:`tp_backend.leaf_ops`.
+(each rank's shard, fed by the runner), so the kernel is wrapped as an op of its own
+(:func:`tp_backend.dispatch.plain_op`) that Inductor calls as an opaque kernel, like
+:mod:`tp_backend.leaf_ops`.
 
 Numerics: the same fp32 products, summed in another order (no reduced precision; oneDNN's
 ``fp32_precision`` is left at its default). Against a float64 reference both kernels err by
@@ -42,6 +43,8 @@ from typing import Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .dispatch import plain_op
+
 __all__ = ["onednn_linear", "use_onednn", "decompositions", "CPU_MATMUL_KERNELS"]
 
 aten = torch.ops.aten
@@ -50,15 +53,16 @@ CPU_MATMUL_KERNELS = ("onednn", "aten")
 
 # Below 4 rows (a decode step: M = batch) oneDNN's fixed cost per call (~15 us of primitive
 # lookup, plus ~15 us for the custom-op call) outweighs its faster inner loop except on large
-# weights. Measured (1 thread, us, MKL / oneDNN) for [M, K] @ [K, N]:
+# weights. Measured (1 thread, us, MKL / oneDNN) for [M, K] @ [K, N], when the op went through
+# torch.library.custom_op (about 6 us per call more than tp_backend.dispatch's registration
+# costs now; the threshold was not measured again):
 #   K x N = 1536 x 2112:  M=1 298/353, M=2 668/697, M=4 889/693, M=64 5554/2899
 #   K x N = 1536 x 16032 (an LM head at TP=2):  M=1 5144/3613
 _MIN_ROWS = 4
 _MIN_WEIGHT_NUMEL_FEW_ROWS = 1 << 23  # 8M elements (32 MiB fp32)
 
 
-@torch.library.custom_op("tp_backend::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor,
                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight.T + bias`` on oneDNN: ``x: [M, K]``, ``weight: [N, K]`` (nn.Linear's
     layout; any strides), ``bias: [N]`` or ``None`` -> ``[M, N]`` (contiguous), float32
@@ -66,9 +70,12 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
     return torch.ops.mkldnn._linear_pointwise.default(x, weight, bias, "none", [], "")
 
 
-@onednn_linear.register_fake
 def _onednn_linear_fake(x, weight, bias=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# ``tp_backend::onednn_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor``.
+onednn_linear = plain_op("tp_backend::onednn_linear", _onednn_linear, _onednn_linear_fake)
 
 
 def use_onednn(x: torch.Tensor, w_t: torch.Tensor) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import plain_op
 from .placement import Shard
 
 __all__ = ["partial_product", "add_bias", "vocab_parallel_embedding",
@@ -79,8 +80,7 @@ def register_rank(group_name: str, tp_rank: int) -> None:
     _RANKS[group_name] = tp_rank
 
 
-@torch.library.custom_op("tp_backend::vocab_shard_ids", mutates_args=())
-def vocab_shard_ids(ids: torch.Tensor, rows: int,
+def _vocab_shard_ids(ids: torch.Tensor, rows: int,
                     group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's local row of each id (``ids: [*]`` int64), with rows ``[r * rows, (r + 1)
     * rows)`` held by rank ``r`` of ``group_name``, and where the id lies outside them
@@ -90,9 +90,13 @@ def vocab_shard_ids(ids: torch.Tensor, rows: int,
     return (ids - start).masked_fill_(outside, 0), outside
 
 
-@vocab_shard_ids.register_fake
-def _(ids, rows, group_name):
+def _vocab_shard_ids_fake(ids, rows, group_name):
     return torch.empty_like(ids), torch.empty_like(ids, dtype=torch.bool)
+
+
+# ``tp_backend::vocab_shard_ids(Tensor ids, int rows, str group_name) -> (Tensor, Tensor)``.
+vocab_shard_ids = plain_op("tp_backend::vocab_shard_ids", _vocab_shard_ids,
+                           _vocab_shard_ids_fake)
 
 
 def vocab_parallel_embedding_of_rank(weight: torch.Tensor, ids: torch.Tensor, rows: int,

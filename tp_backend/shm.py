@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from .consistency import any_rank
+from .dispatch import plain_op
 from .errors import TPOptionsError
 
 __all__ = ["setup", "supports", "shm_all_reduce", "shm_all_gather", "ALL_REDUCE_CHOICES"]
@@ -73,8 +74,7 @@ _TIMEOUT_S = dist.constants.default_pg_timeout.total_seconds()  # gloo's default
 _STALE_LOCK_S = 600.0
 
 
-@torch.library.custom_op("tp_backend::shm_all_reduce", mutates_args=())
-def shm_all_reduce(x: torch.Tensor) -> torch.Tensor:
+def _shm_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` (any shape, contiguous CPU tensor) over every rank of the world, by
     DeepSpeed's shared-memory kernel; every rank gets the same bits. Only called on groups
     :func:`setup` accepted."""
@@ -85,9 +85,12 @@ def shm_all_reduce(x: torch.Tensor) -> torch.Tensor:
         _KERNEL["inflight"] = None
 
 
-@shm_all_reduce.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
+def _shm_all_reduce_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+# The op the rewritten graphs call: ``tp_backend::shm_all_reduce(Tensor x) -> Tensor``.
+shm_all_reduce = plain_op("tp_backend::shm_all_reduce", _shm_all_reduce, _shm_all_reduce_fake)
 
 
 def _gathered_shape(x: torch.Tensor, dim: int, tp_size: int) -> list:
@@ -96,8 +99,7 @@ def _gathered_shape(x: torch.Tensor, dim: int, tp_size: int) -> list:
     return shape
 
 
-@torch.library.custom_op("tp_backend::shm_all_gather", mutates_args=())
-def shm_all_gather(x: torch.Tensor, dim: int, pieces: list[int], tp_size: int) -> torch.Tensor:
+def _shm_all_gather(x: torch.Tensor, dim: int, pieces: list[int], tp_size: int) -> torch.Tensor:
     """All-gather through the shared-memory all-reduce: ``x`` holds, along ``dim``, this
     rank's chunk of each of ``len(pieces)`` blocks (chunk sizes ``pieces``; one piece for a
     plain shard); returns the whole tensor (``N`` times longer along ``dim``).
@@ -127,9 +129,12 @@ def shm_all_gather(x: torch.Tensor, dim: int, pieces: list[int], tp_size: int) -
     return out
 
 
-@shm_all_gather.register_fake
-def _(x, dim, pieces, tp_size):
+def _shm_all_gather_fake(x, dim, pieces, tp_size):
     return x.new_empty(_gathered_shape(x, dim, tp_size))
+
+
+# ``tp_backend::shm_all_gather(Tensor x, int dim, int[] pieces, int tp_size) -> Tensor``.
+shm_all_gather = plain_op("tp_backend::shm_all_gather", _shm_all_gather, _shm_all_gather_fake)
 
 
 def supports(x: torch.Tensor) -> bool:
