@@ -11,7 +11,8 @@ Both are differentiable (``register_autograd``): the backward formulas are writt
 plain ATen ops, so AOTAutograd traces them into the backward graph of a training graph.
 
 Owns: the custom ops ``tp_backend::sdpa`` and ``tp_backend::cross_entropy`` (kernels, fake
-kernels and autograd formulas), registering their rules, and ``LEAF_FUNCTIONS`` (the
+kernels and autograd formulas), ``tp_backend::sdpa_inference`` (attention's kernel without a
+backward, for inference graphs), registering their rules, and ``LEAF_FUNCTIONS`` (the
 Dynamo-level callables routed to them). Must not: decide their placements (the rules are in
 :mod:`tp_backend.rules.attention`), or trace graphs (:mod:`tp_backend.decompose` routes
 calls through ``LEAF_FUNCTIONS``).
@@ -26,13 +27,13 @@ import torch.nn.functional as F
 
 from .errors import TPTrainingError
 from . import rng
+from .dispatch import plain_op
 from .rules.attention import register_leaf_rules
 
-__all__ = ["sdpa", "cross_entropy", "LEAF_FUNCTIONS"]
+__all__ = ["sdpa", "sdpa_inference", "cross_entropy", "LEAF_FUNCTIONS"]
 
 
-@torch.library.custom_op("tp_backend::sdpa", mutates_args=())
-def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
          attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None,
          enable_gqa: bool = False, seed: Optional[torch.Tensor] = None,
@@ -58,10 +59,20 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out.contiguous()
 
 
-@sdpa.register_fake
 def _sdpa_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False, seed=None, rng_rank=0):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+# The differentiable op the decomposition routes attention to (its rules are in
+# tp_backend.rules.attention; its backward is registered below).
+sdpa = torch.library.custom_op("tp_backend::sdpa", _sdpa, mutates_args=())
+sdpa.register_fake(_sdpa_fake)
+# The same kernel without a backward, for graphs that are not differentiated: the rewrite of
+# an inference graph (tp_backend.rewrite) calls it instead of ``sdpa``, which saves the
+# Python autograd layer custom_op runs on every call (tp_backend.dispatch; about 6 µs, once
+# per layer per forward).
+sdpa_inference = plain_op("tp_backend::sdpa_inference", _sdpa, _sdpa_fake)
 
 
 def _probabilities(q, k, v, mask, is_causal, scale, work):

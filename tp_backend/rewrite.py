@@ -10,7 +10,9 @@
   split: sequence parallelism), an all-gather of a shard; each is
   inserted once per (value, placement) and reused by later consumers;
 * vocab-parallel embeddings and row-parallel ``addmm`` become the layer functions of
-  :mod:`tp_backend.layers`.
+  :mod:`tp_backend.layers`;
+* attention in a graph that is not differentiated calls ``tp_backend::sdpa_inference``,
+  the same kernel without a backward (:mod:`tp_backend.leaf_ops`).
 
 With ``training=True`` (a graph that will be differentiated) the redistributions are the
 differentiable ops of :mod:`tp_backend.conjugates` instead, and a replicated floating value
@@ -36,7 +38,7 @@ from collections import Counter, defaultdict
 import torch
 import torch.fx as fx
 
-from . import collectives, conjugates, layers, nodemeta, rng, vocab_loss  # noqa: F401 (ops)
+from . import collectives, conjugates, layers, leaf_ops, nodemeta, rng, vocab_loss  # noqa: F401 (ops)
 from .local_args import local_args
 from .placement import Collective, HeadGroup, Partial, Replicate
 from .rules import Action, arg
@@ -236,6 +238,8 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
     if training:
         _fuse_gather_copy(graph)
     _rank_random(graph, sol, placed, tp_rank)
+    if not training:
+        _inference_attention(graph)
     graph.lint()
     gm.recompile()
     return gm, inserted
@@ -290,6 +294,15 @@ def _rank_random(graph: fx.Graph, sol: Solution, placed: dict, tp_rank: int) -> 
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+
+
+def _inference_attention(graph: fx.Graph) -> None:
+    """Attention in a graph that is not differentiated calls ``tp_backend::sdpa_inference``:
+    the same kernel and arguments as ``tp_backend::sdpa``, without the Python autograd layer
+    (:mod:`tp_backend.dispatch`)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.tp_backend.sdpa.default:
+            node.target = leaf_ops.sdpa_inference.default
 
 
 def _replicated(p) -> bool:
