@@ -9,7 +9,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import tp_backend.cpu_matmul  # noqa: F401  (registers tp_backend::onednn_linear)
 import tp_backend.layers  # noqa: F401  (tp_backend::vocab_shard_ids)
-import tp_backend.leaf_ops  # noqa: F401  (tp_backend::sdpa, a custom_op, for contrast)
 import tp_backend.shm  # noqa: F401  (tp_backend::shm_all_reduce, tp_backend::shm_all_gather)
 from tp_backend.dispatch import plain_op
 from tp_backend.leaf_ops import sdpa, sdpa_inference

@@ -63,7 +63,7 @@ _MIN_WEIGHT_NUMEL_FEW_ROWS = 1 << 23  # 8M elements (32 MiB fp32)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight.T + bias`` on oneDNN: ``x: [M, K]``, ``weight: [N, K]`` (nn.Linear's
     layout; any strides), ``bias: [N]`` or ``None`` -> ``[M, N]`` (contiguous), float32
     on CPU."""

@@ -7,16 +7,18 @@ redispatches below autograd, then the op's own wrappers around the kernel. Measu
 (torch 2.13, one thread, a kernel that clones an 8-element tensor, under ``no_grad``): 9.2 µs
 per call through ``custom_op``, 2.9 µs through ``torch.library.Library.define`` and ``impl``
 with a ``CompositeExplicitAutograd`` kernel, 1.1 µs for the clone alone. A compiled local
-graph calls these ops on every forward (per layer: two shared-memory all-reduces, and on CPU
-up to seven oneDNN linears), so a 30-layer decode step pays the difference about 60 times.
+graph calls these ops on every forward (per layer: two shared-memory all-reduces and the
+attention, and on CPU up to seven oneDNN linears), so a 30-layer decode step pays the
+difference about 90 times.
 
 The ops defined here have no autograd formula, and need none: they run in inference graphs
-(training graphs call the differentiable conjugates of :mod:`tp_backend.conjugates`), take
-integer inputs (:func:`tp_backend.layers.vocab_parallel_embedding_of_rank`'s ids), or are
-put in by the decomposition table Inductor applies below autograd
-(:mod:`tp_backend.cpu_matmul`). Ops that need a backward (``tp_backend::sdpa``,
-``tp_backend::cross_entropy``, the conjugates) stay ``custom_op`` with
-``register_autograd``.
+(training graphs call the differentiable conjugates of :mod:`tp_backend.conjugates`, and
+attention's ``tp_backend::sdpa``, whose twin ``tp_backend::sdpa_inference`` the rewrite
+puts only in graphs that are not differentiated), take integer inputs
+(:func:`tp_backend.layers.vocab_parallel_embedding_of_rank`'s ids), or are put in by the
+decomposition table Inductor applies below autograd (:mod:`tp_backend.cpu_matmul`). Ops
+that need a backward (``tp_backend::sdpa``, ``tp_backend::cross_entropy``, the conjugates)
+stay ``custom_op`` with ``register_autograd``.
 
 Owns: :func:`plain_op`. Must not: hold any op's kernel (each lives in the module that owns
 what it computes).

@@ -81,7 +81,7 @@ def register_rank(group_name: str, tp_rank: int) -> None:
 
 
 def _vocab_shard_ids(ids: torch.Tensor, rows: int,
-                    group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's local row of each id (``ids: [*]`` int64), with rows ``[r * rows, (r + 1)
     * rows)`` held by rank ``r`` of ``group_name``, and where the id lies outside them
     (``[*]`` bool; those ids get row 0). The rank is read when the op runs, not traced."""

@@ -34,10 +34,10 @@ __all__ = ["sdpa", "sdpa_inference", "cross_entropy", "LEAF_FUNCTIONS"]
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-         attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-         is_causal: bool = False, scale: Optional[float] = None,
-         enable_gqa: bool = False, seed: Optional[torch.Tensor] = None,
-         rng_rank: int = 0) -> torch.Tensor:
+          attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+          is_causal: bool = False, scale: Optional[float] = None,
+          enable_gqa: bool = False, seed: Optional[torch.Tensor] = None,
+          rng_rank: int = 0) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` as one op: ``q: [B, H, S, D]``, ``k, v: [B, Hkv,
     S, D]`` -> ``[B, H, S, Dv]``. The result is contiguous (the fake kernel says so too, so
     views traced after it stay valid whatever kernel the dispatcher picks).

@@ -38,7 +38,8 @@ from collections import Counter, defaultdict
 import torch
 import torch.fx as fx
 
-from . import collectives, conjugates, layers, leaf_ops, nodemeta, rng, vocab_loss  # noqa: F401 (ops)
+from . import (collectives, conjugates, layers, leaf_ops, nodemeta, rng,  # noqa: F401 (ops)
+               vocab_loss)
 from .local_args import local_args
 from .placement import Collective, HeadGroup, Partial, Replicate
 from .rules import Action, arg

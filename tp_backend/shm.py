@@ -99,7 +99,8 @@ def _gathered_shape(x: torch.Tensor, dim: int, tp_size: int) -> list:
     return shape
 
 
-def _shm_all_gather(x: torch.Tensor, dim: int, pieces: list[int], tp_size: int) -> torch.Tensor:
+def _shm_all_gather(x: torch.Tensor, dim: int, pieces: list[int],
+                    tp_size: int) -> torch.Tensor:
     """All-gather through the shared-memory all-reduce: ``x`` holds, along ``dim``, this
     rank's chunk of each of ``len(pieces)`` blocks (chunk sizes ``pieces``; one piece for a
     plain shard); returns the whole tensor (``N`` times longer along ``dim``).
