@@ -45,6 +45,7 @@ class StubCtx:
         self._params = set(params)
         self._seeds = seeds_allowed
         self.notes = []
+        self.group_kv = False
 
     def placement(self, arg):
         return self._pl.get(arg, REPLICATE) if isinstance(arg, fx.Node) else REPLICATE
@@ -79,6 +80,13 @@ class StubCtx:
 
     def units_preference(self, seed):
         return getattr(self, "units", None)
+
+    def prefer_coarser_units(self, value, units):
+        self.coarser_asked = units
+        return self.units_ok
+
+    def balance_counts(self, seed):
+        return getattr(self, "counts", None)
 
     def describe(self, node):
         return node.name
@@ -119,7 +127,7 @@ def _local(value, p: Placement, rank, n, gen):
         return parts[rank]
     if isinstance(p, HeadGroup):
         return kv_head_slice(value, p.dim, p.local_heads(rank, n))
-    return local_shard(value, p.dim, p.outer, rank, n, p.blocks, p.units)
+    return local_shard(value, p.dim, p.outer, rank, n, p.blocks, p.units, p.counts)
 
 
 def check(fn, inputs, placements, *, tp_size=2, params=(), seeds_allowed=True, expect=None,
@@ -153,7 +161,7 @@ def rank_args(node, ph, placements, dec, tp_rank, tp_size):
 
 
 def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, blocks=None,
-           units=None, units_ok=True, ctx_out=None):
+           units=None, units_ok=True, ctx_out=None, group_kv=False):
     """The rule's decision for ``node`` when placeholder ``ph[i]`` has ``placements[i]``;
     returns ``(decision or None, the rule's notes)``."""
     pl = dict(zip(ph, placements))
@@ -161,6 +169,7 @@ def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, bl
     ctx.blocks = blocks
     ctx.units = units
     ctx.units_ok = units_ok  # whether the seed can be asked for an uneven split
+    ctx.group_kv = group_kv  # whether attention may ask for whole KV groups
     if ctx_out is not None:
         ctx_out.append(ctx)
     return lookup(node.target)(ctx, node), ctx.notes

@@ -102,7 +102,7 @@ def _uneven(rank, world_size):
 
     ref_model = zoo.make_model("llama", **SMOLLM2_SHAPED)
     model = zoo.make_model("llama", **SMOLLM2_SHAPED)
-    model.compile(backend="tp_auto", options={"fallback": "raise"})
+    model.compile(backend="tp_auto", options={"fallback": "raise", "balance": "off"})
     kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
     same = torch.equal(model.generate(_prompt(), **kw), ref_model.generate(_prompt(), **kw))
     q = model.model.layers[0].self_attn.q_proj.weight
@@ -115,10 +115,11 @@ def _uneven(rank, world_size):
 
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_uneven_heads_generate_identical_tokens(tp_size):
-    """Issue 15: 9 query heads at TP=2 go 5 + 4 and at TP=4 3 + 2 + 2 + 2 (the query
-    projection's rows, the output projection's columns); the 3 KV heads stay whole and each
-    rank attends with the ones its query heads use; the MLP's 100 features split 50 + 50 or
-    25 each. Greedy tokens equal one process's, ``fallback="raise"`` (no head count is
+    """Issue 15, with even splits (``balance="off"``, the default; the weighted layout of
+    ``balance="work"`` is tested in test_balance.py): 9 query heads at TP=2 go 5 + 4 and at TP=4 3 + 2 + 2 + 2
+    (the query projection's rows, the output projection's columns); the 3 KV heads stay
+    whole and each rank attends with the ones its query heads use; the MLP's 100 features
+    split 50 + 50 or 25 each. Greedy tokens equal one process's, ``fallback="raise"`` (no head count is
     refused any more) and ``state_dict`` gives the whole weights back. Parameter bytes
     per rank: at TP=2 within one head's worth of 1/N (query, key, value and output rows of
     one head, 4 * 8 * 72 floats per layer; the norms are whole, as for any model); at TP=4,

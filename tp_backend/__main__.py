@@ -12,7 +12,7 @@ import sys
 import time
 
 
-from .options import LM_HEAD_CHOICES
+from .options import BALANCE_CHOICES, LM_HEAD_CHOICES
 
 
 def main(argv=None) -> int:
@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default="split",
                    help="the LM head vocab-parallel (default) or whole on every rank (the "
                         "lm_head option)")
+    p.add_argument("--balance", choices=BALANCE_CHOICES, default="off",
+                   help="split evenly (default) or even out the ranks' modelled work where "
+                        "heads split unevenly ('work'): the balance option")
     args = parser.parse_args(argv)
 
     from .planning import format_plan, plan_model
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     plans = plan_model(args.model, tp_size=args.tp, seq_len=args.seq,
                        sequence_parallel=args.sequence_parallel, lm_head=args.lm_head,
-                       **overrides)
+                       balance=args.balance, **overrides)
     for i, plan in enumerate(plans):
         title = f"{args.model} at tp_size={args.tp}" + (f" (graph {i + 1})" if len(plans) > 1 else "")
         print(format_plan(plan, title))

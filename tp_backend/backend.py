@@ -221,7 +221,8 @@ class _Runner:
                 args[idx] = held[1]  # contiguous (see _split_outputs)
             else:  # a whole tensor where a split one was expected: take this rank's part
                 args[idx] = layers.local_shard(t, shard.dim, shard.outer, c.plan.tp_rank,
-                                               c.plan.tp_size, shard.blocks, shard.units)
+                                               c.plan.tp_size, shard.blocks, shard.units,
+                                               shard.counts)
         if anchor is not None and c.plan.params and not c.training:
             # Only a graph compiled for training differentiates through its collectives:
             # run any other without recording autograd history, and make backward
@@ -321,7 +322,7 @@ class _Runner:
         info = st.info
         whole = conjugates.gather(x, info.dim, info.outer, info.tp_rank, info.tp_size,
                                   info.group_name, list(info.blocks) if info.blocks else None,
-                                  info.units)
+                                  info.units, counts=list(info.counts) if info.counts else None)
         real = info.global_shape[info.dim]
         return whole.narrow(info.dim, 0, real) if whole.shape[info.dim] != real else whole
 
@@ -489,7 +490,7 @@ class TPAutoBackend:
         # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
         # keys on it), so a graph compiled under 1 thread is not reused under 4.
         key = (gm.code, training, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm,
-               opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head,
+               opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head, opts.balance,
                torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
                # (strides too: Dynamo recompiles for an input of another layout, e.g. a
                # key/value cache that is a transposed view after the prefill and contiguous
@@ -550,7 +551,7 @@ class TPAutoBackend:
         """Solve, rewrite and self-check the graph for this rank: returns its
         :class:`_Compiled` (``run`` not set yet: the caller compiles once every rank has
         agreed the graph runs split) and the fake inputs of this rank's local shapes."""
-        pre = {i: Shard(info.dim, info.outer, info.blocks, info.units)
+        pre = {i: Shard(info.dim, info.outer, info.blocks, info.units, info.counts)
                for i, info in presharded.items()}
         pre.update(local_in)
         # State the graph writes into is named like a buffer; inputs that are neither
@@ -569,7 +570,8 @@ class TPAutoBackend:
                 module_path=lambda n: names.module_path(n, gm), veto=frozenset(veto),
                 strict_divisibility=opts.fallback == "raise",
                 outputs=_outputs_mode(opts.outputs, training),
-                sequence_parallel=opts.sequence_parallel, lm_head=opts.lm_head)
+                sequence_parallel=opts.sequence_parallel, lm_head=opts.lm_head,
+                balance=opts.balance)
             self.stats["solves"] += 1
             specs = []
             for node, s in sol.param_storage.items():
@@ -580,7 +582,7 @@ class TPAutoBackend:
                                                tuple(int(d) for d in node.meta["val"].shape),
                                                opts.tp_rank, opts.tp_size, opts.group_name,
                                                s.outer, s.blocks, sol.param_padding.get(node),
-                                               s.units)))
+                                               s.units, s.counts)))
             specs.sort(key=lambda x: x[0])
             sharded = {i for i, _ in specs}
             params = set(all_params) | set(sol.stored_inputs)

@@ -38,9 +38,9 @@ def all_reduce(x: torch.Tensor, group_name: str, use_shm: bool = False) -> torch
 
 def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
                    group_name: str, blocks: tuple | None = None, units: int | None = None,
-                   use_shm: bool = False) -> torch.Tensor:
+                   use_shm: bool = False, counts: tuple | None = None) -> torch.Tensor:
     """Sum ``x`` (any shape, a partial sum) over the group and keep this rank's
-    ``Shard(dim, outer, blocks, units)`` of the sum (sequence parallelism: the tokens, dim
+    ``Shard(dim, outer, blocks, units, counts)`` of the sum (sequence parallelism: the tokens, dim
     ``dim`` of size ``T``, become ``T / N`` per rank).
 
     A plain shard goes through the group's reduce-scatter (``dim`` moved first, as
@@ -50,7 +50,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size:
     plain = outer == 1 and blocks is None and units is None
     if not plain or use_shm and shm.supports(x):
         return layers.local_shard(all_reduce(x, group_name, use_shm), dim, outer, tp_rank,
-                                  tp_size, blocks, units).contiguous()
+                                  tp_size, blocks, units, counts).contiguous()
     y = x.movedim(dim, 0).contiguous()
     y = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(y, "sum", tp_size, group_name))
     return y.movedim(0, dim).contiguous()
@@ -58,8 +58,9 @@ def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size:
 
 def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str,
                blocks: tuple | None = None, tp_rank: int | None = None,
-               use_shm: bool = False, units: int | None = None) -> torch.Tensor:
-    """Inverse of a ``Shard(dim, outer, blocks, units)`` split: each rank holds, for every block
+               use_shm: bool = False, units: int | None = None,
+               counts: tuple | None = None) -> torch.Tensor:
+    """Inverse of a ``Shard(dim, outer, blocks, units, counts)`` split: each rank holds, for every block
     (``outer`` equal blocks, or the given ``blocks``), its chunk of it; returns the whole
     tensor on every rank.
 
@@ -75,7 +76,7 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
     """
     x = x.contiguous()
     if units is not None:
-        return _all_gather_uneven(x, dim, outer, tp_size, group_name, units, tp_rank)
+        return _all_gather_uneven(x, dim, outer, tp_size, group_name, units, tp_rank, counts)
     shape = list(x.shape)
     pieces = ([b // tp_size for b in blocks] if blocks is not None
               else [shape[dim] // outer] * outer)
@@ -95,16 +96,16 @@ def all_gather(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: 
 
 
 def _all_gather_uneven(x: torch.Tensor, dim: int, outer: int, tp_size: int, group_name: str,
-                       units: int, tp_rank: int) -> torch.Tensor:
-    """All-gather of an uneven split (``Shard(dim, outer, units=units)``): every rank pads its
-    part to the largest (rank 0's), the padded parts are gathered, and each rank's real
-    ranges (:meth:`~tp_backend.placement.Shard.ranges`) are put back in place, block by
-    block."""
-    shard = Shard(dim, outer, units=units)
+                       units: int, tp_rank: int, counts: tuple | None = None) -> torch.Tensor:
+    """All-gather of an uneven split (``Shard(dim, outer, units=units, counts=counts)``):
+    every rank pads its part to the largest, the padded parts are gathered, and each rank's
+    real ranges (:meth:`~tp_backend.placement.Shard.ranges`) are put back in place, block
+    by block."""
+    shard = Shard(dim, outer, units=units, counts=counts)
     size = shard.global_size(x.shape[dim], tp_rank, tp_size)
     lengths = [[n for _, n in shard.ranges(size, r, tp_size)] for r in range(tp_size)]
     shape = list(x.shape)
-    pad = sum(lengths[0]) - shape[dim]
+    pad = max(map(sum, lengths)) - shape[dim]
     if pad:
         x = torch.cat([x, x.new_zeros(shape[:dim] + [pad] + shape[dim + 1:])], dim=dim)
     g = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x, tp_size, group_name))

@@ -101,9 +101,11 @@ def _copy_backward(ctx, g):
 copy.register_autograd(_copy_backward, setup_context=_copy_setup)
 
 
-def _shard(dim: int, outer: int, blocks, units) -> Shard:
-    """The ``Shard`` the schema's arguments describe (``blocks`` comes as a list)."""
-    return Shard(dim, outer, tuple(blocks) if blocks is not None else None, units)
+def _shard(dim: int, outer: int, blocks, units, counts=None) -> Shard:
+    """The ``Shard`` the schema's arguments describe (``blocks`` and ``counts`` come as
+    lists)."""
+    return Shard(dim, outer, tuple(blocks) if blocks is not None else None, units,
+                 tuple(counts) if counts is not None else None)
 
 
 def _shard_setup(ctx, inputs, output):
@@ -113,20 +115,21 @@ def _shard_setup(ctx, inputs, output):
 @torch.library.custom_op("tp_backend::gather", mutates_args=())
 def gather(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int, group_name: str,
            blocks: Optional[list[int]] = None, units: Optional[int] = None,
-           use_shm: bool = False) -> torch.Tensor:
+           use_shm: bool = False, counts: Optional[list[int]] = None) -> torch.Tensor:
     """Shard -> Replicate: :func:`tp_backend.collectives.all_gather` of ``x``. Backward:
     this rank's chunk of the gradient (:func:`scatter`)."""
-    s = _shard(dim, outer, blocks, units)
+    s = _shard(dim, outer, blocks, units, counts)
     return _fresh(collectives.all_gather(x, dim, outer, tp_size, group_name, s.blocks,
-                                         tp_rank, use_shm, units), x)
+                                         tp_rank, use_shm, units, s.counts), x)
 
 
 def _gathered_fake(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None,
-                   use_shm=False):
+                   use_shm=False, counts=None):
     """The fake of an op whose output is the whole of a shard ``x`` (gather,
     gather_to_split)."""
     shape = list(x.shape)
-    shape[dim] = _shard(dim, outer, blocks, units).global_size(shape[dim], tp_rank, tp_size)
+    shape[dim] = _shard(dim, outer, blocks, units, counts).global_size(shape[dim], tp_rank,
+                                                                         tp_size)
     return x.new_empty(shape)
 
 
@@ -143,19 +146,21 @@ gather.register_autograd(_gather_backward, setup_context=_shard_setup)
 @torch.library.custom_op("tp_backend::scatter", mutates_args=())
 def scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
             group_name: str, blocks: Optional[list[int]] = None, units: Optional[int] = None,
-            use_shm: bool = False) -> torch.Tensor:
+            use_shm: bool = False, counts: Optional[list[int]] = None) -> torch.Tensor:
     """Replicate -> Shard: this rank's chunk of ``x`` (no communication). Backward: the
     all-gather of the ranks' chunk gradients (:func:`gather`)."""
-    s = _shard(dim, outer, blocks, units)
-    return _fresh(layers.local_shard(x, dim, outer, tp_rank, tp_size, s.blocks, units), x)
+    s = _shard(dim, outer, blocks, units, counts)
+    return _fresh(layers.local_shard(x, dim, outer, tp_rank, tp_size, s.blocks, units,
+                                     s.counts), x)
 
 
 def _chunk_fake(x, dim, outer, tp_rank, tp_size, group_name, blocks=None, units=None,
-                use_shm=False):
+                use_shm=False, counts=None):
     """The fake of an op whose output is this rank's shard of ``x`` (scatter,
     reduce_scatter)."""
     shape = list(x.shape)
-    shape[dim] = _shard(dim, outer, blocks, units).local_size(shape[dim], tp_rank, tp_size)
+    shape[dim] = _shard(dim, outer, blocks, units, counts).local_size(shape[dim], tp_rank,
+                                                                        tp_size)
     return x.new_empty(shape)
 
 
@@ -172,13 +177,14 @@ scatter.register_autograd(_scatter_backward, setup_context=_shard_setup)
 @torch.library.custom_op("tp_backend::reduce_scatter", mutates_args=())
 def reduce_scatter(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
                    group_name: str, blocks: Optional[list[int]] = None,
-                   units: Optional[int] = None, use_shm: bool = False) -> torch.Tensor:
+                   units: Optional[int] = None, use_shm: bool = False,
+                   counts: Optional[list[int]] = None) -> torch.Tensor:
     """Partial -> Shard: :func:`tp_backend.collectives.reduce_scatter` of ``x`` (Megatron's
     sequence-parallel reduce-scatter after a row-parallel layer). Backward: the all-gather
     of the chunks' gradients (every partial term got the whole gradient)."""
-    s = _shard(dim, outer, blocks, units)
+    s = _shard(dim, outer, blocks, units, counts)
     return _fresh(collectives.reduce_scatter(x, dim, outer, tp_rank, tp_size, group_name,
-                                             s.blocks, units, use_shm), x)
+                                             s.blocks, units, use_shm, s.counts), x)
 
 
 reduce_scatter.register_fake(_chunk_fake)
@@ -188,10 +194,11 @@ reduce_scatter.register_autograd(_scatter_backward, setup_context=_shard_setup)
 @torch.library.custom_op("tp_backend::gather_to_split", mutates_args=())
 def gather_to_split(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
                     group_name: str, blocks: Optional[list[int]] = None,
-                    units: Optional[int] = None, use_shm: bool = False) -> torch.Tensor:
+                    units: Optional[int] = None, use_shm: bool = False,
+                    counts: Optional[list[int]] = None) -> torch.Tensor:
     """Shard -> Replicate for split consumers only: :func:`gather`'s forward. Backward:
     the reduce-scatter of the ranks' shares of the gradient (:func:`reduce_scatter`)."""
-    return gather(x, dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm)
+    return gather(x, dim, outer, tp_rank, tp_size, group_name, blocks, units, use_shm, counts)
 
 
 gather_to_split.register_fake(_gathered_fake)

@@ -112,18 +112,20 @@ def vocab_parallel_embedding_of_rank(weight: torch.Tensor, ids: torch.Tensor, ro
 
 
 def shard_ranges(size: int, outer: int, tp_rank: int, tp_size: int,
-                 blocks: tuple | None = None, units: int | None = None) -> list[tuple[int, int]]:
+                 blocks: tuple | None = None, units: int | None = None,
+                 counts: tuple | None = None) -> list[tuple[int, int]]:
     """``(start, length)`` ranges of a dim of global ``size`` that rank ``tp_rank`` holds
-    under ``Shard(dim, outer, blocks, units)``, in local order."""
-    return Shard(0, outer, blocks, units).ranges(size, tp_rank, tp_size)
+    under ``Shard(dim, outer, blocks, units, counts)``, in local order."""
+    return Shard(0, outer, blocks, units, counts).ranges(size, tp_rank, tp_size)
 
 
 def local_shard(x: torch.Tensor, dim: int, outer: int, tp_rank: int, tp_size: int,
-                blocks: tuple | None = None, units: int | None = None) -> torch.Tensor:
+                blocks: tuple | None = None, units: int | None = None,
+                counts: tuple | None = None) -> torch.Tensor:
     """Chunk ``tp_rank`` of ``tp_size`` of dim ``dim`` of a replicated ``x`` under
-    ``Shard(dim, outer, blocks, units)`` (see :mod:`tp_backend.placement`), as a contiguous
-    tensor."""
-    ranges = shard_ranges(x.shape[dim], outer, tp_rank, tp_size, blocks, units)
+    ``Shard(dim, outer, blocks, units, counts)`` (see :mod:`tp_backend.placement`), as a
+    contiguous tensor."""
+    ranges = shard_ranges(x.shape[dim], outer, tp_rank, tp_size, blocks, units, counts)
     if len(ranges) == 1:
         start, step = ranges[0]
         return x.narrow(dim, start, step).contiguous()

@@ -62,12 +62,20 @@ OPTION_DOCS = {
                "(whole on every rank, with its tied embedding: no logits all-gather and no "
                "embedding all-reduce, for N times its matmul and (N-1)/N of its bytes more "
                "per rank)",
+    "balance": "whether an uneven split (attention heads that tp_size does not divide) is "
+               "evened out: 'off' (default: even splits; KV heads kept whole beside "
+               "unevenly split queries) or 'work' (the MLP's evenly split projections are "
+               "dealt by weight so that every rank's modelled FLOPs match, and query heads "
+               "are dealt in whole KV groups where that, balanced, costs less, each rank then "
+               "computing and caching only its own KV heads); the plan says what it chose; "
+               "see tp_backend.balance",
 }
 _COMPILERS = ("eager", "inductor")
 _FALLBACKS = ("replicate", "raise")
 _WHEN = ("first", "always", "off")
 _OUTPUTS = ("auto", "gather", "split")
 LM_HEAD_CHOICES = ("split", "replicate")
+BALANCE_CHOICES = ("off", "work")
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,8 @@ class TPOptions:
             the tokens (:func:`tp_backend.solver.solve`).
         lm_head: ``"split"`` or ``"replicate"``: the LM head vocab-parallel or whole on every
             rank (:func:`tp_backend.solver.solve`).
+        balance: ``"work"`` or ``"off"``: whether uneven splits are evened out by weighted
+            deals (:func:`tp_backend.solver.solve`, :mod:`tp_backend.balance`).
     """
 
     tp_group: Any
@@ -107,6 +117,7 @@ class TPOptions:
     outputs: str = "auto"
     sequence_parallel: bool = False
     lm_head: str = "split"
+    balance: str = "off"
 
     @property
     def group_name(self) -> str:
@@ -116,7 +127,7 @@ class TPOptions:
 # The options chosen from a fixed set of values, and their defaults (TPOptions' own).
 _CHOICES = {"compiler": _COMPILERS, "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
             "check_inputs": _WHEN, "fallback": _FALLBACKS, "all_reduce": ALL_REDUCE_CHOICES,
-            "outputs": _OUTPUTS, "lm_head": LM_HEAD_CHOICES}
+            "outputs": _OUTPUTS, "lm_head": LM_HEAD_CHOICES, "balance": BALANCE_CHOICES}
 _DEFAULTS = {f.name: f.default for f in fields(TPOptions) if f.name in _CHOICES}
 
 

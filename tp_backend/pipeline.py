@@ -54,7 +54,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                  module_path: Callable[[fx.Node], str] = lambda n: "",
                  veto: frozenset = frozenset(), strict_divisibility: bool = False,
                  outputs: str = "gather", sequence_parallel: bool = False,
-                 lm_head: str = "split") -> tuple[fx.GraphModule, Solution, TPPlan]:
+                 lm_head: str = "split",
+                 balance: str = "off") -> tuple[fx.GraphModule, Solution, TPPlan]:
     """Decompose ``gm`` on ``fakes`` (global shapes), solve, build the plan and rewrite for
     rank ``tp_rank``.
 
@@ -81,6 +82,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
             consumers are sequence-wise (see :func:`~tp_backend.solver.solve`).
         lm_head: ``"split"`` (vocab-parallel) or ``"replicate"`` (whole on every rank): the
             LM head's placement (see :func:`~tp_backend.solver.solve`).
+        balance: ``"work"`` or ``"off"``: even out the ranks' work where a split is uneven
+            (see :func:`~tp_backend.solver.solve`).
         strict_divisibility: raise where a split needs a count (heads, groups of a fused
             projection) that ``tp_size`` does not divide; else keep that projection whole
             with a warning (the backend's ``fallback="replicate"``).
@@ -122,7 +125,8 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
         nodemeta.set_role(stand_in[ph[i]], role)
     sol = _pass("solver", solve, aten_gm.graph, tp_size=tp_size,
                 params={stand_in[ph[i]] for i in params}, presharded=pre, veto=frozenset(veto),
-                outputs=outputs, sequence_parallel=sequence_parallel, lm_head=lm_head)
+                outputs=outputs, sequence_parallel=sequence_parallel, lm_head=lm_head,
+                balance=balance)
     for why in sol.indivisible:
         if strict_divisibility:
             raise TPDivisibilityError(f"tp_auto: {why}.")
@@ -167,6 +171,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     plan.sequence_values = len(sol.sequence_values)
     plan.lm_head = tuple(sorted(fqns[nodemeta.input_index(n)] for n in sol.lm_head))
     plan.lm_head_choice = lm_head
+    plan.balance = sol.balance
     for n, why in sol.notes:
         log.info("tp_auto: replicated %s (%s)", nodemeta.describe(n), why)
     t0 = time.perf_counter()

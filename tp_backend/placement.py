@@ -16,6 +16,9 @@ one mesh axis:
   holds a consecutive run of them, dealt as :func:`torch.tensor_split` deals ``units``
   items into ``N`` parts (the first ``units % N`` ranks one more: 9 heads -> 5 + 4). Local
   sizes then differ by rank; the rules that change shapes ask :meth:`Shard.local_size`.
+  ``counts`` (with ``units``) deals them by weight instead: rank ``r`` holds ``counts[r]``
+  consecutive units (the solver's work balance gives a rank with more attention heads
+  fewer MLP features, see :mod:`tp_backend.balance`).
 * :class:`Partial` -- every rank holds a tensor of the full shape whose element-wise sum
   over the ranks is the true value (the output of a row-parallel matmul before all-reduce).
 
@@ -82,8 +85,16 @@ class Shard(Placement):
     outer: int = 1  # a strided shard: the dim read as [outer, G // outer], split inside
     blocks: tuple | None = None  # unequal blocks (fused q/k/v), each split N ways
     units: int | None = None  # uneven split: each block is this many units, dealt out
+    counts: tuple | None = None  # (with units) units per rank, where not the even deal
 
     def __post_init__(self):
+        if self.counts is not None:
+            counts = tuple(int(c) for c in self.counts)
+            if self.units is None or sum(counts) != self.units or min(counts) < 1:
+                raise ValueError(f"Shard counts {counts} must deal all {self.units} units, "
+                                 "at least one per rank")
+            even = list(_deal(self.units, len(counts)))
+            object.__setattr__(self, "counts", None if list(counts) == even else counts)
         if self.blocks is not None:
             if len(set(self.blocks)) == 1:  # equal blocks are the strided shard `outer`
                 object.__setattr__(self, "outer", len(self.blocks))
@@ -95,17 +106,21 @@ class Shard(Placement):
 
     def moved(self, dim: int) -> "Shard":
         """The same split on another dim (after a permute, squeeze, broadcast...)."""
-        return Shard(dim, self.outer, self.blocks, self.units)
+        return Shard(dim, self.outer, self.blocks, self.units, self.counts)
 
     @property
     def plain(self) -> bool:
         return self.outer == 1 and self.blocks is None and self.units is None
 
     def unit_counts(self, tp_size: int) -> list:
-        """Units per rank of every block under an uneven split, as
+        """Units per rank of every block under an uneven split: ``counts``, else as
         :func:`torch.tensor_split` deals ``units`` items into ``tp_size`` parts."""
-        q, r = divmod(self.units, tp_size)
-        return [q + (k < r) for k in range(tp_size)]
+        if self.counts is not None:
+            if len(self.counts) != tp_size:
+                raise ValueError(f"{self!r} deals its units to {len(self.counts)} ranks, "
+                                 f"not {tp_size}")
+            return list(self.counts)
+        return _deal(self.units, tp_size)
 
     def ranges(self, size: int, tp_rank: int, tp_size: int) -> list:
         """``(start, length)`` ranges of a dim of global ``size`` that rank ``tp_rank``
@@ -156,7 +171,16 @@ class Shard(Placement):
         extra = "" if self.outer == 1 else f",outer={self.outer}"
         if self.units is not None:
             extra += f",units={self.units}"
+        if self.counts is not None:
+            extra += f",counts={list(self.counts)}"
         return f"S({self.dim}{extra})"
+
+
+def _deal(units: int, tp_size: int) -> list:
+    """``units`` items dealt into ``tp_size`` consecutive runs as
+    :func:`torch.tensor_split` deals them (the first ``units % tp_size`` runs one more)."""
+    q, r = divmod(units, tp_size)
+    return [q + (k < r) for k in range(tp_size)]
 
 
 @dataclass(frozen=True)

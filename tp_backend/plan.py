@@ -89,6 +89,8 @@ class TPPlan:
     # where the head is vocab-parallel) and the lm_head option's choice for it
     lm_head: tuple = ()
     lm_head_choice: str = "split"
+    # what the work balance chose (the balance option), "" where it changed nothing
+    balance: str = ""
 
     def sequence_regions(self) -> list:
         """Modules whose (partial-sum) output is reduce-scattered over the tokens, each
@@ -150,6 +152,8 @@ class TPPlan:
                          "logits all-gather)" if self.lm_head_choice == "replicate" else
                          f"  LM head: {names} vocab-parallel (the logits all-gathered; "
                          "lm_head='replicate' keeps it whole)")
+        if self.balance:
+            lines.append(f"  work balance: {self.balance} (balance='off' splits evenly)")
         if self.demoted:
             lines.append(f"  kept whole (a shard would need a gather): {len(self.demoted)}, e.g. "
                          f"{self.demoted[0]}")

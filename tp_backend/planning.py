@@ -41,7 +41,8 @@ def _load_config(model, overrides):
 
 
 def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
-               sequence_parallel: bool = False, lm_head: str = "split", **config_overrides) -> list[TPPlan]:
+               sequence_parallel: bool = False, lm_head: str = "split", balance: str = "off",
+               **config_overrides) -> list[TPPlan]:
     """The plans (one per captured graph) of ``model`` at ``tp_size``.
 
     Args:
@@ -51,6 +52,8 @@ def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
         seq_len: length of the ``[1, seq_len]`` meta input used to capture the forward.
         sequence_parallel: plan with the backend's ``sequence_parallel=True`` option.
         lm_head: the backend's ``lm_head`` option (``"split"`` or ``"replicate"``).
+        balance: the backend's ``balance`` option (``"work"`` or ``"off"``); the balance
+            models attention at ``seq_len`` tokens.
         **config_overrides: config fields to change first (e.g. ``num_hidden_layers=2``).
 
     Heads that ``tp_size`` does not divide stay whole (with a warning), as the backend
@@ -86,7 +89,8 @@ def plan_model(model, *, tp_size: int, seq_len: int = 128, tp_rank: int = 0,
         _, _, plan = run_pipeline(gm, fakes, mode, params=params, fqns=fqns, presharded={},
                                   tp_size=tp_size, tp_rank=tp_rank, group_name="plan",
                                   aliases=aliases, module_path=lambda n: names.module_path(n, gm),
-                                  sequence_parallel=sequence_parallel, lm_head=lm_head)
+                                  sequence_parallel=sequence_parallel, lm_head=lm_head,
+                                  balance=balance)
         plans.append(plan)
         return gm.forward
 

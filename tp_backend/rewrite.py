@@ -99,19 +99,21 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
                 cur = graph.call_function(
                     conjugates.REDUCE_SCATTER if training else collectives.reduce_scatter,
                     (cur, w.dim, w.outer, tp_rank, tp_size, group_name,
-                     _int_list(w.blocks) if training else w.blocks, w.units, use_shm))
+                     _int_list(w.blocks) if training else w.blocks, w.units, use_shm,
+                     _int_list(w.counts) if training else w.counts))
                 record(Collective.REDUCE_SCATTER, c.src)
             elif c.collective is Collective.ALL_GATHER:
                 h = c.have
                 cur = (graph.call_function(conjugates.GATHER,
                                            (cur, h.dim, h.outer, tp_rank, tp_size, group_name,
-                                            _int_list(h.blocks), h.units, use_shm))
+                                            _int_list(h.blocks), h.units, use_shm,
+                                            _int_list(h.counts)))
                        if training else
                        graph.call_function(collectives.all_gather,
                                            (cur, h.dim, h.outer, tp_size, group_name,
                                             # the rank only where the split is uneven
                                             h.blocks, tp_rank if h.units is not None else None,
-                                            use_shm, h.units)))
+                                            use_shm, h.units, h.counts)))
                 record(Collective.ALL_GATHER, c.src)
             w = c.want
             if isinstance(w, HeadGroup):
@@ -122,11 +124,12 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             elif c.slices:
                 cur = (graph.call_function(conjugates.SCATTER,
                                            (cur, w.dim, w.outer, tp_rank, tp_size, group_name,
-                                            _int_list(w.blocks), w.units, use_shm))
+                                            _int_list(w.blocks), w.units, use_shm,
+                                            _int_list(w.counts)))
                        if training else
                        graph.call_function(layers.local_shard,
                                            (cur, w.dim, w.outer, tp_rank, tp_size, w.blocks,
-                                            w.units)))
+                                            w.units, w.counts)))
         nodemeta.copy_provenance(cur, c.src)
         placed[cur] = w
         cache[key] = cur

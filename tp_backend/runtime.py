@@ -55,6 +55,7 @@ class ShardInfo:
     blocks: tuple | None = None  # see tp_backend.placement.Shard
     padded: int | None = None  # dim size after zero padding (a vocabulary, see padding.py)
     units: int | None = None  # an uneven split (see tp_backend.placement.Shard)
+    counts: tuple | None = None  # its units per rank, where not the even deal
 
     def ranges(self) -> list:
         """``(start, length)`` ranges of dim ``dim`` this rank holds, in local order
@@ -63,7 +64,7 @@ class ShardInfo:
 
         size = self.padded or self.global_shape[self.dim]
         return shard_ranges(size, self.outer, self.tp_rank, self.tp_size, self.blocks,
-                            self.units)
+                            self.units, self.counts)
 
     def pieces(self) -> list:
         """``[(start, local start, length, real)]`` per range of :meth:`ranges`: where it

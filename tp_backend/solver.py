@@ -60,6 +60,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .nodemeta import describe, role
+from . import balance
 from .placement import REPLICATE, Collective, Partial, Placement, Shard
 from .rules import (Action, Decision, Indivisible, Role, arg, lookup, replicate_all,
                     static_int, tensor_inputs)
@@ -141,6 +142,8 @@ class Solution:
     # the LM head: the parameters behind a graph output split on its last dim (the logits)
     lm_head: set = field(default_factory=set)
     lm_head_seeds: set = field(default_factory=set)  # seeds kept whole for lm_head="replicate"
+    # what the work balance chose (solve's ``balance``), for the plan; "" where nothing
+    balance: str = ""
     rounds: int = 0
     seconds: float = 0.0
 
@@ -151,8 +154,12 @@ class _Ctx:
     taint and demotions, and the preferences consumers send back to seeds."""
 
     def __init__(self, *, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
-                 new_prefs, forced, largest_param=0, sequence=None, sequence_parallel=False):
+                 new_prefs, forced, largest_param=0, sequence=None, sequence_parallel=False,
+                 group_kv=False, counts=None):
         self.tp_size = tp_size
+        # attention may ask its queries' seed for whole KV groups (see solve's ``balance``)
+        self.group_kv = group_kv
+        self._counts = counts or {}
         self.sequence_parallel = sequence_parallel
         self._sequence = sequence if sequence is not None else {}
         self.masked: set = set()  # sequence shards the op being decided sees as replicated
@@ -293,6 +300,34 @@ class _Ctx:
         """The units a seed's consumers asked it to split in (see :meth:`prefer_units`)."""
         return self._prefs.get(("units", seed))
 
+    def prefer_coarser_units(self, value, units: int) -> bool:
+        """A consumer of ``value``, split in the units of its single seed, could use it if
+        that seed dealt fewer, larger units: the greatest common divisor of its units and
+        ``units`` (9 query heads dealt as 3 groups of 3, the groups of the 3 KV heads).
+        Each new unit is a run of whole old ones, so every view between the seed and
+        ``value`` that kept the old units keeps the new. ``False`` where ``value`` is not
+        split in its seed's units or fewer units than ranks would be left."""
+        seeds = self._taint.get(value, ())
+        p = self._pl.get(value)
+        if len(seeds) != 1 or not isinstance(p, Shard) or p.units is None \
+                or p.counts is not None:
+            return False
+        seed, = seeds
+        key = ("units", seed)
+        cur = self._new_prefs.get(key, self._prefs.get(key))
+        if cur != p.units:
+            return False
+        g = math.gcd(cur, int(units))
+        if g < self.tp_size or g == cur:
+            return False
+        self._new_prefs[key] = g
+        return True
+
+    def balance_counts(self, seed) -> tuple | None:
+        """Units per rank for an evenly split seed that the work balance deals out by
+        weight instead (:mod:`tp_backend.balance`), or ``None``."""
+        return self._counts.get(seed)
+
     def worth_vocab_split(self, table: fx.Node) -> bool:
         """Whether a vocab-parallel split of lookup table ``table`` (``[V, E]``) pays.
 
@@ -406,7 +441,8 @@ def _token_shard(value, tp_size) -> Shard | None:
 def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
                outputs: str = "gather", sequence: dict | None = None,
                sequence_parallel: bool = False, replicate_head: bool = False,
-               head_params: frozenset = frozenset()) -> _Round:
+               head_params: frozenset = frozenset(), group_kv: bool = False,
+               counts: dict | None = None) -> _Round:
     """One pass over ``graph`` in topological order: each op's rule decides its output
     placement from its inputs' (see the module docstring)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
@@ -426,7 +462,7 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     ctx = _Ctx(tp_size=tp_size, demoted=demoted, origin=origin, placements=pl, notes=notes,
                reduced=reduced, prefs=prefs, taint=taint, new_prefs=new_prefs, forced=forced,
                largest_param=largest, sequence=sequence,
-               sequence_parallel=sequence_parallel)
+               sequence_parallel=sequence_parallel, group_kv=group_kv, counts=counts)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -584,7 +620,7 @@ def _replicated_out(out) -> bool:
 def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
           max_rounds: int = 64, veto: frozenset = frozenset(),
           outputs: str = "gather", sequence_parallel: bool = False,
-          lm_head: str = "split") -> Solution:
+          lm_head: str = "split", balance: str = "off") -> Solution:
     """Assign a placement to every value of ``graph`` (see :func:`_solve_once`); then check
     that every write-back into graph state (``copy_``) that wants a split destination got
     one, else solve again with those writes kept whole (so state is never written through
@@ -609,14 +645,24 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
     ``"replicate"`` keeps it whole on every rank, with every other split of the same
     parameter (a tied embedding's lookup): no logits all-gather and, tied, no embedding
     all-reduce, for ``(N-1)/N`` of the head's bytes more per rank and ``N`` times its
-    matmul. ``Solution.lm_head`` names it either way."""
+    matmul. ``Solution.lm_head`` names it either way.
+
+    ``balance``: ``"off"`` (default): even splits only, KV heads kept whole beside
+    unevenly split queries. ``"work"`` evens out the ranks' modelled work where an uneven
+    split leaves it unequal (:mod:`tp_backend.balance`): the evenly split projections (the
+    MLP) are dealt by weight, and where query heads split unevenly beside keys and values
+    kept whole, the split in whole KV groups (each rank then computes and caches only its
+    own KV heads) is taken if its balanced work is lower. ``Solution.balance`` says what
+    was chosen."""
     forced: set = set()
     t0 = time.perf_counter()
     while True:
-        sol = _solve_once(graph, tp_size=tp_size, params=params, presharded=presharded,
-                          max_rounds=max_rounds, forced=forced, veto=veto,
-                          outputs=outputs, sequence_parallel=sequence_parallel,
-                          lm_head=lm_head)
+        kw = dict(tp_size=tp_size, params=params, presharded=presharded,
+                  max_rounds=max_rounds, forced=forced, veto=veto, outputs=outputs,
+                  sequence_parallel=sequence_parallel, lm_head=lm_head)
+        sol = _solve_once(graph, **kw)
+        if balance == "work":
+            sol = _balanced(graph, sol, kw)
         bad = {n for n, d in sol.decisions.items()
                if n.target is aten.copy_.default and isinstance(d.out, Shard)
                and sol.param_storage.get(arg(n, "self"),
@@ -627,10 +673,82 @@ def solve(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None
         forced |= bad
 
 
+def _kinds(p):
+    """A placement with the deal of its units left out: what the work balance may change."""
+    if isinstance(p, (tuple, list)):
+        return tuple(_kinds(q) for q in p)
+    if isinstance(p, Shard):
+        return ("S", p.dim, p.outer, p.blocks)
+    return type(p).__name__ if p is not None else None
+
+
+def _same_layout(a: Solution, b: Solution) -> bool:
+    """Whether ``b`` places every value as ``a`` does but for how units are dealt, with the
+    same collectives: a weighted deal then changes who computes what, nothing else."""
+    if a.demoted != b.demoted or len(a.conversions) != len(b.conversions):
+        return False
+    if any(_kinds(p) != _kinds(b.placements.get(n)) for n, p in a.placements.items()):
+        return False
+    return all(x.node is y.node and x.src is y.src and x.collective == y.collective
+               for x, y in zip(a.conversions, b.conversions))
+
+
+def _share_text(work: tuple) -> str:
+    mean = sum(work) / len(work)
+    return "/".join(f"{w / mean:.2f}" for w in work)
+
+
+def _balanced(graph: fx.Graph, sol: Solution, kw: dict) -> Solution:
+    """``solve``'s ``balance="work"`` (see :mod:`tp_backend.balance`). The candidates are
+    ``sol`` and, where it splits something unevenly, the solution whose attention asks for
+    the queries in whole KV groups (the keys and values then split with them instead of
+    staying whole). Each is scored by its busiest rank's modelled work once dealt by
+    weight (:func:`~tp_backend.balance.plan_counts`); the best is solved again with those
+    weights and kept if every value is placed alike (:func:`_same_layout`), else the next
+    candidate is tried. Ties keep ``sol``; where nothing qualifies, ``sol`` as it is."""
+    tp_size = kw["tp_size"]
+    cands = [(sol, False)]
+    if any(isinstance(p, Shard) and p.units is not None for p in sol.placements.values()):
+        # (whole KV groups are only asked for where some split is uneven)
+        grouped = _solve_once(graph, group_kv=True, **kw)
+        if grouped.demoted != sol.demoted:
+            cands.append((grouped, True))
+    scored = []
+    for i, (cand, group_kv) in enumerate(cands):
+        found = balance.plan_counts(cand, tp_size)
+        work = found.after if found is not None else balance.rank_work(cand, tp_size)
+        log.debug("tp_auto: work balance candidate%s: busiest rank %.3g FLOPs",
+                  " (whole KV groups)" if group_kv else "", max(work))
+        scored.append((max(work), i, found))
+    # (within 0.1 % of the first candidate's work counts as a tie: keep the earlier)
+    ref = max(scored[0][0], 1.0)
+    scored = [(round(w / ref, 3), i, found) for w, i, found in scored]
+    for _, i, found in sorted(scored):
+        cand, group_kv = cands[i]
+        text = "queries in whole KV groups" if group_kv else ""
+        if found is None:
+            cand.balance = text
+            return cand
+        weighted = _solve_once(graph, group_kv=group_kv, counts=found.counts, **kw)
+        if not _same_layout(cand, weighted):
+            log.info("tp_auto: work balance: the weighted deal changes how values are placed; "
+                     "not used")
+            continue
+        sizes = sorted(set(found.counts.values()))
+        weighted.balance = ((text + "; " if text else "") +
+                            f"evenly split projections dealt by weight "
+                            f"({', '.join('|'.join(map(str, c)) for c in sizes)}): modelled "
+                            f"work per rank {_share_text(balance.rank_work(weighted, tp_size))} "
+                            f"of the mean, was {_share_text(found.before)}")
+        return weighted
+    return sol
+
+
 def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict | None = None,
                 max_rounds: int = 64, forced: set = frozenset(),
                 veto: frozenset = frozenset(), outputs: str = "gather",
-                sequence_parallel: bool = False, lm_head: str = "split") -> Solution:
+                sequence_parallel: bool = False, lm_head: str = "split",
+                group_kv: bool = False, counts: dict | None = None) -> Solution:
     """Assign a placement to every value of ``graph`` (a core-ATen graph).
 
     Args:
@@ -642,6 +760,10 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
             compile of the same model; they keep that layout.
         veto: names of seed nodes replicated from the start (the backend's self-check
             vetoes the seeds behind a value whose local shape was wrong).
+        group_kv: attention whose query heads split unevenly asks their seed for whole
+            KV groups, so that the keys and values split with them (see :func:`solve`).
+        counts: seed -> units per rank, for evenly split seeds dealt by weight instead
+            (:mod:`tp_backend.balance`).
 
     Returns:
         a :class:`Solution`. A projection that splits into a number of heads ``tp_size``
@@ -661,7 +783,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
         rounds += 1
         rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
                          outputs, sequence, sequence_parallel, lm_head == "replicate",
-                         frozenset(head))
+                         frozenset(head), group_kv, counts)
         head |= rnd.head_params
         head_demoted |= rnd.head_conflicts
         indivisible += [why for _, why in rnd.notes

@@ -58,7 +58,7 @@ def gather_whole(local: torch.Tensor, info) -> torch.Tensor:
         # The local shard holds, per block of the (padded) split dim, this rank's chunk:
         # all_gather is the inverse of that split.
         whole = all_gather(local.detach(), info.dim, info.outer, info.tp_size, info.group_name,
-                           info.blocks, info.tp_rank, units=info.units)
+                           info.blocks, info.tp_rank, units=info.units, counts=info.counts)
         real = info.global_shape[info.dim]
         if whole.shape[info.dim] != real:  # a padded vocabulary: cut the zero rows
             whole = whole.narrow(info.dim, 0, real)

@@ -7,7 +7,12 @@ locally, the mask split along heads only if it has a heads dim of size > 1. With
 query attention each rank keeps ``H / N`` query heads and ``Hkv / N`` KV heads, so the
 head-to-group mapping is preserved when ``Hkv`` is divisible by ``N``. Query heads split
 unevenly (``Shard(1, units=H)``, 9 heads -> 5 + 4) take the keys and values sliced to the
-same heads (after ``repeat_kv``), or, with ``enable_gqa``, the KV heads they use.
+same heads (after ``repeat_kv``), or, with ``enable_gqa``, the KV heads they use. Query
+heads dealt in whole KV groups (``Shard(1, units=Hkv)``: 9 heads in 3 groups -> 6 + 3)
+beside keys and values dealt alike (3 KV heads -> 2 + 1) are exact as they are: each rank
+holds the KV heads of exactly its query heads. The solver's work balance asks for that
+deal (``ctx.group_kv``, through ``ctx.prefer_coarser_units``), so that each rank computes
+and caches only its own KV heads.
 
 Cross-entropy takes logits split evenly on the class dim as they are, by the
 vocab-parallel loss (``Action.VOCAB_CROSS_ENTROPY``, :mod:`tp_backend.vocab_loss`), and
@@ -56,6 +61,14 @@ def _sdpa(ctx, node):
         return None
     n = ctx.tp_size
     sizes = [static_int(ctx.shape(t)[s.dim]) for t in qkv]
+    if ctx.group_kv and s.dim == 1 and s.units is not None and pls[1] == pls[2] \
+            and pls[1].is_shard(1) and pls[1] != s and pls[1].units is not None:
+        # The keys and values are split in whole KV heads (before or after repeat_kv), the
+        # queries more finely: ask the queries' seed for whole KV groups (next round). This
+        # round decides as below (the keys regathered: a conflict the solver leaves alone
+        # while preferences change), so the heads' split still reaches the output
+        # projection and the layers after it are solved in the same round.
+        ctx.prefer_coarser_units(q, pls[1].units)
     if sizes[0] is not None and len(set(sizes)) == 1 and s.splits(sizes[0], n):
         # Every (batch, head) is independent, so q, k and v split alike in any layout
         # (strided: JetMoE's heads, expert-major after k.repeat(1, top_k, 1, 1)).
@@ -64,13 +77,16 @@ def _sdpa(ctx, node):
         return None
     elif s.units is None and all(divisible(d, n) for d in sizes):
         need = {t: s for t in qkv}
+    elif _kv_groups_aligned(pls, sizes, s, n, arg(node, "enable_gqa")):
+        need = {q: s, k: pls[1], v: pls[2]}
     else:
         # Grouped-query attention whose KV heads do not split with the query heads (fewer
         # KV heads than ranks, or query heads split unevenly): keep q split and give each
         # rank the KV heads its query heads use (KV-head replication, as vLLM does).
         enable_gqa = arg(node, "enable_gqa")
         hq, hkv = sizes[0], sizes[1]
-        if not (s.dim == 1 and s.outer == 1 and s.blocks is None and enable_gqa
+        if not (s.dim == 1 and s.outer == 1 and s.blocks is None and s.counts is None
+                and enable_gqa
                 and pls[0].is_shard() and hq and hkv
                 and hq % hkv == 0 and s.splits(hq, n)):
             return None
@@ -88,6 +104,21 @@ def _sdpa(ctx, node):
         elif not pm.is_replicate():
             return None
     return Decision(out=s, inputs=need)
+
+
+def _kv_groups_aligned(pls, sizes, s, n, enable_gqa) -> bool:
+    """Whether every rank's query heads (``s`` on dim 1, ``sizes[0]`` heads) are exactly
+    the query heads of its KV heads (the keys' and values' split, ``sizes[1]`` heads), so
+    that grouped-query attention runs on the local heads as it is."""
+    pk, pv = pls[1], pls[2]
+    hq, hkv = sizes[0], sizes[1]
+    if not (enable_gqa and pk == pv and isinstance(pk, Shard) and pk.dim == 1 and s.dim == 1
+            and pk.outer == 1 and pk.blocks is None and s.outer == 1 and s.blocks is None
+            and hq and hkv and hq % hkv == 0 and s.splits(hq, n) and pk.splits(hkv, n)):
+        return False
+    g = hq // hkv
+    return all(s.ranges(hq, r, n) == [(a * g, b * g) for a, b in pk.ranges(hkv, r, n)]
+               for r in range(n))
 
 
 def _cross_entropy(ctx, node):

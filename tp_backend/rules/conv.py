@@ -44,7 +44,7 @@ def _scaled(p: Shard, size: int, per_in: int, per_out: int, tp_size: int) -> Sha
         return None
     if p.blocks is not None:
         return Shard(1, blocks=tuple(b // per_in * per_out for b in blocks))
-    return Shard(1, p.outer, None, p.units)
+    return Shard(1, p.outer, None, p.units, p.counts)
 
 
 @register(aten.convolution)

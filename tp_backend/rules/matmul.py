@@ -40,7 +40,8 @@ def _column_seed(ctx, node, weight, n_features: int, out_dim: int, weight_dim: i
     separately: the consumers' cut points come back as a preference (see the solver).
     Features that ``tp_size`` does not divide split unevenly, one feature as the unit; a
     consumer that needs whole groups (heads: 9 heads at TP=2 go 5 + 4) asks for those as
-    the unit (``ctx.units_preference``)."""
+    the unit (``ctx.units_preference``). An even split the work balance weights
+    (``ctx.balance_counts``) deals its features by those counts instead."""
     if not (ctx.is_param(weight) and ctx.can_seed(node)):
         return None
     n = ctx.tp_size
@@ -61,7 +62,9 @@ def _column_seed(ctx, node, weight, n_features: int, out_dim: int, weight_dim: i
         blocks = ctx.preference(node)
         if blocks and not all(divisible(bl, n) for bl in blocks):
             return None
-        out = Shard(out_dim, blocks=blocks) if blocks else Shard(out_dim)
+        counts = None if blocks else ctx.balance_counts(node)
+        out = (Shard(out_dim, blocks=blocks) if blocks else
+               Shard(out_dim, units=n_features, counts=counts) if counts else Shard(out_dim))
     return Decision(out=out, inputs={weight: out.moved(weight_dim)}, roles={weight: Role.COLUMN},
                     seed=Role.COLUMN)
 

@@ -84,7 +84,7 @@ def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
                 if u is None and part % n or u is not None and part % u:
                     # (uneven: the ranks' runs of units must be whole indices of dim k)
                     return None, ("indivisible", part, n)
-                return Shard(k, r, units=u), None
+                return Shard(k, r, units=u, counts=shard.counts), None
         elif sympy.fraction(sympy.together(ratio))[1] != 1:
             return None, "sharded features do not start at a dim boundary"
         before = before * _expr(s)
@@ -161,7 +161,7 @@ def _repeat(ctx, node):
         return None
     if p.blocks is not None:
         return Decision(out=Shard(d, blocks=tuple(p.blocks) * r))
-    return Decision(out=Shard(d, p.outer * r, None, p.units))
+    return Decision(out=Shard(d, p.outer * r, None, p.units, p.counts))
 
 
 def _remap(ctx, node, fn):
