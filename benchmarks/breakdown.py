@@ -3,12 +3,12 @@ DeepSpeed AutoTP at TP=2 on a benchmark model of ``forward.py`` (the random Llam
 SmolLM2-135M), one thread per rank.
 
     python benchmarks/breakdown.py [--model llama|smollm2]
-        [--impl tp_auto tp_auto/head tp_auto/even ds_autotp]
+        [--impl tp_auto tp_auto/head tp_auto/balance ds_autotp]
         [--reps 5] [--decode-steps 8]
 
 Rows: ``tp_auto`` (default options), ``tp_auto/head`` (``lm_head="replicate"``: the LM head
-whole on every rank, as DeepSpeed keeps it), ``tp_auto/even`` (``balance="off"``: even
-splits, no work balance) and ``ds_autotp``.
+whole on every rank, as DeepSpeed keeps it), ``tp_auto/balance`` (``balance="work"``:
+uneven splits evened out) and ``ds_autotp``.
 
 Phases: a full-logits forward at S=512 (``use_cache=False``), the prefill ``generate``
 runs at S=512 (KV cache on, last-token logits), and one decode step (one new token on a
@@ -143,7 +143,7 @@ def run_one(impl: str, model_name: str, reps: int, decode_steps: int) -> dict:
         _instrument_runner()
         model = tp_backend.parallelize_model(
             path, lm_head="replicate" if impl == "tp_auto/head" else "split",
-            balance="off" if impl == "tp_auto/even" else "work")
+            balance="work" if impl == "tp_auto/balance" else "off")
     else:
         model, why = deepspeed_autotp(path, tp)
         if model is None:
@@ -219,7 +219,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama", choices=("llama", "smollm2"))
     ap.add_argument("--impl", nargs="+", default=["tp_auto", "ds_autotp"],
-                    choices=("tp_auto", "tp_auto/head", "tp_auto/even", "ds_autotp"))
+                    choices=("tp_auto", "tp_auto/head", "tp_auto/balance", "ds_autotp"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -34,8 +34,8 @@ Rows: ``tp_auto`` uses the defaults (Inductor, fp32 matmuls on oneDNN: see
 as eager, Inductor and transformers do, so it isolates the split from the kernel choice;
 ``tp_auto/eager`` runs the rewritten graph without Inductor; ``tp_auto/head`` keeps the LM
 head whole on every rank (``lm_head="replicate"``: no logits all-gather, as DeepSpeed AutoTP
-does); ``tp_auto/even`` splits evenly (``balance="off"``: no weighted MLP split, KV heads
-kept whole beside unevenly split queries; SmolLM2 at TP=2). ``tp_auto TP=1 x2`` is one
+does); ``tp_auto/balance`` evens out the ranks' work (``balance="work"``: a weighted MLP
+split, queries in whole KV groups; SmolLM2 at TP=2). ``tp_auto TP=1 x2`` is one
 process on both cores with ``tp_auto``'s kernels: what a user with one CPU would run
 instead of tensor parallelism. ``ds_autotp`` is DeepSpeed AutoTP
 (``deepspeed.init_inference``; skipped with a note where deepspeed is not installed).
@@ -77,7 +77,7 @@ CONFIGS = {
     "smollm2": [("eager x1", "eager", 1, 1), ("eager x2", "eager", 2, 1),
                 ("inductor x1", "inductor", 1, 1), ("tp_auto TP=1 x2", "tp_auto", 2, 1),
                 ("tp_auto TP=2", "tp_auto", 1, 2), ("tp_auto/head TP=2", "tp_auto_head", 1, 2),
-                ("tp_auto/even TP=2", "tp_auto_even", 1, 2), ("ds_autotp TP=2", "ds_autotp", 1, 2),
+                ("tp_auto/balance TP=2", "tp_auto_balance", 1, 2), ("ds_autotp TP=2", "ds_autotp", 1, 2),
                 ("tp_auto TP=3", "tp_auto", 1, 3), ("hf_tp TP=3", "hf_tp", 1, 3)],
 }
 
@@ -170,7 +170,7 @@ def run_one(model_name: str, impl: str, threads: int) -> dict:
             compiler = "eager" if impl == "tp_auto_eager" else "inductor"
             kernel = "aten" if impl == "tp_auto_aten" else "onednn"
             head = "replicate" if impl == "tp_auto_head" else "split"
-            balance = "off" if impl == "tp_auto_even" else "work"
+            balance = "work" if impl == "tp_auto_balance" else "off"
             model = tp_backend.parallelize_model(path, compiler=compiler, cpu_matmul=kernel,
                                                  lm_head=head, balance=balance)
         elif impl == "ds_autotp":
