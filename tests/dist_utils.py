@@ -105,38 +105,33 @@ def run_distributed(fn, world_size: int, *args):
         except mp.ProcessExitedException as e:
             # A rank that raised wrote its error before exiting cleanly; the rank that
             # exited non-zero is often only its peer, ended while waiting for it.
-            _raise_recorded_error(tmp, world_size)
-            if not _all_recorded_ok(tmp, world_size):
+            outs = _recorded(tmp, world_size)
+            _raise_recorded_error(outs)
+            if None in outs:
                 raise
             # Every rank finished fn and saved its result before one died on the way out
             # (a C++ thread of the process group aborting at interpreter exit: "terminate
             # called without an active exception"); the results are whole, so use them.
             warnings.warn(f"a test rank died after saving its result ({e}); results kept")
-        results = []
-        for rank in range(world_size):
-            out = torch.load(os.path.join(tmp, f"rank{rank}.pt"), weights_only=False)
-            if not out["ok"]:
-                raise RuntimeError(f"rank {rank} failed: {out['error']}\n{out['traceback']}")
-            results.append(out["result"])
-        return results
+        else:
+            outs = _recorded(tmp, world_size)
+            _raise_recorded_error(outs)
+            if None in outs:
+                raise RuntimeError(f"rank {outs.index(None)} exited without saving a result")
+        return [out["result"] for out in outs]
 
 
-def _all_recorded_ok(tmp: str, world_size: int) -> bool:
-    """Whether every rank saved a successful result."""
-    for rank in range(world_size):
-        path = os.path.join(tmp, f"rank{rank}.pt")
-        if not os.path.exists(path) or not torch.load(path, weights_only=False)["ok"]:
-            return False
-    return True
+def _recorded(tmp: str, world_size: int) -> list:
+    """What each rank saved (``{"ok": ...}``), ``None`` for a rank that saved nothing."""
+    paths = [os.path.join(tmp, f"rank{rank}.pt") for rank in range(world_size)]
+    return [torch.load(p, weights_only=False) if os.path.exists(p) else None for p in paths]
 
 
-def _raise_recorded_error(tmp: str, world_size: int) -> None:
-    for rank in range(world_size):
-        path = os.path.join(tmp, f"rank{rank}.pt")
-        if os.path.exists(path):
-            out = torch.load(path, weights_only=False)
-            if not out["ok"]:
-                raise RuntimeError(f"rank {rank} failed: {out['error']}\n{out['traceback']}")
+def _raise_recorded_error(outs: list) -> None:
+    """Raise the first error a rank recorded (``outs``: :func:`_recorded`)."""
+    for rank, out in enumerate(outs):
+        if out is not None and not out["ok"]:
+            raise RuntimeError(f"rank {rank} failed: {out['error']}\n{out['traceback']}")
 
 
 def run_each(fn, world_size: int, *args, timeout: float = 300):

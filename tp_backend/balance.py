@@ -165,9 +165,8 @@ def plan_counts(sol, tp_size: int) -> Balance | None:
     seeds = _balanceable(sol)
     if not seeds or tp_size < 2:
         return None
-    moving = [n for n in sol.decisions
-              if (t := sol.taint.get(n)) and t <= seeds]
-    fixed_nodes = [n for n in sol.decisions if n not in set(moving)]
+    moving = {n for n in sol.decisions if (t := sol.taint.get(n)) and t <= seeds}
+    fixed_nodes = [n for n in sol.decisions if n not in moving]
     fixed = rank_work(sol, tp_size, fixed_nodes)
     movable = rank_work(sol, tp_size, moving)
     before = tuple(f + m for f, m in zip(fixed, movable))
