@@ -46,6 +46,7 @@ class StubCtx:
         self._seeds = seeds_allowed
         self.notes = []
         self.group_kv = False
+        self.pending = None
 
     def placement(self, arg):
         return self._pl.get(arg, REPLICATE) if isinstance(arg, fx.Node) else REPLICATE
@@ -80,6 +81,9 @@ class StubCtx:
 
     def units_preference(self, seed):
         return getattr(self, "units", None)
+
+    def pending_units(self, value):
+        return getattr(self, "pending", None)
 
     def prefer_coarser_units(self, value, units):
         self.coarser_asked = units
@@ -161,7 +165,7 @@ def rank_args(node, ph, placements, dec, tp_rank, tp_size):
 
 
 def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, blocks=None,
-           units=None, units_ok=True, ctx_out=None, group_kv=False):
+           units=None, units_ok=True, ctx_out=None, group_kv=False, pending=None):
     """The rule's decision for ``node`` when placeholder ``ph[i]`` has ``placements[i]``;
     returns ``(decision or None, the rule's notes)``."""
     pl = dict(zip(ph, placements))
@@ -170,6 +174,7 @@ def decide(node, ph, placements, *, tp_size=2, params=(), seeds_allowed=True, bl
     ctx.units = units
     ctx.units_ok = units_ok  # whether the seed can be asked for an uneven split
     ctx.group_kv = group_kv  # whether attention may ask for whole KV groups
+    ctx.pending = pending  # the units a request of this round gives the seed next round
     if ctx_out is not None:
         ctx_out.append(ctx)
     return lookup(node.target)(ctx, node), ctx.notes

@@ -59,6 +59,26 @@ def test_plan_cli_shows_uneven_heads(tmp_path):
     assert "TPDivisibilityError" not in out.stderr and "not divisible" not in out.stderr
 
 
+def test_uneven_heads_settle_in_rounds_independent_of_depth(tmp_path):
+    """Every layer of SmolLM2 asks its query projection for whole heads (9 -> 5 + 4) in the
+    same round: the view that asks decides provisionally as if granted, so the output
+    projection stays row-parallel and the next layer's view asks too. The solver's rounds
+    then do not grow with depth (one per layer before: 33 at 30 layers), and the plans are
+    the same layer for layer."""
+    from tp_backend.planning import format_plan, plan_model
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    shallow, = plan_model(str(tmp_path), tp_size=2, seq_len=16, num_hidden_layers=2)
+    deep, = plan_model(str(tmp_path), tp_size=2, seq_len=16, num_hidden_layers=8)
+    assert deep.rounds == shallow.rounds <= 4, (shallow.rounds, deep.rounds)
+    for plan in (shallow, deep):
+        text = format_plan(plan)
+        n = 2 if plan is shallow else 8
+        assert f"layers 0-{n - 1} (each): 2 all-reduce" in text, text
+        assert re.search(r"column\s+self_attn\.q_proj\.weight\s+\[576, 576\] -> "
+                         r"\[320\|256, 576\]", text), text
+
+
 # transformers' style -> our layout
 _STYLE = {"colwise": "column", "colwise_gather_output": "column", "packed_colwise": "column",
           "rowwise": "row", "rowwise_split_input": "row",

@@ -45,7 +45,8 @@ def test_merge_batch_and_heads_is_a_strided_shard():
 
 def test_indivisible_heads_ask_the_seed_for_whole_heads():
     """9 heads over 2 ranks (issue 15): the view asks the seed to deal out whole heads
-    (5 + 4) and refuses this round; only where no seed can be asked (several seeds, fewer
+    (5 + 4) and refuses this round, unless the solver runs another round for the request
+    (then it decides provisionally); only where no seed can be asked (several seeds, fewer
     heads than ranks) is it an ``Indivisible`` note (the pipeline warns, or raises
     TPDivisibilityError under fallback="raise")."""
     gm, node = trace(lambda x: aten.view(x, [2, 3, 9, 4]), [r(2, 3, 36)])
@@ -58,6 +59,11 @@ def test_indivisible_heads_ask_the_seed_for_whole_heads():
     assert dec is None
     assert len(notes) == 1 and isinstance(notes[0], Indivisible), notes
     assert "9 groups" in notes[0] and "tp_size=2" in notes[0], notes
+    # Where the solver says the request brings another round (``pending_units``), the view
+    # decides provisionally as if its seed dealt whole heads (5 + 4).
+    dec, notes = decide(node, ph, [Shard(2)], pending=9)
+    assert dec is not None and dec.out == Shard(2, units=9), dec
+    assert not notes, notes
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])

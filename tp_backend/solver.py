@@ -16,7 +16,11 @@ Algorithm (iterative, deterministic, linear in graph size per round):
    a fused projection (``ctx.prefer``; the cuts of a piece split off it, even after ops
    that keep its size, count from where the piece starts: Mamba-2's ``[z | x B C | dt]``
    then ``[x | B | C]``), or whole units for a split ``N`` does not divide
-   (``ctx.prefer_units``: 9 heads dealt 5 + 4 instead of 288 features each).
+   (``ctx.prefer_units``: 9 heads dealt 5 + 4 instead of 288 features each). A round
+   that changes a preference is always followed by another and its placements are
+   discarded, so a rule that asks may decide provisionally as if granted
+   (``ctx.pending_units``): every layer's view then asks in the same round, instead of
+   one layer per round (the next layer's request waits on this one's output projection).
 3. Repeat until no conflict is left. Each round demotes at least one seed, so it ends;
    all conflicts of a round are collected at once, so identical layers are fixed in the
    same round and the round count does not grow with depth.
@@ -155,8 +159,11 @@ class _Ctx:
 
     def __init__(self, *, tp_size, demoted, origin, placements, notes, reduced, prefs, taint,
                  new_prefs, forced, largest_param=0, sequence=None, sequence_parallel=False,
-                 group_kv=False, counts=None):
+                 group_kv=False, counts=None, provisional=False):
         self.tp_size = tp_size
+        # whether this round is sure to be followed by another if a preference changes
+        # (not the last round allowed): see pending_units
+        self._provisional = provisional
         # attention may ask its queries' seed for whole KV groups (see solve's ``balance``)
         self.group_kv = group_kv
         self._counts = counts or {}
@@ -300,6 +307,19 @@ class _Ctx:
         """The units a seed's consumers asked it to split in (see :meth:`prefer_units`)."""
         return self._prefs.get(("units", seed))
 
+    def pending_units(self, value) -> int | None:
+        """The units the single seed of ``value`` is dealt in from the next round, where a
+        request of this round (:meth:`prefer_units`) changes them and the solver is sure to
+        run that round; ``None`` otherwise. Only then may a rule decide provisionally as
+        if they held: the placements of a round that changed a preference are discarded,
+        so a provisional decision never reaches the solution."""
+        seeds = self._taint.get(value, ())
+        if not self._provisional or len(seeds) != 1:
+            return None
+        key = ("units", next(iter(seeds)))
+        new = self._new_prefs.get(key)
+        return new if new is not None and new != self._prefs.get(key) else None
+
     def prefer_coarser_units(self, value, units: int) -> bool:
         """A consumer of ``value``, split in the units of its single seed, could use it if
         that seed dealt fewer, larger units: the greatest common divisor of its units and
@@ -442,9 +462,10 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
                outputs: str = "gather", sequence: dict | None = None,
                sequence_parallel: bool = False, replicate_head: bool = False,
                head_params: frozenset = frozenset(), group_kv: bool = False,
-               counts: dict | None = None) -> _Round:
+               counts: dict | None = None, provisional: bool = False) -> _Round:
     """One pass over ``graph`` in topological order: each op's rule decides its output
-    placement from its inputs' (see the module docstring)."""
+    placement from its inputs' (see the module docstring). ``provisional``: a changed
+    preference is sure to bring another round (see :meth:`_Ctx.pending_units`)."""
     pl, taint, origin, decisions = {}, {}, {}, {}
     conversions, notes = [], []
     demands = defaultdict(list)  # param -> [(param_dim, outer, role)]
@@ -462,7 +483,8 @@ def _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forc
     ctx = _Ctx(tp_size=tp_size, demoted=demoted, origin=origin, placements=pl, notes=notes,
                reduced=reduced, prefs=prefs, taint=taint, new_prefs=new_prefs, forced=forced,
                largest_param=largest, sequence=sequence,
-               sequence_parallel=sequence_parallel, group_kv=group_kv, counts=counts)
+               sequence_parallel=sequence_parallel, group_kv=group_kv, counts=counts,
+               provisional=provisional)
     empty = frozenset()
 
     def convert(node, src, want, allow_gather):
@@ -783,7 +805,7 @@ def _solve_once(graph: fx.Graph, *, tp_size: int, params: set, presharded: dict 
         rounds += 1
         rnd = _propagate(graph, tp_size, params, presharded, demoted, reduced, prefs, forced,
                          outputs, sequence, sequence_parallel, lm_head == "replicate",
-                         frozenset(head), group_kv, counts)
+                         frozenset(head), group_kv, counts, rounds < max_rounds)
         head |= rnd.head_params
         head_demoted |= rnd.head_conflicts
         indivisible += [why for _, why in rnd.notes

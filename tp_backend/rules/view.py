@@ -10,7 +10,9 @@ hidden features into heads (``[B,S,H*D] -> [B,S,H,D]``, needs ``H % N == 0``), m
 back, and merging batch with heads (``[B,H,S,D] -> [B*H,S,D]``, a strided shard).
 An uneven shard (``units``) passes where the part in ``p`` is a multiple of its units, so
 every rank's run of units is whole indices of ``p``. Heads that ``N`` does not divide ask
-the seed for an uneven split in whole heads (``ctx.prefer_units``) instead of failing.
+the seed for an uneven split in whole heads (``ctx.prefer_units``) instead of failing,
+and decide provisionally as if it were granted where the solver says another round
+follows (``ctx.pending_units``).
 Sizes may be symbolic (dynamic batch or sequence); the arithmetic is done on sympy
 expressions so those stay exact.
 
@@ -109,7 +111,16 @@ def _view(ctx, node):
         if isinstance(why, tuple) and p.outer == 1 and p.blocks is None \
                 and ctx.prefer_units(x, p.dim, why[1]):
             # Split unevenly instead (9 heads -> 5 + 4): the seed is asked to deal out
-            # whole groups next round.
+            # whole groups next round. Where that round is sure to come, decide as if it
+            # had (provisionally: this round is discarded), so that what follows -- the
+            # attention, the output projection, the next layer asking its own seed --
+            # settles in the same round rather than one layer per round.
+            units = ctx.pending_units(x)
+            if units is not None:
+                ahead, _ = map_view_shard(in_shape, out_shape, Shard(p.dim, units=units),
+                                          ctx.tp_size)
+                if ahead is not None and static_int(out_shape[ahead.dim]) is not None:
+                    return Decision(out=ahead)
             ctx.note(node, f"{why[1]} heads split unevenly over tp_size={why[2]}")
             return None
         if isinstance(why, tuple):
