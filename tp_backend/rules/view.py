@@ -64,7 +64,9 @@ def map_view_shard(in_shape, out_shape, shard: Shard, n: int):
         lead = lead * _expr(s)
     before = sympy.Integer(1)
     for k, s in enumerate(out_shape):
-        ratio = sympy.simplify(lead / before)
+        ratio = lead / before
+        if not ratio.is_Rational:  # (symbolic sizes only: simplify is slow)
+            ratio = sympy.simplify(ratio)
         if ratio.is_Integer:
             r = int(ratio)
             size = static_int(s)
