@@ -24,6 +24,18 @@ FUSED_QKV_THREE_GROUPS = {
     ]}
 
 
+# Found by hypothesis (shrunk), TP=3, a seed of the long profile: the embedding's output,
+# vocab-parallel (a partial sum), sliced with a step (``y[..., 1::2]``). The rewrite had
+# already replaced the lookup by its layer call when it wrote the slice's local sizes, and
+# looked that call up in the solution: ``KeyError: vocab_parallel_embedding_of_rank``, so
+# the graph ran replicated (right numbers, no memory saved) -- and the fuzzer's fallback
+# count, read from the plan of a graph that made none, missed it.
+STEP_SLICES_OF_A_LOOKUP = {
+    "B": 1, "S": 1, "H": 4, "V": 5, "pos": None, "pad": 0, "head": "pool", "tied": False,
+    "classes": 1,
+    "blocks": [{"kind": "misc", "op": "step_slices", "inter": 2, "act": "gelu", "norm": None}]}
+
+
 def _spec(rank, world_size, spec):
     return check_spec(spec)
 
@@ -33,6 +45,12 @@ def test_fused_qkv_with_groups_tp_does_not_divide():
         assert problem is None, problem
         assert not stats["fallback"]
         assert stats["bytes"] < 0.9, stats  # the MLP is still split
+
+
+def test_slices_of_a_vocab_parallel_lookup():
+    for problem, stats in run_distributed(_spec, 3, STEP_SLICES_OF_A_LOOKUP):
+        assert problem is None, problem  # (a failed pass is a problem: see check_spec)
+        assert not stats["fallback"], stats
 
 
 class _VmapScan(torch.nn.Module):

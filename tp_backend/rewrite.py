@@ -73,6 +73,7 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         by_node[c.node].append(c)
     cache: dict = {}
     replaced: dict = {}  # nodes swapped for a layer call -> their replacement
+    original: dict = {}  # and back
     inserted: list[dict] = []
     placed: dict = {}  # node inserted here -> the placement of its value
     copies: dict = {}  # replicated value -> its conjugates.copy (training)
@@ -165,8 +166,14 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         dec = sol.decisions.get(node)
         if dec is not None:
             wants = {c.src: c.want for c in by_node.get(node, ())}
-            local = local_args(node, sol.placements.get(node, dec.out),
-                               lambda a: wants.get(a) or sol.placements[a], tp_rank, tp_size)
+
+            def placement_in(a):
+                # (an input may already be the layer call that replaced a solved node: a
+                # view of a vocab-parallel lookup's output; the solution knows the node)
+                a = original.get(a, a)
+                return wants.get(a) or sol.placements[a]
+            local = local_args(node, sol.placements.get(node, dec.out), placement_in,
+                               tp_rank, tp_size)
             if local is not None:
                 node.args, node.kwargs = local
         for c in by_node.get(node, ()):
@@ -237,6 +244,7 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         new.meta.update(node.meta)
         placed[new] = sol.placements.get(node, dec.out)
         replaced[node] = new
+        original[new] = node
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     if training:
