@@ -20,6 +20,7 @@ A failure it finds becomes a named test in tests/test_fuzz_regressions.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ import time
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import log_records, run_distributed
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +45,8 @@ PROFILES = {"ci": dict(max_examples={2: 160, 3: 130, 4: 100}, derandomize=True),
                          derandomize=False)}
 
 
-class _Warnings(logging.Handler):
-    """The warnings tp_backend logs while it is attached (a pass that failed and fell back
-    to running the graph replicated says so in one)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+# One collector of tp_backend's log records per worker process, emptied for each model.
+_log_records = functools.cache(log_records)
 
 
 def check_spec(spec):
@@ -69,18 +62,16 @@ def check_spec(spec):
     model = FuzzNet(spec)
     ids, keep = inputs(spec)
     full = sum(p.nbytes for p in model.parameters())
-    warnings = _Warnings()
-    logger = logging.getLogger("tp_backend")
-    logger.addHandler(warnings)
+    records = _log_records()
+    records.clear()
     try:
         with torch.no_grad():
             ref = model(ids, keep)
             out = torch.compile(model, backend="tp_auto", options={"compiler": "eager"})(ids, keep)
     except Exception as e:  # noqa: BLE001 - a crash is a finding
         return f"crash: {type(e).__name__}: {str(e)[:600]}", {}
-    finally:
-        logger.removeHandler(warnings)
-    failed = [m for m in warnings.messages if "pass failed" in m]
+    failed = [r.getMessage() for r in records
+              if r.levelno >= logging.WARNING and "pass failed" in r.getMessage()]
     if failed:
         return f"a pass failed: {failed[0][:600]}", {}
     plan = tp_backend.last_plan()

@@ -71,9 +71,8 @@ def test_uneven_heads_settle_in_rounds_independent_of_depth(tmp_path):
     shallow, = plan_model(str(tmp_path), tp_size=2, seq_len=16, num_hidden_layers=2)
     deep, = plan_model(str(tmp_path), tp_size=2, seq_len=16, num_hidden_layers=8)
     assert deep.rounds == shallow.rounds <= 4, (shallow.rounds, deep.rounds)
-    for plan in (shallow, deep):
+    for plan, n in ((shallow, 2), (deep, 8)):
         text = format_plan(plan)
-        n = 2 if plan is shallow else 8
         assert f"layers 0-{n - 1} (each): 2 all-reduce" in text, text
         assert re.search(r"column\s+self_attn\.q_proj\.weight\s+\[576, 576\] -> "
                          r"\[320\|256, 576\]", text), text

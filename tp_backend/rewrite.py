@@ -73,7 +73,6 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         by_node[c.node].append(c)
     cache: dict = {}
     replaced: dict = {}  # nodes swapped for a layer call -> their replacement
-    original: dict = {}  # and back
     inserted: list[dict] = []
     placed: dict = {}  # node inserted here -> the placement of its value
     copies: dict = {}  # replicated value -> its conjugates.copy (training)
@@ -152,7 +151,7 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
             return placed[value]
         if value in sol.placements:
             return sol.placements[value]
-        raise RuntimeError(f"no placement for {value.format_node()} (training rewrite)")
+        raise RuntimeError(f"no placement for {value.format_node()} (rewrite)")
 
     def enter_split(node: fx.Node) -> None:
         """Route each replicated floating input of ``node`` (an op whose output is split or
@@ -165,15 +164,11 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
     for node in list(graph.nodes):
         dec = sol.decisions.get(node)
         if dec is not None:
-            wants = {c.src: c.want for c in by_node.get(node, ())}
-
-            def placement_in(a):
-                # (an input may already be the layer call that replaced a solved node: a
-                # view of a vocab-parallel lookup's output; the solution knows the node)
-                a = original.get(a, a)
-                return wants.get(a) or sol.placements[a]
-            local = local_args(node, sol.placements.get(node, dec.out), placement_in,
-                               tp_rank, tp_size)
+            # (by the input as it is now: a solved node may already be replaced by its
+            # layer call, a step slice of a vocab-parallel lookup's output)
+            wants = {replaced.get(c.src, c.src): c.want for c in by_node.get(node, ())}
+            local = local_args(node, sol.placements.get(node, dec.out),
+                               lambda a: wants.get(a) or placement_of(a), tp_rank, tp_size)
             if local is not None:
                 node.args, node.kwargs = local
         for c in by_node.get(node, ()):
@@ -244,7 +239,6 @@ def rewrite(gm: fx.GraphModule, sol: Solution, *, tp_rank: int, tp_size: int,
         new.meta.update(node.meta)
         placed[new] = sol.placements.get(node, dec.out)
         replaced[node] = new
-        original[new] = node
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     if training:

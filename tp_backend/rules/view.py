@@ -121,7 +121,7 @@ def _view(ctx, node):
             if units is not None:
                 ahead, _ = map_view_shard(in_shape, out_shape, Shard(p.dim, units=units),
                                           ctx.tp_size)
-                if ahead is not None and static_int(out_shape[ahead.dim]) is not None:
+                if ahead is not None:
                     return Decision(out=ahead)
             ctx.note(node, f"{why[1]} heads split unevenly over tp_size={why[2]}")
             return None
