@@ -72,10 +72,29 @@ def _environ() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 
 
-def _worker(rank, world_size, init_file, out_dir, fn, args):
+# The downstream compiler tp_auto graphs get where a test names none (``options=
+# {"compiler": ...}``): set for each test by tests/conftest.py, ``"eager"`` unless the test
+# is marked ``inductor`` or pytest runs with ``--downstream inductor``; ``None`` leaves the
+# library's default (Inductor). Handed to the workers with each call.
+DEFAULT_COMPILER: str | None = None
+
+
+def _default_compiler(compiler: str | None) -> None:
+    """Make ``compiler`` the default of the ``compiler`` option in this worker (the rewritten
+    graphs run as they are, skipping Inductor's compile, about 3x a small test's time).
+    Every check but those of the downstream compile itself holds for either; those tests are
+    marked ``inductor`` and run with the library's own default."""
+    if compiler is not None:
+        from tp_backend import options
+
+        options._DEFAULTS["compiler"] = compiler
+
+
+def _worker(rank, world_size, init_file, out_dir, fn, args, compiler=None):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     _use_test_device()
+    _default_compiler(compiler)
     result_path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -96,7 +115,8 @@ def run_distributed(fn, world_size: int, *args):
     of the first failing rank. ``fn`` must be importable (a module-level function)."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        ctx = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args),
+        ctx = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args,
+                                                DEFAULT_COMPILER),
                                  nprocs=world_size, join=False,
                                  start_method=_context().get_start_method())
         try:
@@ -142,7 +162,8 @@ def run_each(fn, world_size: int, *args, timeout: float = 300):
     ctx = _context()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, tmp, fn, args))
+        procs = [ctx.Process(target=_worker,
+                             args=(r, world_size, init_file, tmp, fn, args, DEFAULT_COMPILER))
                  for r in range(world_size)]
         for p in procs:
             p.start()

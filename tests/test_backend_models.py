@@ -9,6 +9,9 @@ import torch
 from dist_utils import run_distributed
 from models import make_ids, make_model
 
+# End to end with the defaults, Inductor included (tests/conftest.py).
+pytestmark = pytest.mark.inductor
+
 MODELS = ["llama", "mistral", "qwen2", "gemma"]
 
 # fp32 logits. TP changes the order of additions only: a row-parallel matmul sums N partial

@@ -13,6 +13,9 @@ from dist_utils import run_distributed
 import zoo
 from models import make_ids, make_model
 
+# The downstream compile is what these tests check (tests/conftest.py).
+pytestmark = pytest.mark.inductor
+
 # fp32 logits of the tiny models, reordered sums only (see test_backend_models.py for the
 # 1e-5 budget): a graph loaded from the cache must meet the same budget as one compiled.
 ATOL = 1e-5

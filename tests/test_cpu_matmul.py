@@ -89,6 +89,7 @@ def _kernel_use(rank, world_size):
     return out
 
 
+@pytest.mark.inductor
 @needs_onednn
 def test_tp2_compiled_graph_runs_onednn():
     """End to end at TP=2 under Inductor: with the default every linear of the tiny Llama

@@ -51,6 +51,7 @@ def _greedy_identity(rank, world_size, names, styles=("module.compile", "forward
     return out
 
 
+@pytest.mark.inductor
 def test_greedy_tokens_identical_tp2():
     """Tiny Llama, Qwen2 and GPT-2: greedy tokens equal to the single-process model with
     both ways of compiling; the KV cache is 1/2 per rank; a 32-token generation compiles
@@ -243,6 +244,7 @@ def _smollm2(rank, world_size, path):
 
 # TP=3 and TP=4 are long (--run-long): 3 and 4 ranks on CI's 2 cores take 3 and 4.5 min,
 # and test_real_models.py::test_smollm2_tp3 already checks greedy tokens at TP=3.
+@pytest.mark.inductor
 @pytest.mark.slow
 @pytest.mark.parametrize("tp_size", [2, pytest.param(3, marks=pytest.mark.long),
                                      pytest.param(4, marks=pytest.mark.long)])
@@ -273,6 +275,7 @@ def _static_cache(rank, world_size):
             tp_backend.local_shard(layer.values).nbytes / full.values.nbytes)
 
 
+@pytest.mark.inductor
 def test_static_cache():
     """transformers' static cache: the graph writes the new keys/values into the cache
     buffers (copy_ after functionalisation); the buffers are state stored split over heads,

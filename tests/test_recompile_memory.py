@@ -4,6 +4,7 @@ tensors are freed; the original module refuses to run on its sharded parameters.
 
 import gc
 
+import pytest
 import torch
 
 from dist_utils import run_distributed
@@ -142,6 +143,7 @@ def _threads_worker(rank, world_size):
     return seen
 
 
+@pytest.mark.inductor
 def test_a_graph_compiled_under_other_threads_is_not_reused():
     """Inductor's CPU kernels are specialised on the thread count, and Dynamo recompiles
     when it changes: the backend then compiles again instead of returning the graph it
@@ -167,6 +169,7 @@ def _layouts_worker(rank, world_size):
     return errs
 
 
+@pytest.mark.inductor
 def test_a_graph_compiled_for_other_input_strides_is_not_reused():
     """Dynamo recompiles when an input's layout changes (a key/value cache is a transposed
     view after the prefill, contiguous after a decode step's ``cat``); the backend's own

@@ -37,6 +37,7 @@ def _forward_and_generate(rank, world_size, all_reduce):
     return logits, tokens, _shm_calls(prof), tp_auto.plans[-1].all_reduce_impl
 
 
+@pytest.mark.inductor
 @needs_deepspeed
 def test_shm_all_reduce_is_exact_and_used():
     """TP=2 (one CPU per rank here): the rewritten graphs sum through the kernel (the
