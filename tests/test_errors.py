@@ -57,6 +57,7 @@ def _option_default_and_error(rank, world_size, key, bad):
     return default, None
 
 
+# Marked inductor so the workers see the library's own defaults (tests/conftest.py).
 @pytest.mark.inductor
 @pytest.mark.parametrize("key,default,bad", [("compiler", "inductor", "cudagraphs"),
                                              ("cpu_matmul", "onednn", "mkl"),
