@@ -6,6 +6,7 @@ of a random Llama with as many layers as SmolLM2 (30), small enough (hidden 256)
 the graph itself is fast.
 
     python benchmarks/overhead.py [--tp 2] [--layers 30] [--tokens 32] [--rounds 5]
+                                  [--cache dynamic|static]
 
 The runner's time is the time inside ``_Runner.__call__`` less the time inside the
 compiled local graph it calls (both ``time.perf_counter_ns``, rank 0). Each round times
@@ -70,6 +71,8 @@ def child(args):
     model.forward = torch.compile(model.forward, backend="tp_auto")
     ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+    if args.cache == "static":  # the cache is graph state stored split: nothing returned split
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
         model.generate(ids, **kw)  # compiles every graph
         model.generate(ids, **kw)
@@ -99,26 +102,30 @@ def main():
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="transformers' KV cache: dynamic (returned split every step) or "
+                         "static (graph state written in place)")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.child:
         return child(args)
     res = run_child(__file__, ["--child", "--layers", str(args.layers), "--tokens",
-                               str(args.tokens), "--rounds", str(args.rounds)], tp=args.tp,
-                    torchrun=True)
+                               str(args.tokens), "--rounds", str(args.rounds),
+                               "--cache", args.cache], tp=args.tp, torchrun=True)
     if "error" in res:
         print("failed:", res["error"])
         return
     runner = statistics.median(res["runner_us"])
     graph = statistics.median(res["graph_us"])
     step = statistics.median(res["step_us"])
-    print(f"TP={args.tp}, random Llama of {args.layers} layers (hidden 256), greedy decode, "
+    print(f"TP={args.tp}, random Llama of {args.layers} layers (hidden 256), greedy decode "
+          f"({args.cache} cache), "
           f"median of {args.rounds} rounds of {args.tokens} tokens")
     print(f"{'runner us/call':>15s} {'graph us/call':>14s} {'step us':>9s} {'runner share':>13s}")
     print(f"{runner:15.1f} {graph:14.1f} {step:9.1f} {runner / step:12.1%}")
     write_json({"tp": args.tp, "layers": args.layers, "runner_us_per_call": runner,
                 "graph_us_per_call": graph, "step_us": step, "rounds": res},
-               os.path.join(HERE, "results", f"overhead-tp{args.tp}.json"))
+               os.path.join(HERE, "results", f"overhead-tp{args.tp}-{args.cache}.json"))
 
 
 if __name__ == "__main__":

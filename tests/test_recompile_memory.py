@@ -177,3 +177,23 @@ def test_a_graph_compiled_for_other_input_strides_is_not_reused():
     Inductor code assumes them (it failed with a stride assertion)."""
     for errs in run_distributed(_layouts_worker, 2):
         assert max(errs) <= ATOL, errs
+
+
+def test_placeholders_of_split_values_start_at_offset_0():
+    """The placeholders a decode step returns for its split cache entries (one per layer's
+    keys and values) are distinct tensors of the global shape over one shared NaN element,
+    all at storage offset 0. Placeholders at different offsets (one element each of an
+    n-element storage, as before) made Dynamo compile the next step with one SymInt input
+    per entry for its storage offset: 58 more graph inputs, and guards, per decode step of a
+    30-layer model."""
+    from tp_backend.runtime import placeholders
+
+    phs = placeholders(5, (1, 2, 7, 4), torch.float32)
+    assert len({id(p) for p in phs}) == 5
+    for p in phs:
+        assert p.shape == (1, 2, 7, 4)
+        assert p.storage_offset() == 0
+        assert p.untyped_storage().nbytes() == 4  # one float32 element backs all of them
+        assert torch.isnan(p).all()
+    ints = placeholders(2, (3,), torch.int64)
+    assert all(p.storage_offset() == 0 and (p == 0).all() for p in ints)
