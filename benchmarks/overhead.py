@@ -13,7 +13,8 @@ compiled local graph it calls (both ``time.perf_counter_ns``, rank 0). Each roun
 one ``generate``; the figure is the median over rounds of the median per decode call (the
 calls of the graph compiled for one new token: medians, as a preempted call on this shared
 machine would otherwise count as overhead). The target in issue 17 is under 30 µs
-for a 30-layer model. Prints a table and writes benchmarks/results/overhead-tp2.json.
+for a 30-layer model. Prints a table and writes
+benchmarks/results/overhead-tp2-dynamic.json (``-static`` with ``--cache static``).
 """
 
 from __future__ import annotations
