@@ -309,9 +309,8 @@ def _fill(dtype: torch.dtype):
 
 def placeholders(n: int, shape, dtype: torch.dtype, device=None) -> tuple:
     """``n`` distinct :func:`placeholder` tensors of one shape, made in one call (a decode
-    step returns two per layer). All are views of one shared element at storage offset 0:
-    placeholders at different offsets make Dynamo compile the next call with one SymInt
-    input (and guard) per placeholder for its offset."""
-    shape = tuple(shape)
-    return torch.full((1,), _fill(dtype), dtype=dtype, device=device).as_strided(
-        (n, *shape), (0,) * (1 + len(shape))).unbind(0)
+    step returns two per layer): one :func:`placeholder` of ``[n, *shape]`` unbound, so
+    all are views of one shared element at storage offset 0. Placeholders at different
+    offsets would make Dynamo compile the next call with one SymInt input (and guard) per
+    placeholder for its offset."""
+    return placeholder((n, *shape), dtype, device).unbind(0)
