@@ -9,6 +9,7 @@ tolerances hold, and returns its results moved to CPU."""
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import tempfile
@@ -45,14 +46,18 @@ def _to_cpu(result):
 
 # Workers start from a fork server that has imported these once (``multiprocessing``'s
 # forkserver start method with preloaded modules): each worker is still a fresh process,
-# but skips the 4-5 s of importing torch, transformers and Dynamo that a spawned one spends,
-# most of a small test's time. The server is started once per pytest process and forks
-# from its own state, not the test's: a test that has changed the environment since then
-# (``monkeypatch.setenv``; some settings are read when a module is imported) gets spawned
-# workers instead, which see it.
+# but skips the 4-5 s of importing torch, transformers, Dynamo and DeepSpeed's op builder
+# (``_PRELOAD_IF_IMPORTABLE``) that a spawned one spends, most of a small test's time. The
+# server is started once per pytest process and forks from its own state, not the test's:
+# a test that has changed the environment since then (``monkeypatch.setenv``; some settings
+# are read when a module is imported) gets spawned workers instead, which see it.
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch._inductor.compile_fx",
             "transformers", "transformers.models.llama.modeling_llama",
             "transformers.models.gpt2.modeling_gpt2", "tp_backend", "tp_backend.backend"]
+# What tp_backend.shm imports on a rank's first graph where the shared-memory all-reduce may
+# serve (0.2-0.4 s a rank), preloaded only where this process can import it: the server
+# skips a module that raises ImportError, but any other error would end the server.
+_PRELOAD_IF_IMPORTABLE = ["deepspeed.ops.op_builder.cpu"]
 _SERVER: dict = {}
 
 
@@ -60,11 +65,20 @@ def _context():
     """The ``multiprocessing`` context to start workers with (see ``_PRELOAD``)."""
     if not _SERVER:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(_PRELOAD)
+        ctx.set_forkserver_preload(_PRELOAD + [m for m in _PRELOAD_IF_IMPORTABLE
+                                               if _importable(m)])
         _SERVER.update(ctx=ctx, environ=_environ())
     if _environ() != _SERVER["environ"]:
         return mp.get_context("spawn")
     return _SERVER["ctx"]
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - not installed or broken: the ranks import it themselves
+        return False
+    return True
 
 
 def _environ() -> dict:
