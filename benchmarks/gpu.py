@@ -14,7 +14,11 @@ child process, one after another:
 * ``tp_auto TP=1 gloo`` -- the same with a gloo group (the path the CUDA tests take);
 * ``tp_auto TP=2 gloo`` -- two ranks on the *same* GPU through gloo (NCCL refuses two
   ranks on one device): exactness and overhead only, its times say nothing about speed-up
-  (the ranks share one GPU and every collective goes through host memory).
+  (the ranks share one GPU and every collective goes through host memory);
+* ``inductor reduce-overhead`` and ``tp_auto TP=1 reduce-overhead`` -- ``inductor`` and
+  ``tp_auto TP=1`` with ``mode="reduce-overhead"`` (CUDA graphs), decoding with
+  transformers' static cache (a dynamic cache has a new shape on every token, so a new
+  CUDA graph each).
 
 Measured per row: ``prefill S`` (``generate``'s forward: KV cache on, last-token logits)
 at S = 512 and 2048, median of 5 after warm-up, CUDA-synchronised; ``fwd512 all`` (all
@@ -48,7 +52,11 @@ from forward import checkpoint  # noqa: E402
 SEQS = (512, 2048)
 NEW_TOKENS = 32
 ROWS = [("eager", "eager", 1), ("inductor", "inductor", 1), ("tp_auto TP=1", "tp_auto", 1),
-        ("tp_auto TP=1 gloo", "tp_auto_gloo", 1), ("tp_auto TP=2 gloo", "tp_auto_gloo", 2)]
+        ("tp_auto TP=1 gloo", "tp_auto_gloo", 1), ("tp_auto TP=2 gloo", "tp_auto_gloo", 2),
+        # CUDA graphs (mode="reduce-overhead"), decoding with transformers' static cache
+        # (a dynamic one has a new shape every token: a new CUDA graph each)
+        ("inductor reduce-overhead", "inductor_cudagraphs", 1),
+        ("tp_auto TP=1 reduce-overhead", "tp_auto_cudagraphs", 1)]
 
 
 def _timed(fn, reps=5, warmups=2) -> float:
@@ -71,10 +79,13 @@ def run_one(impl: str) -> dict:
     cfg = AutoConfig.from_pretrained(path)
     rank = 0
     t0 = time.perf_counter()
+    cudagraphs = impl.endswith("_cudagraphs")
+    impl = impl.removesuffix("_cudagraphs")
+    mode = {"mode": "reduce-overhead"} if cudagraphs else {}
     if impl in ("eager", "inductor"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
         if impl == "inductor":
-            model.compile()
+            model.compile(**mode)
     else:
         import torch.distributed as dist
 
@@ -85,12 +96,13 @@ def run_one(impl: str) -> dict:
         dist.init_process_group("nccl" if impl == "tp_auto" else "gloo")
         rank = dist.get_rank()
         model = tp_backend.parallelize_model(path, dtype=torch.bfloat16,
-                                             device=torch.device("cuda", torch.cuda.current_device()))
+                                             device=torch.device("cuda", torch.cuda.current_device()),
+                                             **mode)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = {s: torch.randint(0, cfg.vocab_size, (1, s), generator=gen).to(device) for s in SEQS}
     prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=gen).to(device)
-    res = {"impl": impl, "device": torch.cuda.get_device_name(device)}
+    res = {"impl": impl, "device": torch.cuda.get_device_name(device), "cudagraphs": cudagraphs}
     with torch.no_grad():
         model(input_ids=ids[SEQS[0]], logits_to_keep=1)
         torch.cuda.synchronize()
@@ -103,7 +115,9 @@ def run_one(impl: str) -> dict:
         res["last_logits"] = full()[0, -1].float().cpu().tolist()
 
         def generate(n):
-            return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            static = {"cache_implementation": "static"} if cudagraphs else {}
+            return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  **static)
 
         generate(4)
         generate(4)

@@ -64,11 +64,13 @@ def _option_default_and_error(rank, world_size, key, bad):
                                              ("sync_rng", "first", "never"),
                                              ("check_inputs", "first", "yes"),
                                              ("fallback", "replicate", "ignore"),
-                                             ("outputs", "auto", "sharded")])
+                                             ("outputs", "auto", "sharded"),
+                                             ("mode", "default", "fast")])
 def test_option_default_and_bad_value_named(key, default, bad):
     """Pins the defaults (Inductor downstream, oneDNN CPU matmuls, random state synced and
     inputs checked on a graph's first call, failed passes replicated, split outputs
-    gathered except the logits beside a training graph's own loss); a bad value raises
+    gathered except the logits beside a training graph's own loss, Inductor's default
+    mode); a bad value raises
     TPOptionsError naming the key, the value and the valid choices."""
     [(got, err)] = run_distributed(_option_default_and_error, 1, key, bad)
     assert got == default

@@ -108,15 +108,18 @@ class _InferenceOnly(torch.autograd.Function):
 
 
 def _downstream_compile(gm: fx.GraphModule, local_fakes: list, opts: TPOptions,
-                        plan: TPPlan | None = None):
+                        plan: TPPlan | None = None, static_inputs: tuple = ()):
     """Hand this rank's local ATen graph to the downstream compiler
-    (:func:`tp_backend.downstream.compile_local_graph` for Inductor: a collective where
-    ``tp_size > 1``; ``"eager"`` runs the graph as it is, for debugging), recording the
-    seconds in ``plan.timings``."""
+    (:func:`tp_backend.downstream.compile_local_graph` for Inductor, in ``opts.mode``: a
+    collective where ``tp_size > 1``; ``"eager"`` runs the graph as it is, for debugging),
+    recording the seconds in ``plan.timings``. ``static_inputs``: indices of the inputs
+    whose tensors stay the same from call to call (parameters, their shards, state stored
+    split), for CUDA graphs."""
     if opts.compiler != "inductor":
         return gm
     fn, seconds = downstream.compile_local_graph(
-        gm, local_fakes, opts.cpu_matmul, opts.tp_group if opts.tp_size > 1 else None)
+        gm, local_fakes, opts.cpu_matmul, opts.tp_group if opts.tp_size > 1 else None,
+        mode=opts.mode, static_inputs=static_inputs)
     if plan is not None:
         plan.timings["downstream_compile_s"] = seconds
     return fn
@@ -401,8 +404,12 @@ class TPAutoBackend:
 
     Keyword Args:
         options (dict): ``tp_group`` (a ``ProcessGroup``; default: the default group),
-            ``compiler`` (``"inductor"``, the default, or ``"eager"``), ``cpu_matmul``
-            (``"onednn"``, the default, or ``"aten"``). Unknown keys raise ``ValueError``.
+            ``compiler`` (``"inductor"``, the default, or ``"eager"``), ``mode``
+            (Inductor's compile mode), ``cpu_matmul`` (``"onednn"``, the default, or
+            ``"aten"``), and the others of :data:`tp_backend.options.OPTION_DOCS`. Unknown
+            keys raise ``ValueError``.
+        mode (str): what ``torch.compile(..., mode=...)`` passes (it allows no
+            ``options`` beside it): the same as ``options={"mode": mode}``.
 
     Attributes:
         stats: counters -- ``graphs`` (backend calls), ``solves``, ``cache_hits``.
@@ -424,10 +431,13 @@ class TPAutoBackend:
         for k in self.stats:
             self.stats[k] = 0
 
-    def __call__(self, gm: fx.GraphModule, example_inputs, options=None, **kwargs):
+    def __call__(self, gm: fx.GraphModule, example_inputs, options=None, mode=None, **kwargs):
         if kwargs:
             raise TypeError(f"tp_auto got unexpected arguments {sorted(kwargs)}; pass "
                             "settings through torch.compile(..., options={...})")
+        if mode is not None:  # torch.compile(..., mode=...): it takes no options beside it
+            options = ({"mode": mode} if options is None else
+                       {**options, "mode": mode} if isinstance(options, dict) else options)
         opts = validate_options(options)
         if STORE.warm_up.active:
             opts = dataclasses.replace(opts, compiler="eager")
@@ -489,7 +499,7 @@ class TPAutoBackend:
             fakes.append(fake)
         # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
         # keys on it), so a graph compiled under 1 thread is not reused under 4.
-        key = (gm.code, training, opts.compiler, opts.cpu_matmul, opts.group_name, use_shm,
+        key = (gm.code, training, opts.compiler, opts.mode, opts.cpu_matmul, opts.group_name, use_shm,
                opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head, opts.balance,
                torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
                # (strides too: Dynamo recompiles for an input of another layout, e.g. a
@@ -519,7 +529,12 @@ class TPAutoBackend:
             compiled = self._replicated(gm, example_inputs, params, opts, names, failed,
                                         bool(presharded or local_in))
         else:
-            compiled.run = _downstream_compile(compiled.gm, local_fakes, opts, compiled.plan)
+            # The runner hands the local graph the same tensor for each of these on
+            # every call (the store's shards, parameters kept whole).
+            static = sorted({i for i, _ in compiled.shard_specs}
+                            | set(compiled.replicated_params))
+            compiled.run = _downstream_compile(compiled.gm, local_fakes, opts, compiled.plan,
+                                               tuple(static))
         self._cache[key] = compiled
         return _Runner(compiled, names, opts)
 

@@ -30,8 +30,14 @@ Caching is Inductor's: ``torch._inductor.config.fx_graph_cache = False`` (or
 ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``) turns it off, and the compiled code is the same
 either way.
 
-Owns: calling the downstream compiler on a local graph, what makes that call cacheable, and
-the order in which the ranks of a host compile.
+**Compile modes.** Inductor's ``mode`` (``tp_auto``'s option of that name) applies as for
+``backend="inductor"``: its settings (``torch._inductor.list_mode_options(mode)``) patch the
+compile. Under CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) Inductor is told which
+inputs of the local graph are the same tensor on every call (parameters, their shards, state
+stored split), so it records them at their addresses rather than copying them on each call.
+
+Owns: calling the downstream compiler on a local graph (in the mode asked for), what makes
+that call cacheable, and the order in which the ranks of a host compile.
 Must not: decide placements or rewrite graphs (the pipeline), or choose matmul kernels
 (:mod:`tp_backend.cpu_matmul` does; this module only passes its table on).
 """
@@ -104,9 +110,10 @@ def caches_enabled() -> bool:
             and not torch.compiler.config.force_disable_caches)
 
 
-def _graph_digest(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str) -> str:
+def _graph_digest(gm: fx.GraphModule, local_fakes: list, how: tuple) -> str:
     """A digest of what a rank hands Inductor: the graph's code, its inputs' shapes,
-    strides, dtypes and devices, the matmul kernel and the thread count. Ranks with equal
+    strides, dtypes and devices, ``how`` (the matmul kernel, the mode, the static inputs)
+    and the thread count. Ranks with equal
     digests compile the same graph (it only orders the compiles: what a rank loads from the
     cache is decided by Inductor's own key)."""
     h = hashlib.sha256(gm.code.encode())
@@ -114,12 +121,11 @@ def _graph_digest(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str)
         meta = ((tuple(map(str, f.shape)), tuple(map(str, f.stride())), str(f.dtype),
                  str(f.device), f.requires_grad) if isinstance(f, torch.Tensor) else repr(f))
         h.update(repr(meta).encode())
-    h.update(f"{cpu_matmul_kernel}/{torch.get_num_threads()}".encode())
+    h.update(f"{how}/{torch.get_num_threads()}".encode())
     return h.hexdigest()
 
 
-def _compile_turn(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
-                  tp_group) -> str | None:
+def _compile_turn(gm: fx.GraphModule, local_fakes: list, how: tuple, tp_group) -> str | None:
     """This rank's turn: ``"wait"`` where its host has more ranks than CPUs and a lower rank
     of the host has the same local graph (it compiles after that one, from the cache),
     ``"first"`` where some rank of the group waits (this one compiles, then releases them),
@@ -132,7 +138,7 @@ def _compile_turn(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
     the load (measured on 2 cores: the same first output at TP=2 for the 258M Llama of
     ``benchmarks/first_output.py``, 3 s later for the tiny test Llama); at TP=3 on 2 cores
     it saves a fifth of the first output."""
-    mine = (caches_enabled(), where_am_i(), _graph_digest(gm, local_fakes, cpu_matmul_kernel))
+    mine = (caches_enabled(), where_am_i(), _graph_digest(gm, local_fakes, how))
     everyone = [None] * dist.get_world_size(tp_group)
     dist.all_gather_object(everyone, mine, group=tp_group)
     if not all(e[0] for e in everyone):
@@ -146,7 +152,7 @@ def _compile_turn(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
 
 
 def compile_local_graph(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
-                        tp_group=None):
+                        tp_group=None, mode: str = "default", static_inputs: tuple = ()):
     """Compile ``gm`` (a rank's local ATen graph) with Inductor, as ``backend="inductor"``
     does with a captured graph, and return the compiled callable and the seconds it took
     (not counting a wait for another rank).
@@ -158,6 +164,13 @@ def compile_local_graph(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel
     (:mod:`tp_backend.cpu_matmul`). The compile reads and writes Inductor's on-disk caches
     (see the module docstring).
 
+    ``mode``: Inductor's compile mode (``torch.compile``'s ``mode=`` for
+    ``backend="inductor"``: its settings are ``torch._inductor.list_mode_options(mode)``).
+    ``static_inputs``: indices of inputs whose tensor is the same on every call (parameter
+    shards, state stored split): where the mode turns CUDA graphs on, Inductor records
+    them at their own addresses instead of copying them into the graph's memory on each
+    call, as it does with a model's parameters under ``backend="inductor"``.
+
     ``tp_group``: the group whose ranks compile their local graphs of one captured graph
     now. Ranks of one host with the same local graph compile one after the other (module
     docstring). A collective then (one all-gather and one barrier): every rank of the group
@@ -166,23 +179,24 @@ def compile_local_graph(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel
     Raises: whatever Inductor raises; a rank that compiles first raises only after the
     ranks waiting for it have been released.
     """
-    turn = None if tp_group is None else _compile_turn(gm, local_fakes, cpu_matmul_kernel,
-                                                        tp_group)
+    how = (cpu_matmul_kernel, mode, tuple(static_inputs))
+    turn = None if tp_group is None else _compile_turn(gm, local_fakes, how, tp_group)
     if turn is None:
-        return _compile(gm, local_fakes, cpu_matmul_kernel)
+        return _compile(gm, local_fakes, *how)
     if turn == "wait":
         t0 = time.perf_counter()
         dist.barrier(group=tp_group)  # released once the other ranks have compiled
         log.debug("tp_auto: waited %.1f s for a rank of this host to compile the same "
                   "graph; loading it from Inductor's cache", time.perf_counter() - t0)
-        return _compile(gm, local_fakes, cpu_matmul_kernel)
+        return _compile(gm, local_fakes, *how)
     try:
-        return _compile(gm, local_fakes, cpu_matmul_kernel)
+        return _compile(gm, local_fakes, *how)
     finally:
         dist.barrier(group=tp_group)
 
 
-def _compile(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str):
+def _compile(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str,
+             mode: str = "default", static_inputs: tuple = ()):
     from torch._inductor.compile_fx import compile_fx
 
     digest = source_digest()
@@ -191,8 +205,53 @@ def _compile(gm: fx.GraphModule, local_fakes: list, cpu_matmul_kernel: str):
     # AOTAutograd's cache key holds Inductor's settings but not the decomposition table:
     # this entry puts the kernel choice in it (the name is the table's builder).
     marked[f"{cpu_matmul.__name__}.decompositions"] = f"{cpu_matmul_kernel}-{digest}"
+    patches = {**torch._inductor.list_mode_options(mode),
+               "unsafe_marked_cacheable_functions": marked}
     t0 = time.perf_counter()
-    fn = compile_fx(gm, local_fakes,
-                    config_patches={"unsafe_marked_cacheable_functions": marked},
+    fn = compile_fx(gm, local_fakes, config_patches=patches,
+                    inner_compile=_StaticInputs(local_fakes, static_inputs),
                     decompositions=_DecompositionTable(cpu_matmul_kernel, digest))
     return fn, time.perf_counter() - t0
+
+
+class _StaticInputs:
+    """Inductor's inner compile (``compile_fx_inner``), told which inputs of the graph it
+    compiles are static for CUDA graphs: the positions ``static`` of the local graph's
+    inputs ``fakes``, besides the ones Inductor finds itself.
+
+    Inductor only reads this where CUDA graphs are on (``mode="reduce-overhead"`` or
+    ``"max-autotune"``): it records a static input at its own address, re-recording if the
+    address changes, where it would copy any other input into the graph's memory on each
+    call. ``backend="inductor"`` gets the same for a model's parameters from Dynamo's
+    marks on them; ``tp_auto``'s local graph takes parameter shards Dynamo never saw.
+
+    AOTAutograd hands the inner compile new fake tensors for the inputs, in the graph's
+    order unless it added or merged inputs. So the positions are used only where the
+    inputs it hands over line up with ``fakes`` (as many, and at each static position the
+    same dtype and shape); else the list is left as Inductor made it, which costs a copy
+    of those inputs per call, never a wrong result. Without CUDA graphs the list is left
+    alone too (the FX-graph cache keys on it)."""
+
+    def __init__(self, fakes: list, static: tuple):
+        self.fakes, self.static = fakes, tuple(static)
+
+    def _lined_up(self, example_inputs) -> bool:
+        def sig(t):
+            return (t.dtype, tuple(map(str, t.shape))) if isinstance(t, torch.Tensor) else None
+
+        return len(example_inputs) == len(self.fakes) and all(
+            sig(self.fakes[i]) is not None and sig(example_inputs[i]) == sig(self.fakes[i])
+            for i in self.static)
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        from torch._inductor import compile_fx as inductor
+
+        if self.static and torch._inductor.config.triton.cudagraphs:
+            if self._lined_up(example_inputs):
+                kwargs["static_input_idxs"] = sorted(
+                    set(kwargs.get("static_input_idxs") or ()) | set(self.static))
+            else:
+                log.info("tp_auto: the graph Inductor compiles has other inputs than the local "
+                         "graph (%d against %d); its CUDA graphs copy the parameter shards "
+                         "on each call", len(example_inputs), len(self.fakes))
+        return inductor.compile_fx_inner(gm, example_inputs, **kwargs)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+import torch
+import torch._inductor
 import torch.distributed as dist
 
 from .cpu_matmul import CPU_MATMUL_KERNELS
@@ -28,6 +30,11 @@ OPTION_DOCS = {
                 "(default: the default group, if torch.distributed is initialised)",
     "compiler": "downstream compiler of each rank's rewritten graph: 'inductor' (default) or "
                 "'eager' (run the graph as it is, for debugging)",
+    "mode": "Inductor's compile mode for each rank's local graph, as torch.compile's mode= "
+            "for backend='inductor': 'default', 'reduce-overhead' (CUDA graphs on GPUs; "
+            "parameter shards and state stored split are static inputs, not copied per "
+            "call), 'max-autotune', 'max-autotune-no-cudagraphs' (the keys of "
+            "torch._inductor.list_mode_options()); needs compiler='inductor'",
     "cpu_matmul": "kernel of float32 matmuls on CPU in the Inductor-compiled graph: 'onednn' "
                   "(default) or 'aten' (ATen's choice, MKL: exactly what backend='inductor' "
                   "runs); see tp_backend.cpu_matmul",
@@ -87,6 +94,7 @@ class TPOptions:
         tp_rank: this process's rank in ``tp_group``.
         tp_size: number of ranks in ``tp_group`` (``N``).
         compiler: what runs the rewritten graph.
+        mode: Inductor's compile mode (a key of ``torch._inductor.list_mode_options()``).
         cpu_matmul: which kernel computes float32 CPU matmuls under Inductor
             (:mod:`tp_backend.cpu_matmul`).
         sync_rng / check_inputs: ``"first"``, ``"always"`` or ``"off"``
@@ -109,6 +117,7 @@ class TPOptions:
     tp_rank: int
     tp_size: int
     compiler: str = "inductor"
+    mode: str = "default"
     cpu_matmul: str = "onednn"
     sync_rng: str = "first"
     check_inputs: str = "first"
@@ -157,6 +166,13 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
         if chosen[key] not in choices:
             raise TPOptionsError(f"tp_auto option {key!r} must be one of {choices}, "
                                  f"got {chosen[key]!r}")
+    mode = options.get("mode", "default")
+    modes = tuple(torch._inductor.list_mode_options())
+    if mode not in modes:
+        raise TPOptionsError(f"tp_auto option 'mode' must be one of {modes}, got {mode!r}")
+    if mode != "default" and chosen["compiler"] != "inductor":
+        raise TPOptionsError(f"tp_auto option 'mode' is Inductor's compile mode; mode={mode!r} "
+                             f"needs compiler='inductor', got compiler={chosen['compiler']!r}")
     group = options.get("tp_group")
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -171,4 +187,5 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
             f"tp_auto option 'tp_group' must be a torch.distributed.ProcessGroup, got "
             f"{type(group).__name__}")
     return TPOptions(tp_group=group, tp_rank=dist.get_rank(group),
-                     tp_size=dist.get_world_size(group), sequence_parallel=sp, **chosen)
+                     tp_size=dist.get_world_size(group), sequence_parallel=sp, mode=mode,
+                     **chosen)
