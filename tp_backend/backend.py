@@ -499,9 +499,9 @@ class TPAutoBackend:
             fakes.append(fake)
         # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
         # keys on it), so a graph compiled under 1 thread is not reused under 4.
-        key = (gm.code, training, opts.compiler, opts.mode, opts.cpu_matmul, opts.group_name, use_shm,
-               opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head, opts.balance,
-               torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
+        key = (gm.code, training, opts.compiler, opts.mode, opts.cpu_matmul, opts.group_name,
+               use_shm, opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head,
+               opts.balance, torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
                # (strides too: Dynamo recompiles for an input of another layout, e.g. a
                # key/value cache that is a transposed view after the prefill and contiguous
                # after a decode step's cat, and the downstream compile assumes its strides)

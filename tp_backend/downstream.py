@@ -246,7 +246,8 @@ class _StaticInputs:
     def __call__(self, gm, example_inputs, **kwargs):
         from torch._inductor import compile_fx as inductor
 
-        if self.static and torch._inductor.config.triton.cudagraphs:
+        if self.static and torch._inductor.config.triton.cudagraphs \
+                and not kwargs.get("is_backward"):  # (a backward's inputs are its own)
             if self._lined_up(example_inputs):
                 kwargs["static_input_idxs"] = sorted(
                     set(kwargs.get("static_input_idxs") or ()) | set(self.static))
