@@ -125,3 +125,27 @@ def test_mode_needs_inductor():
         assert res is not None and res != "no error", res
         name, msg = res
         assert name == "TPOptionsError" and "reduce-overhead" in msg and "eager" in msg, res
+
+
+def test_static_inputs_only_where_the_inputs_line_up(monkeypatch):
+    """The positions of the local graph's static inputs are passed on only under CUDA
+    graphs, for a forward graph whose inputs line up with the local graph's (as many, the
+    same dtype and shape at each static position); otherwise Inductor's own list stands
+    (the inputs are copied per call: slower, never wrong)."""
+    from torch._inductor import compile_fx
+
+    from tp_backend.downstream import _StaticInputs
+
+    told = []
+    monkeypatch.setattr(compile_fx, "compile_fx_inner",
+                        lambda gm, inputs, **kwargs: told.append(kwargs["static_input_idxs"]))
+    weight, ids = torch.empty(4, 2), torch.zeros(3, dtype=torch.long)
+    inner = _StaticInputs([weight, ids], (0,))
+    same = [torch.empty(4, 2), torch.zeros(3, dtype=torch.long)]
+    with torch._inductor.config.patch({"triton.cudagraphs": True}):
+        inner(None, same, static_input_idxs=(1,))
+        inner(None, same[:1], static_input_idxs=())  # an input merged away
+        inner(None, same[::-1], static_input_idxs=())  # other inputs at the static position
+        inner(None, same, static_input_idxs=(), is_backward=True)  # a backward's own inputs
+    inner(None, same, static_input_idxs=())  # no CUDA graphs
+    assert told == [[0, 1], (), (), (), ()]
