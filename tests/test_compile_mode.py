@@ -16,22 +16,30 @@ from dist_utils import run_distributed
 pytestmark = pytest.mark.inductor
 
 
-def _generate_in_mode(rank, world_size, spelling, mode):
+def _record_inner_compiles() -> list:
+    """What Inductor's inner compile is told about each graph it compiles in this worker
+    from now on: a dict per graph (CUDA graphs and max-autotune on, the static inputs'
+    positions, the count of inputs)."""
     from torch._inductor import compile_fx
-
-    import tp_backend
 
     seen = []
     inner = compile_fx.compile_fx_inner
 
-    def spy(gm, example_inputs, **kwargs):  # what Inductor is told about each graph it compiles
-        static = list(kwargs.get("static_input_idxs") or ())
+    def spy(gm, example_inputs, **kwargs):
         seen.append({"cudagraphs": bool(torch._inductor.config.triton.cudagraphs),
                      "max_autotune": bool(torch._inductor.config.max_autotune),
-                     "static": static, "inputs": len(example_inputs)})
+                     "static": list(kwargs.get("static_input_idxs") or ()),
+                     "inputs": len(example_inputs)})
         return inner(gm, example_inputs, **kwargs)
 
     compile_fx.compile_fx_inner = spy
+    return seen
+
+
+def _generate_in_mode(rank, world_size, spelling, mode):
+    import tp_backend
+
+    seen = _record_inner_compiles()
     ref_model, model = zoo.make_model("llama"), zoo.make_model("llama")
     ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(3))
     # The static cache: the decode graph writes the keys and values into cache buffers
@@ -75,17 +83,7 @@ def test_reduce_overhead_marks_shards_static(tmp_path, monkeypatch, spelling):
 
 
 def _default_mode(rank, world_size):
-    from torch._inductor import compile_fx
-
-    seen = []
-    inner = compile_fx.compile_fx_inner
-
-    def spy(gm, example_inputs, **kwargs):
-        seen.append((bool(torch._inductor.config.triton.cudagraphs),
-                     list(kwargs.get("static_input_idxs") or ())))
-        return inner(gm, example_inputs, **kwargs)
-
-    compile_fx.compile_fx_inner = spy
+    seen = _record_inner_compiles()
     ref_model, model = zoo.make_model("llama"), zoo.make_model("llama")
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -102,7 +100,7 @@ def test_default_mode_leaves_inductor_as_it_is(tmp_path, monkeypatch):
     for err, seen in run_distributed(_default_mode, 2):
         # fp32 logits, reordered sums only (see test_backend_models.py for the budget)
         assert err <= 1e-5
-        assert seen and all(cg is False and static == [] for cg, static in seen), seen
+        assert seen and all(g["cudagraphs"] is False and g["static"] == [] for g in seen), seen
 
 
 def _mode_with_eager(rank, world_size):

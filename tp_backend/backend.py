@@ -35,6 +35,7 @@ import logging
 import operator
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -437,7 +438,7 @@ class TPAutoBackend:
                             "settings through torch.compile(..., options={...})")
         if mode is not None:  # torch.compile(..., mode=...): it takes no options beside it
             options = ({"mode": mode} if options is None else
-                       {**options, "mode": mode} if isinstance(options, dict) else options)
+                       {**options, "mode": mode} if isinstance(options, Mapping) else options)
         opts = validate_options(options)
         if STORE.warm_up.active:
             opts = dataclasses.replace(opts, compiler="eager")

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-import torch
 import torch._inductor
 import torch.distributed as dist
 
@@ -33,7 +32,7 @@ OPTION_DOCS = {
     "mode": "Inductor's compile mode for each rank's local graph, as torch.compile's mode= "
             "for backend='inductor': 'default', 'reduce-overhead' (CUDA graphs on GPUs; "
             "parameter shards and state stored split are static inputs, not copied per "
-            "call), 'max-autotune', 'max-autotune-no-cudagraphs' (the keys of "
+            "call), 'max-autotune', 'max-autotune-no-cudagraphs', 'lite' (the keys of "
             "torch._inductor.list_mode_options()); needs compiler='inductor'",
     "cpu_matmul": "kernel of float32 matmuls on CPU in the Inductor-compiled graph: 'onednn' "
                   "(default) or 'aten' (ATen's choice, MKL: exactly what backend='inductor' "
@@ -134,7 +133,8 @@ class TPOptions:
 
 
 # The options chosen from a fixed set of values, and their defaults (TPOptions' own).
-_CHOICES = {"compiler": _COMPILERS, "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
+_CHOICES = {"compiler": _COMPILERS, "mode": tuple(torch._inductor.list_mode_options()),
+            "cpu_matmul": CPU_MATMUL_KERNELS, "sync_rng": _WHEN,
             "check_inputs": _WHEN, "fallback": _FALLBACKS, "all_reduce": ALL_REDUCE_CHOICES,
             "outputs": _OUTPUTS, "lm_head": LM_HEAD_CHOICES, "balance": BALANCE_CHOICES}
 _DEFAULTS = {f.name: f.default for f in fields(TPOptions) if f.name in _CHOICES}
@@ -166,13 +166,10 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
         if chosen[key] not in choices:
             raise TPOptionsError(f"tp_auto option {key!r} must be one of {choices}, "
                                  f"got {chosen[key]!r}")
-    mode = options.get("mode", "default")
-    modes = tuple(torch._inductor.list_mode_options())
-    if mode not in modes:
-        raise TPOptionsError(f"tp_auto option 'mode' must be one of {modes}, got {mode!r}")
-    if mode != "default" and chosen["compiler"] != "inductor":
-        raise TPOptionsError(f"tp_auto option 'mode' is Inductor's compile mode; mode={mode!r} "
-                             f"needs compiler='inductor', got compiler={chosen['compiler']!r}")
+    if chosen["mode"] != "default" and chosen["compiler"] != "inductor":
+        raise TPOptionsError(f"tp_auto option 'mode' is Inductor's compile mode; "
+                             f"mode={chosen['mode']!r} needs compiler='inductor', got "
+                             f"compiler={chosen['compiler']!r}")
     group = options.get("tp_group")
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -187,5 +184,4 @@ def validate_options(options: Mapping[str, Any] | None) -> TPOptions:
             f"tp_auto option 'tp_group' must be a torch.distributed.ProcessGroup, got "
             f"{type(group).__name__}")
     return TPOptions(tp_group=group, tp_rank=dist.get_rank(group),
-                     tp_size=dist.get_world_size(group), sequence_parallel=sp, mode=mode,
-                     **chosen)
+                     tp_size=dist.get_world_size(group), sequence_parallel=sp, **chosen)
