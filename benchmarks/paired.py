@@ -43,7 +43,9 @@ cache: every position's logits, what a training or scoring forward computes), an
 decode tokens/s (32 new tokens after a 32-token prompt, minus a 1-token run, so the
 prefill is excluded). ``--impls`` times a subset of the rows (``eager x1``, the baseline,
 always runs). A
-barrier before and after each timing keeps the ranks in step.
+barrier before and after each timing keeps the ranks in step, and the rows take turns at
+running first (round ``k`` starts at the ``k``-th row), so no row's place in the round
+favours it.
 
 Reported per workload: the median and minimum time of each implementation over the
 rounds, the median over rounds of the per-round speed-up against ``eager x1`` (prefill:
@@ -166,7 +168,10 @@ def main():
     times = {impl: {} for impl in impls}
     with torch.no_grad():
         for rnd in range(-1, args.rounds):  # round -1 warms up (compiles every graph)
-            for impl in impls:
+            # Each round starts one row later than the last, so no row always runs first,
+            # last or right after the same row (the same order on every rank).
+            k = max(rnd, 0) % len(impls)
+            for impl in impls[k:] + impls[:k]:
                 only0 = impl in on_rank0 and not (rnd < 0 and impl in solo_models)
                 torch.set_num_threads(threads[impl])
                 for name, fn in workloads(models.get(impl)).items():
