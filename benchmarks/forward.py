@@ -21,9 +21,9 @@ Measured per configuration:
 * ``decode`` -- tokens/s of greedy ``generate`` (32 new tokens after a 32-token prompt),
   prefill time excluded;
 * ``1st out`` -- seconds from the start (load included) to the first prefill's output;
-  ``parallelize_model`` solves and reads the weights in a warm-up call (run eagerly), so
-  for ``tp_auto`` it also gives the split: decomposition, solve, rewrite, downstream
-  (Inductor) compile, summed over the graphs compiled until then;
+  ``parallelize_model`` reads no weight (the first call solves the plan and reads them),
+  so for ``tp_auto`` it also gives the split of that first call: decomposition, solve,
+  rewrite, downstream (Inductor) compile, summed over the graphs compiled until then;
 * parameter MiB per rank, peak RSS per rank (max over ranks);
 * collectives in one prefill-512 forward (``torch.profiler``, for ``tp_auto`` and
   transformers alike) and, where the profiler shows their shapes, their payload bytes per

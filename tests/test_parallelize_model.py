@@ -33,12 +33,14 @@ def _load_and_compare(rank, world_size, path):
 
     ckpt.READS.clear()
     model = tp_backend.parallelize_model(path)
-    reads = list(ckpt.READS)
+    reads_at_load = list(ckpt.READS)
+    bytes_at_load = tp_backend.local_parameter_bytes(model)
     ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = make_ids(seed=5)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False).logits
         ref = ref_model(input_ids=ids, use_cache=False).logits
+    reads = list(ckpt.READS)
     inner = model
     emb, head = inner.model.embed_tokens.weight, inner.lm_head.weight
     plan = tp_backend.last_plan()
@@ -50,6 +52,8 @@ def _load_and_compare(rank, world_size, path):
         "global_shapes": {n: tuple(p.shape) for n, p in ref_model.named_parameters()},
         "layouts": {k: v.layout for k, v in plan.params.items()},
         "reads": reads,
+        "reads_at_load": reads_at_load,
+        "bytes_at_load": bytes_at_load,
         "local_bytes": tp_backend.local_parameter_bytes(inner),
         "full_bytes": sum(p.nbytes for p in ref_model.parameters()),
     }
@@ -58,6 +62,8 @@ def _load_and_compare(rank, world_size, path):
 def test_multi_file_checkpoint_tp2(checkpoint):
     res = run_distributed(_load_and_compare, 2, checkpoint)
     for rank, r in enumerate(res):
+        # parallelize_model reads nothing: the first call solves the plan, then reads.
+        assert r["reads_at_load"] == [] and r["bytes_at_load"] == 0, r["reads_at_load"]
         assert r["err"] <= ATOL, (rank, r["err"])
         assert r["tied_same"], "tied embedding and LM head must be one parameter and one shard"
         for name, local in r["local_shapes"].items():
@@ -76,6 +82,83 @@ def test_multi_file_checkpoint_tp2(checkpoint):
             assert shape == r["local_shapes"][name], (name, shape)
         assert sum(b for _, _, b in r["reads"]) == r["local_bytes"] < 0.55 * r["full_bytes"]
     assert res[0]["layouts"]["model.embed_tokens.weight"] == "vocab"
+
+
+def _state_before_first_call(rank, world_size, path):
+    import tp_backend
+    from tp_backend import checkpoint as ckpt
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ref = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    model = tp_backend.parallelize_model(path)
+    try:  # an eager call would compute on the NaN placeholders
+        model.model.layers[0].mlp(torch.zeros(1, 2, ref_model.config.hidden_size))
+        eager = "no error"
+    except tp_backend.TPShardedModuleError as e:
+        eager = str(e)
+    sd = model.state_dict()  # never called: every weight still in the checkpoint
+    state_err = max((sd[k] - v).abs().max().item() for k, v in ref.items())
+    whole_reads = len(ckpt.READS)
+    # load_state_dict before the first call: other weights (the reference's, scaled), then
+    # the model must compute with them, not with the checkpoint's.
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.mul_(0.5)
+    model.load_state_dict(ref_model.state_dict())
+    ids = make_ids(seed=5)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False).logits
+        want = ref_model(input_ids=ids, use_cache=False).logits
+    after = model.state_dict()
+    return {"keys_same": sorted(sd) == sorted(ref), "state_err": state_err,
+            "whole_reads": whole_reads, "err": (out - want).abs().max().item(),
+            "eager": eager,
+            "after_err": max((after[k] - v).abs().max().item()
+                             for k, v in ref_model.state_dict().items()),
+            "sharded": len(tp_backend.last_plan().params)}
+
+
+def test_state_before_first_call(checkpoint):
+    """Before its first call a parallelize_model'd model holds no weights (the first call
+    reads each rank's slices): an eager call of one of its modules raises, state_dict()
+    gives the checkpoint's values (read whole, bitwise), and load_state_dict() replaces
+    them: the first call then computes with the
+    loaded weights and splits them (fp32, reordered sums only, as ATOL says)."""
+    for r in run_distributed(_state_before_first_call, 2, checkpoint):
+        assert r["keys_same"] and r["state_err"] == 0 and r["whole_reads"] > 0, r
+        assert "parallelize_model reads" in r["eager"], r["eager"]
+        assert r["err"] <= ATOL and r["after_err"] == 0 and r["sharded"] > 0, r
+
+
+def _generate_twice(rank, world_size, path):
+    import tp_backend
+    from transformers import AutoModelForCausalLM
+
+    model = tp_backend.parallelize_model(path)
+    ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = make_ids(seed=7)
+    kw = dict(do_sample=False)
+    first = model.generate(ids, max_new_tokens=3, min_new_tokens=3, **kw)
+    graphs = tp_backend.tp_auto.stats["graphs"]
+    second = model.generate(ids, max_new_tokens=6, min_new_tokens=6, **kw)
+    norm = model.model.norm.weight  # kept whole: its layout is the placeholder's
+    return {"first": first.tolist(), "second": second.tolist(),
+            "ref": ref_model.generate(ids, max_new_tokens=6, min_new_tokens=6, **kw).tolist(),
+            "graphs": (graphs, tp_backend.tp_auto.stats["graphs"]),
+            "norm_stride": norm.stride(),
+            "norm_local": torch.equal(tp_backend.local_shard(norm), ref_model.model.norm.weight)}
+
+
+def test_second_generate_compiles_nothing(checkpoint):
+    """The first call reads the weights; the parameters it keeps whole keep the layout
+    Dynamo traced (their values live in the store, as split ones' do), so the second
+    generate reuses every graph (a changed layout would fail Dynamo's guard and compile the
+    prefill again, with a dynamic length). Greedy tokens equal one process's."""
+    for r in run_distributed(_generate_twice, 2, checkpoint):
+        assert r["second"] == r["ref"] and r["first"] == [t[:-3] for t in r["ref"]], r
+        assert r["graphs"][0] == r["graphs"][1], r["graphs"]
+        assert r["norm_stride"] == (0,) and r["norm_local"], r
 
 
 def _load_tp1(rank, world_size, path):

@@ -7,18 +7,21 @@ slices of its weights (the reference design's workflow, steps 1-7).
    ``inv_freq`` are built for real, so they hold correct values), then give every
    parameter a one-element placeholder of its global shape and record its
    :class:`~tp_backend.checkpoint.ParameterMeta`.
-3. Compile with ``tp_auto`` and run one short warm-up forward (in a frame of its own, so
-   that the user's first call compiles as in one process): it solves the plan, then reads
-   each sharded parameter's slice with safetensors ``get_slice`` and each replicated
-   parameter whole. No rank ever holds a full sharded tensor.
+3. Compile with ``tp_auto`` (``model.compile``). As in the reference design, whose
+   backend loads the weights when it compiles, the first call solves the plan and then
+   reads each sharded parameter's slice with safetensors ``get_slice`` and each
+   replicated parameter whole (into the store: every parameter keeps its placeholder, so
+   the layout Dynamo traced never changes). No rank ever holds a full sharded tensor.
+   Until then ``state_dict()`` reads the weights whole from the checkpoint
+   (:mod:`tp_backend.state`).
 
 Owns: :func:`parallelize_model` and its steps (the model class from ``architectures``,
 ``**overrides`` split into ``tp_auto`` options and config fields, the build on meta, the
 placeholders and :class:`~tp_backend.checkpoint.ParameterMeta` put in the store's
-``pending``, the warm-up forward), and :func:`check_transformers_version`. Must not: read
-safetensors files (:mod:`tp_backend.checkpoint` does), validate options
-(:mod:`tp_backend.options`), decide which slice a rank reads (the backend, from the solved
-plan, on the warm-up call), or keep split values (:mod:`tp_backend.runtime`).
+``pending``), and :func:`check_transformers_version`. Must not: read safetensors files
+(:mod:`tp_backend.checkpoint` does), validate options (:mod:`tp_backend.options`), decide
+which slice a rank reads (the backend, from the plan solved on the first call), or keep
+split values (:mod:`tp_backend.runtime`).
 """
 
 from __future__ import annotations
@@ -109,13 +112,18 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
             ``num_hidden_layers=2``); any other key raises ``ValueError``.
 
     Returns:
-        the model, compiled in place with ``tp_auto`` (``model.compile``), weights loaded:
-        call it, or its ``generate``, as usual.
+        the model, compiled in place with ``tp_auto`` (``model.compile``): call it, or its
+        ``generate``, as usual. Its first call compiles, solves the plan and reads this
+        rank's slices of the weights (at TP=1, the weights are read here, whole). Before
+        it, ``state_dict()`` (and ``save_pretrained``) read the weights whole from the
+        checkpoint, and :func:`~tp_backend.local_parameter_bytes` counts none.
 
     Raises:
         TPConfigError: no config or no ``architectures`` in it.
-        TPWeightError: a missing or corrupt file, a missing tensor or a wrong shape (the
-            message names the file and the tensor).
+        TPWeightError: a missing file, one whose header cannot be read (truncated or
+            corrupt), a missing tensor or a wrong shape (the message names the file and
+            the tensor). The same error, from the first call, for a tensor whose data
+            cannot be read.
         TPOptionsError, TPProcessGroupError: bad arguments, no process group.
     """
     check_transformers_version()
@@ -147,10 +155,14 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
         _attach_checkpoint(model, index, device)
         if validated.tp_size == 1:  # nothing to split: read every tensor whole, now
             _read_all(model)
+        else:
+            _guard_pending(model)
     # Compiled in place (nn.Module.compile), so model(...) and model.generate(...) both run
-    # the tensor-parallel graphs.
+    # the tensor-parallel graphs. The first of them reads the weights (the runner reads
+    # what the store holds pending), as a single process's first call compiles. A warm-up
+    # call here (as until stop 47) cost 8-9 s of SmolLM2-135M's load at TP=2: its Dynamo
+    # trace, decomposition, solve and self-check of a graph no later call runs.
     model.compile(backend="tp_auto", options=options)
-    _warm_up(model, config, device, options)
     return model
 
 
@@ -206,6 +218,19 @@ def _attach_checkpoint(model, index: CheckpointIndex, device: torch.device):
                 module._buffers[key] = b.to(device)
 
 
+def _guard_pending(model):
+    """Until the first call reads them, the modules holding weights still in the checkpoint
+    give whole values to ``state_dict()`` (:mod:`tp_backend.state`) and refuse an eager
+    call, which would compute on the NaN placeholders."""
+    from .runtime import STORE
+    from .state import install_state_hooks
+
+    for module in model.modules():
+        if any(p is not None and p in STORE.pending for p in module._parameters.values()):
+            install_state_hooks(module)
+            STORE.refuse_eager_calls(module)
+
+
 def _read_all(model):
     """Replace every placeholder parameter by its tensor read from the checkpoint."""
     from .runtime import STORE
@@ -216,31 +241,3 @@ def _read_all(model):
             meta = STORE.pending.pop(p, None)
             if meta is not None:
                 p.data = read_tensor(meta)
-
-
-def _warm_up(model, config, device, options: dict):
-    """One short forward so the plan is solved and the weights are read now (errors in
-    the checkpoint surface here); its graph runs eagerly (see ``eager_warm_up``).
-
-    It is compiled in a frame of its own, a small function that calls the model, with the
-    model's ``tp_auto`` options (the plan it solves decides which slices are read). Dynamo
-    inlines the model's forward into that frame, so the model's own frame keeps no record
-    of this 8-token call, and the user's first call compiles with static sizes, as a
-    single process's first call does. Compiled in the model's frame, the warm-up made
-    Dynamo's automatic dynamic shapes compile that first call with a dynamic sequence
-    length: for the 258M Llama at TP=2 (``benchmarks/first_output.py``, one run each), 2.16
-    against 0.58 s of decomposition and 22.1 against 16.6 s of Inductor."""
-    from .runtime import eager_warm_up
-
-    vocab = getattr(config, "vocab_size", None) or 2
-    ids = torch.arange(8, device=device).remainder(vocab).unsqueeze(0)
-
-    def warm_up(input_ids, kwargs):
-        return model(input_ids=input_ids, **kwargs)
-
-    compiled = torch.compile(warm_up, backend="tp_auto", options=options)
-    with torch.no_grad(), eager_warm_up():
-        try:
-            compiled(ids, {"use_cache": False})
-        except TypeError:  # a forward without use_cache
-            compiled(ids, {})

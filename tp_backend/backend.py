@@ -212,6 +212,17 @@ class _Runner:
             self._shard_count_seen = STORE.count
             self._gather = [i for i in c.replicated_params if args[i] in STORE.sharded]
         differentiable = c.training and torch.is_grad_enabled()
+        if len(STORE.whole):
+            for idx in c.replicated_params:
+                t = args[idx]
+                whole = STORE.whole.get(t)
+                if whole is None:
+                    continue
+                if differentiable:  # gradients go to the parameter itself: hold it real
+                    with torch.no_grad():
+                        t.data = STORE.whole.pop(t)
+                else:
+                    args[idx] = whole
         for idx in self._gather:
             # Kept whole here but split by a graph compiled later (a graph that fell back
             # to replicated next to split ones): its placeholder holds no values, so gather
@@ -373,7 +384,8 @@ class _Runner:
                 # nn.Linear's weight is (out_features, in_features): a split on dim 0 is
                 # column-parallel, on dim 1 row-parallel; an embedding's (V, E) table split
                 # on dim 0 is vocab-parallel. A fused [q|k|v] weight is split per block.
-                local = info.local_of(t.detach()).clone()
+                whole = STORE.whole.pop(t, None)
+                local = info.local_of(whole if whole is not None else t.detach()).clone()
         return STORE.record(t, info, local, self._name(t))
 
     def _load(self, args, indices):
@@ -440,8 +452,6 @@ class TPAutoBackend:
             options = ({"mode": mode} if options is None else
                        {**options, "mode": mode} if isinstance(options, Mapping) else options)
         opts = validate_options(options)
-        if STORE.warm_up.active:
-            opts = dataclasses.replace(opts, compiler="eager")
         self.stats["graphs"] += 1
         if opts.tp_size == 1:  # nothing to split: the graph goes to the downstream compiler
             if opts.compiler == "inductor":
@@ -492,7 +502,8 @@ class TPAutoBackend:
                 fqns.setdefault(i, info.fqn)
                 params.add(i)
                 fake = _contiguous_fake(fake_mode, info.global_shape, real)
-            elif isinstance(real, torch.Tensor) and real in STORE.pending:  # not loaded yet
+            elif isinstance(real, torch.Tensor) and (real in STORE.pending
+                                                     or real in STORE.whole):
                 fake = _contiguous_fake(fake_mode, real.shape, real)
             elif isinstance(real, torch.Tensor) and (held := split_value(real)) is not None:
                 local_in[i] = held[0]

@@ -176,7 +176,8 @@ def read_tensor(meta: ParameterMeta, dim: int | None = None, start: int = 0,
 def load_pending(items: list, specs: dict, pending, shard) -> None:
     """Read the weights of ``items`` (``[(input index, parameter)]``, each a key of
     ``pending`` whose value is its :class:`ParameterMeta`): the whole tensor of a
-    parameter kept whole (``param.data`` becomes it), only this rank's slice of one split
+    parameter kept whole (into the store's ``whole``: the parameter keeps its placeholder,
+    see :class:`~tp_backend.runtime.ShardStore`), only this rank's slice of one split
     as ``specs[index]`` (a :class:`~tp_backend.runtime.ShardInfo`) says, handed to
     ``shard(param, info, index, local)`` (safetensors ``get_slice``: the rest of the
     tensor is never read). A progress bar (tqdm) on rank 0.
@@ -194,8 +195,10 @@ def load_pending(items: list, specs: dict, pending, shard) -> None:
         meta = pending.pop(t)
         info = specs.get(idx)
         if info is None:
-            with torch.no_grad():
-                t.data = read_tensor(meta)
+            # Kept whole: the parameter keeps its placeholder (see ShardStore.whole).
+            from .runtime import STORE
+
+            STORE.whole[t] = read_tensor(meta)
         else:
             local = info.take(lambda start, n: read_tensor(meta, info.dim, start, n),
                               meta.dtype, meta.device)

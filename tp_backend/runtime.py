@@ -3,8 +3,8 @@ split, and where their local parts live.
 
 Owns :class:`ShardInfo` (how a parameter was split), the process's :class:`ShardStore`
 (:data:`STORE`: parameters and state stored split -> their local part, weights still to be
-read from a checkpoint, the modules that refuse eager calls, a counter of splits, the eager
-warm-up flag), the placeholders that stand in for split data (:func:`placeholder`,
+read from a checkpoint, the modules that refuse eager calls, a counter of splits), the
+placeholders that stand in for split data (:func:`placeholder`,
 :func:`state_placeholder`, :func:`placeholders`), the marker carried by values a graph
 returned split (:data:`SPLIT_ATTR`), and the public accessors (:func:`sharding_info`,
 :func:`local_shard`, :func:`local_parameter_bytes`, :func:`local_value`).
@@ -16,10 +16,8 @@ read checkpoint files (:mod:`tp_backend.checkpoint`). The backend reaches the st
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tp_backend")
 
-__all__ = ["ShardInfo", "ShardStore", "STORE", "SPLIT_ATTR", "eager_warm_up", "sharding_info",
+__all__ = ["ShardInfo", "ShardStore", "STORE", "SPLIT_ATTR", "sharding_info",
            "differentiable", "local_shard", "local_parameter_bytes", "local_value", "split_value",
            "placeholder", "state_placeholder", "placeholders", "no_eager_fallback",
            "refuse_eager_call"]
@@ -110,10 +108,6 @@ class _Sharded:
 SPLIT_ATTR = "_tp_split_value"
 
 
-class _WarmUpFlag(threading.local):
-    active = False
-
-
 class ShardStore:
     """Everything this process holds split, in one place.
 
@@ -130,11 +124,14 @@ class ShardStore:
         pending: parameters built by ``parallelize_model`` whose values are still in the
             checkpoint -> their ``ParameterMeta``; the runner reads them (only this rank's
             slice) on first use.
+        whole: parameters of ``pending`` that the first graph keeps whole -> their values,
+            read on that call. The parameter keeps its placeholder, so its layout (which
+            Dynamo guards) never changes and no graph compiles twice; the runner feeds
+            graphs these values (a graph differentiated through it makes the parameter
+            hold them: its gradient must reach the parameter).
         hooked: modules given the pre-hook that refuses an eager call on placeholders.
         count: how many tensors this process has split so far (only grows): runners
             rescan their parameters when it changes.
-        warm_up: a thread-local flag; while ``active``, graphs run eagerly (see
-            :func:`eager_warm_up`).
     """
 
     def __init__(self):
@@ -142,8 +139,11 @@ class ShardStore:
         self.pending = WeakTensorKeyDictionary()
         self.hooked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self.promoted = WeakTensorKeyDictionary()
+        # Parameters kept whole whose values parallelize_model read on the first call: the
+        # parameter keeps its placeholder (its layout, which Dynamo guards, never changes)
+        # and the runner feeds the graph this whole tensor.
+        self.whole = WeakTensorKeyDictionary()
         self.count = 0
-        self.warm_up = _WarmUpFlag()
 
     def record(self, t: torch.Tensor, info: ShardInfo, local: torch.Tensor, found=None):
         """Store ``t`` split: ``local`` is this rank's part; ``t.data`` becomes a
@@ -165,12 +165,17 @@ class ShardStore:
         holders = found.holders if found is not None else ()
         for holder in holders:
             state.install_state_hooks(holder)
-        owner = found.owner if found is not None else None
-        if owner is not None and owner not in self.hooked:
-            owner.register_forward_pre_hook(refuse_eager_call)
-            self.hooked.add(owner)
+        if found is not None and found.owner is not None:
+            self.refuse_eager_calls(found.owner)
         no_eager_fallback()
         return st
+
+    def refuse_eager_calls(self, module: torch.nn.Module) -> None:
+        """Give ``module`` (which holds placeholders: parameters stored split, or weights
+        still in the checkpoint) the pre-hook that raises on an eager call (idempotent)."""
+        if module not in self.hooked:
+            module.register_forward_pre_hook(refuse_eager_call)
+            self.hooked.add(module)
 
     def promote(self, t: torch.Tensor, holders) -> torch.Tensor:
         """The :class:`~tp_backend.tp_tensor.TPTensor` parameter standing for ``t`` (a
@@ -203,19 +208,6 @@ class ShardStore:
 STORE = ShardStore()
 
 
-@contextlib.contextmanager
-def eager_warm_up():
-    """Within this context, graphs the backend compiles run eagerly (no downstream
-    compile): ``parallelize_model``'s warm-up call solves the plan and reads the weights
-    without paying an Inductor compile for a graph (8 tokens, no cache) that later calls
-    do not use."""
-    STORE.warm_up.active = True
-    try:
-        yield
-    finally:
-        STORE.warm_up.active = False
-
-
 def differentiable(t: torch.Tensor) -> bool:
     """Whether autograd can differentiate through ``t``'s dtype (floating or complex)."""
     return t.is_floating_point() or t.is_complex()
@@ -231,15 +223,21 @@ def local_shard(param: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a parameter sharded by ``tp_auto`` (the parameter itself if it
     is not sharded)."""
     st = STORE.sharded.get(param)
-    return st.local if st is not None else param
+    if st is not None:
+        return st.local
+    whole = STORE.whole.get(param)
+    return whole if whole is not None else param
 
 
 def local_parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of parameter data this rank holds for ``module``: the local shard of every
-    sharded parameter plus every replicated parameter (tied parameters counted once)."""
+    sharded parameter plus every replicated parameter (tied parameters counted once).
+    Weights ``parallelize_model`` has not read yet (before the model's first call) count
+    nothing."""
     total = 0
     for p in module.parameters():  # deduplicates tied parameters
-        total += local_shard(p).nbytes
+        if p not in STORE.pending:
+            total += local_shard(p).nbytes
     return total
 
 
@@ -278,8 +276,11 @@ def refuse_eager_call(module, args):
     if not torch.compiler.is_compiling():
         raise TPShardedModuleError(
             f"this {type(module).__name__} holds parameters that tp_auto sharded across the "
-            "tensor-parallel ranks; it only computes correct results through the compiled "
-            "model. Call the object returned by torch.compile instead of the original module.")
+            "tensor-parallel ranks (or whose weights parallelize_model reads on the compiled "
+            "model's first call); it only computes correct results through the compiled "
+            "model. Call the object returned by torch.compile (for parallelize_model, the "
+            "model itself: model(...) or model.generate(...)) instead of the original module "
+            "or its forward.")
 
 
 def placeholder(shape, dtype: torch.dtype, device=None) -> torch.Tensor:

@@ -15,6 +15,18 @@ tensor beyond the call that asked for it.
   order; one rank alone would wait for the others until the process group's timeout.
 * ``load_state_dict(sd)``: a pre-hook takes this rank's slice of each whole tensor in
   ``sd`` into the local shard (no communication); the placeholder itself is left as is.
+
+Parameters whose weights ``parallelize_model`` left in the checkpoint (the store's
+``pending``: read on the model's first call, each rank its slices) hold placeholders too,
+and so do those the first call kept whole (their values in the store's ``whole``):
+``state_dict()`` gives those values, ``load_state_dict`` copies into them. Before the first
+call:
+
+* ``state_dict()`` reads each whole from the checkpoint (no communication);
+* ``sharded_state_dict()`` and ``load_state_dict(sd)`` give it its whole value in the
+  store (read from the checkpoint, or ``sd``'s value), which the first call then splits or
+  feeds whole. For a model too large to hold whole on one rank, call it once (a forward of
+  a few tokens) before either: its weights are then split.
 """
 
 from __future__ import annotations
@@ -26,7 +38,8 @@ import torch
 
 from .runtime import STORE
 
-__all__ = ["full_tensor", "gather_whole", "install_state_hooks", "sharded_state_dict"]
+__all__ = ["full_tensor", "gather_whole", "install_state_hooks", "sharded_state_dict",
+           "read_pending", "materialize_pending"]
 
 _INSTALLED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
@@ -42,6 +55,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
     if isinstance(t, TPTensor):  # a gradient or optimizer state of a sharded parameter
         return gather_whole(t._local, t._info)
+    whole = STORE.whole.get(t)
+    if whole is not None:
+        return whole.detach()
     st = STORE.sharded.get(t)
     if st is None:
         return t.detach()
@@ -72,6 +88,37 @@ def _sharded_members(module: torch.nn.Module):
                 yield name, t
 
 
+def _whole_members(module: torch.nn.Module):
+    for name, t in module._parameters.items():
+        if t is not None and t in STORE.whole:
+            yield name, t
+
+
+def _pending_members(module: torch.nn.Module):
+    for name, t in module._parameters.items():
+        if t is not None and t in STORE.pending:
+            yield name, t
+
+
+def read_pending(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of parameter ``t``, whose weights are still in the checkpoint (a key
+    of the store's ``pending``), read from it; ``t`` stays pending."""
+    from .checkpoint import read_tensor
+
+    return read_tensor(STORE.pending[t])
+
+
+def materialize_pending(t: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+    """Give pending parameter ``t`` its whole value, in the store's ``whole`` (the
+    parameter keeps its placeholder): ``value`` (same shape), else its weights read from
+    the checkpoint. No longer pending: the first graph that uses it splits it from there,
+    or feeds it whole. Returns that whole tensor."""
+    whole = read_pending(t) if value is None else value.detach().to(t.dtype).clone()
+    STORE.whole[t] = whole = whole.to(t.device)
+    del STORE.pending[t]
+    return whole
+
+
 class _Mode(threading.local):
     sharded = False
 
@@ -82,6 +129,19 @@ _MODE = _Mode()
 def _state_dict_post_hook(module, state_dict, prefix, local_metadata) -> None:
     from .tp_tensor import TPTensor
 
+    for name, t in _pending_members(module):
+        key = prefix + name
+        if key not in state_dict:
+            continue
+        if _MODE.sharded:  # DCP loads in place into what it gets: the model's own values
+            state_dict[key] = materialize_pending(t)
+        else:
+            state_dict[key] = read_pending(t)
+    for name, t in _whole_members(module):
+        key = prefix + name
+        if key in state_dict:
+            whole = STORE.whole[t]
+            state_dict[key] = whole if _MODE.sharded else whole.detach()
     for name, t in _sharded_members(module):
         key = prefix + name
         if key not in state_dict:
@@ -104,7 +164,9 @@ def sharded_state_dict(module: torch.nn.Module) -> dict:
 
     A checkpoint saved this way loads at any TP size, or whole into an unsharded model's
     ``state_dict()`` on one process (DCP reads the chunks each tensor needs). No
-    collective: ranks may call it alone."""
+    collective: ranks may call it alone. A parameter whose weights ``parallelize_model``
+    has not read yet (the model was never called) is read whole into the model first (see
+    the module's docstring)."""
     _MODE.sharded = True
     try:
         return module.state_dict(keep_vars=True)
@@ -114,6 +176,17 @@ def sharded_state_dict(module: torch.nn.Module) -> dict:
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
                    unexpected_keys, error_msgs) -> None:
+    for name, t in list(_pending_members(module)):
+        value = state_dict.get(prefix + name)
+        if value is not None and tuple(value.shape) == tuple(t.shape):
+            materialize_pending(t, value)  # now one of the store's whole values (below)
+    for name, t in _whole_members(module):
+        value = state_dict.get(prefix + name)
+        whole = STORE.whole[t]
+        if value is not None and tuple(value.shape) == tuple(whole.shape):
+            with torch.no_grad():
+                whole.copy_(value.detach())
+            state_dict[prefix + name] = t.detach()  # the loader copies it onto itself
     for name, t in _sharded_members(module):
         key = prefix + name
         value = state_dict.get(key)
@@ -131,7 +204,8 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
 
 def install_state_hooks(module: torch.nn.Module) -> None:
     """Make ``module.state_dict()`` return whole tensors and ``load_state_dict`` re-shard,
-    for the tensors of ``module`` that ``tp_auto`` stored split (idempotent)."""
+    for the tensors of ``module`` that ``tp_auto`` stored split or whose weights are still
+    in the checkpoint (idempotent)."""
     if module in _INSTALLED:
         return
     module.register_state_dict_post_hook(_state_dict_post_hook)
