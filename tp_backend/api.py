@@ -160,8 +160,8 @@ def parallelize_model(model_name_or_path: str, *, tp_group=None, revision: str |
     # Compiled in place (nn.Module.compile), so model(...) and model.generate(...) both run
     # the tensor-parallel graphs. The first of them reads the weights (the runner reads
     # what the store holds pending), as a single process's first call compiles. A warm-up
-    # call here (as until stop 47) cost 8-9 s of SmolLM2-135M's load at TP=2: its Dynamo
-    # trace, decomposition, solve and self-check of a graph no later call runs.
+    # call here cost 8-9 s of SmolLM2-135M's load at TP=2 (its Dynamo trace, decomposition,
+    # solve and self-check of a graph no later call runs).
     model.compile(backend="tp_auto", options=options)
     return model
 
