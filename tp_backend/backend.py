@@ -538,7 +538,7 @@ class TPAutoBackend:
         # runs it whole would wait forever in a collective), before the downstream compile
         # (a collective of its own where ranks of a host share a graph).
         if consistency.any_rank(failed is not None, opts.tp_group):
-            compiled = self._replicated(gm, example_inputs, params, opts, names, failed,
+            compiled = self._replicated(gm, fakes, params, opts, names, failed,
                                         bool(presharded or local_in))
         else:
             # The runner hands the local graph the same tensor for each of these on
@@ -550,11 +550,14 @@ class TPAutoBackend:
         self._cache[key] = compiled
         return _Runner(compiled, names, opts)
 
-    def _replicated(self, gm, example_inputs, params, opts, names, error, split_inputs):
+    def _replicated(self, gm, fakes, params, opts, names, error, split_inputs):
         """The graph as Dynamo captured it, run unsplit on every rank (``fallback=
         "replicate"``): its parameters stay whole (or are read whole), so it costs the
         memory of one process, never a wrong number. Raises if an earlier graph already
-        split some of its inputs (they cannot be made whole here)."""
+        split some of its inputs (they cannot be made whole here). ``fakes``: the inputs
+        as the runner feeds them (a parameter whose placeholder stands for values in the
+        store or the checkpoint as a contiguous tensor of its shape), for the downstream
+        compile."""
         where = _graph_modules(gm, names)
         what = (f"the {error.pass_name} pass failed on the graph of {where}: {error.detail}"
                 if error is not None else
@@ -567,7 +570,7 @@ class TPAutoBackend:
                     "every rank (no memory saved for them). options={'fallback': 'raise'} "
                     "raises instead.", what, len(params))
         labels = _input_labels(gm, {})
-        run = (_downstream_compile(gm, list(example_inputs), opts)
+        run = (_downstream_compile(gm, list(fakes), opts)
                if opts.compiler == "inductor" else gm.forward)
         plan = TPPlan(tp_size=opts.tp_size, tp_rank=opts.tp_rank)
         return _Compiled(gm, plan, [], sorted(params), {}, {}, run, labels)
