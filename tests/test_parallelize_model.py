@@ -123,8 +123,8 @@ def test_state_before_first_call(checkpoint):
     """Before its first call a parallelize_model'd model holds no weights (the first call
     reads each rank's slices): an eager call of one of its modules raises, state_dict()
     gives the checkpoint's values (read whole, bitwise), and load_state_dict() replaces
-    them: the first call then computes with the
-    loaded weights and splits them (fp32, reordered sums only, as ATOL says)."""
+    them: the first call then computes with the loaded weights and splits them (fp32,
+    reordered sums only, as ATOL says)."""
     for r in run_distributed(_state_before_first_call, 2, checkpoint):
         assert r["keys_same"] and r["state_err"] == 0 and r["whole_reads"] > 0, r
         assert "parallelize_model reads" in r["eager"], r["eager"]

@@ -38,8 +38,7 @@ import torch
 
 from .runtime import STORE
 
-__all__ = ["full_tensor", "gather_whole", "install_state_hooks", "sharded_state_dict",
-           "read_pending", "materialize_pending"]
+__all__ = ["full_tensor", "gather_whole", "install_state_hooks", "sharded_state_dict"]
 
 _INSTALLED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
@@ -81,26 +80,16 @@ def gather_whole(local: torch.Tensor, info) -> torch.Tensor:
         return whole.contiguous()
 
 
-def _sharded_members(module: torch.nn.Module):
-    for kind in ("_parameters", "_buffers"):
+def _members(module: torch.nn.Module, table, kinds=("_parameters",)):
+    """``(name, tensor)`` of ``module``'s own tensors that are keys of ``table`` (one of the
+    store's: ``sharded``, ``whole``, ``pending``), from its ``kinds`` dicts."""
+    for kind in kinds:
         for name, t in getattr(module, kind).items():
-            if t is not None and t in STORE.sharded:
+            if t is not None and t in table:
                 yield name, t
 
 
-def _whole_members(module: torch.nn.Module):
-    for name, t in module._parameters.items():
-        if t is not None and t in STORE.whole:
-            yield name, t
-
-
-def _pending_members(module: torch.nn.Module):
-    for name, t in module._parameters.items():
-        if t is not None and t in STORE.pending:
-            yield name, t
-
-
-def read_pending(t: torch.Tensor) -> torch.Tensor:
+def _read_pending(t: torch.Tensor) -> torch.Tensor:
     """The whole value of parameter ``t``, whose weights are still in the checkpoint (a key
     of the store's ``pending``), read from it; ``t`` stays pending."""
     from .checkpoint import read_tensor
@@ -108,13 +97,15 @@ def read_pending(t: torch.Tensor) -> torch.Tensor:
     return read_tensor(STORE.pending[t])
 
 
-def materialize_pending(t: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+def _materialize_pending(t: torch.Tensor, read: bool = True) -> torch.Tensor:
     """Give pending parameter ``t`` its whole value, in the store's ``whole`` (the
-    parameter keeps its placeholder): ``value`` (same shape), else its weights read from
-    the checkpoint. No longer pending: the first graph that uses it splits it from there,
-    or feeds it whole. Returns that whole tensor."""
-    whole = read_pending(t) if value is None else value.detach().to(t.dtype).clone()
-    STORE.whole[t] = whole = whole.to(t.device)
+    parameter keeps its placeholder): its weights read from the checkpoint, or with
+    ``read=False`` an uninitialised tensor of its shape for the caller to fill. No longer
+    pending: the first graph that uses it splits it from there, or feeds it whole. Returns
+    that whole tensor."""
+    whole = (_read_pending(t).to(t.device) if read
+             else torch.empty(t.shape, dtype=t.dtype, device=t.device))
+    STORE.whole[t] = whole
     del STORE.pending[t]
     return whole
 
@@ -129,20 +120,20 @@ _MODE = _Mode()
 def _state_dict_post_hook(module, state_dict, prefix, local_metadata) -> None:
     from .tp_tensor import TPTensor
 
-    for name, t in _pending_members(module):
+    for name, t in _members(module, STORE.pending):
         key = prefix + name
         if key not in state_dict:
             continue
         if _MODE.sharded:  # DCP loads in place into what it gets: the model's own values
-            state_dict[key] = materialize_pending(t)
+            state_dict[key] = _materialize_pending(t)
         else:
-            state_dict[key] = read_pending(t)
-    for name, t in _whole_members(module):
+            state_dict[key] = _read_pending(t)
+    for name, t in _members(module, STORE.whole):
         key = prefix + name
         if key in state_dict:
             whole = STORE.whole[t]
             state_dict[key] = whole if _MODE.sharded else whole.detach()
-    for name, t in _sharded_members(module):
+    for name, t in _members(module, STORE.sharded, ("_parameters", "_buffers")):
         key = prefix + name
         if key not in state_dict:
             continue
@@ -165,8 +156,8 @@ def sharded_state_dict(module: torch.nn.Module) -> dict:
     A checkpoint saved this way loads at any TP size, or whole into an unsharded model's
     ``state_dict()`` on one process (DCP reads the chunks each tensor needs). No
     collective: ranks may call it alone. A parameter whose weights ``parallelize_model``
-    has not read yet (the model was never called) is read whole into the model first (see
-    the module's docstring)."""
+    has not read yet (the model was never called) is read whole into the store first (see
+    the module's docstring), and DCP loads into that."""
     _MODE.sharded = True
     try:
         return module.state_dict(keep_vars=True)
@@ -176,18 +167,18 @@ def sharded_state_dict(module: torch.nn.Module) -> dict:
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
                    unexpected_keys, error_msgs) -> None:
-    for name, t in list(_pending_members(module)):
+    for name, t in list(_members(module, STORE.pending)):
         value = state_dict.get(prefix + name)
         if value is not None and tuple(value.shape) == tuple(t.shape):
-            materialize_pending(t, value)  # now one of the store's whole values (below)
-    for name, t in _whole_members(module):
+            _materialize_pending(t, read=False)  # filled from value just below
+    for name, t in _members(module, STORE.whole):
         value = state_dict.get(prefix + name)
         whole = STORE.whole[t]
         if value is not None and tuple(value.shape) == tuple(whole.shape):
             with torch.no_grad():
                 whole.copy_(value.detach())
             state_dict[prefix + name] = t.detach()  # the loader copies it onto itself
-    for name, t in _sharded_members(module):
+    for name, t in _members(module, STORE.sharded, ("_parameters", "_buffers")):
         key = prefix + name
         value = state_dict.get(key)
         if value is None:
