@@ -6,7 +6,12 @@ of a random Llama with as many layers as SmolLM2 (30), small enough (hidden 256)
 the graph itself is fast.
 
     python benchmarks/overhead.py [--tp 2] [--layers 30] [--tokens 32] [--rounds 5]
-                                  [--cache dynamic|static]
+                                  [--cache dynamic|static] [--build compile|load]
+
+``--build compile`` (the default) compiles the random model's ``forward`` with
+``torch.compile(..., backend="tp_auto")``; ``--build load`` saves it as a checkpoint and
+builds it with ``tp_backend.parallelize_model`` instead, whose parameters kept whole hold
+placeholders and have their values fed by the runner from the store.
 
 The runner's time is the time inside ``_Runner.__call__`` less the time inside the
 compiled local graph it calls (both ``time.perf_counter_ns``, rank 0). Each round times
@@ -14,7 +19,8 @@ one ``generate``; the figure is the median over rounds of the median per decode 
 calls of the graph compiled for one new token: medians, as a preempted call on this shared
 machine would otherwise count as overhead). The target in issue 17 is under 30 µs
 for a 30-layer model. Prints a table and writes
-benchmarks/results/overhead-tp2-dynamic.json (``-static`` with ``--cache static``).
+benchmarks/results/overhead-tp2-dynamic.json (``-static`` with ``--cache static``,
+``-load`` appended with ``--build load``).
 """
 
 from __future__ import annotations
@@ -69,7 +75,23 @@ def child(args):
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
-    model.forward = torch.compile(model.forward, backend="tp_auto")
+    if args.build == "load":
+        import tempfile
+
+        import tp_backend
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = [os.path.join(tmp, "model")]
+            dist.broadcast_object_list(path)  # rank 0's directory (one host)
+            if rank == 0:
+                model.save_pretrained(path[0])
+            dist.barrier()
+            model = tp_backend.parallelize_model(path[0]).eval()
+            with torch.no_grad():  # the first call reads the weights: before the files go
+                model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+            dist.barrier()
+    else:
+        model.forward = torch.compile(model.forward, backend="tp_auto")
     ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
     if args.cache == "static":  # the cache is graph state stored split: nothing returned split
@@ -106,13 +128,17 @@ def main():
     ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                     help="transformers' KV cache: dynamic (returned split every step) or "
                          "static (graph state written in place)")
+    ap.add_argument("--build", choices=("compile", "load"), default="compile",
+                    help="torch.compile of the model's forward, or parallelize_model of a "
+                         "checkpoint of it")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.child:
         return child(args)
     res = run_child(__file__, ["--child", "--layers", str(args.layers), "--tokens",
                                str(args.tokens), "--rounds", str(args.rounds),
-                               "--cache", args.cache], tp=args.tp, torchrun=True)
+                               "--cache", args.cache, "--build", args.build], tp=args.tp,
+                    torchrun=True)
     if "error" in res:
         print("failed:", res["error"])
         return
@@ -120,13 +146,15 @@ def main():
     graph = statistics.median(res["graph_us"])
     step = statistics.median(res["step_us"])
     print(f"TP={args.tp}, random Llama of {args.layers} layers (hidden 256), greedy decode "
-          f"({args.cache} cache), "
+          f"({args.cache} cache, {args.build}), "
           f"median of {args.rounds} rounds of {args.tokens} tokens")
     print(f"{'runner us/call':>15s} {'graph us/call':>14s} {'step us':>9s} {'runner share':>13s}")
     print(f"{runner:15.1f} {graph:14.1f} {step:9.1f} {runner / step:12.1%}")
-    write_json({"tp": args.tp, "layers": args.layers, "runner_us_per_call": runner,
+    suffix = "-load" if args.build == "load" else ""
+    write_json({"tp": args.tp, "layers": args.layers, "build": args.build,
+                "runner_us_per_call": runner,
                 "graph_us_per_call": graph, "step_us": step, "rounds": res},
-               os.path.join(HERE, "results", f"overhead-tp{args.tp}-{args.cache}.json"))
+               os.path.join(HERE, "results", f"overhead-tp{args.tp}-{args.cache}{suffix}.json"))
 
 
 if __name__ == "__main__":

@@ -161,6 +161,41 @@ def test_second_generate_compiles_nothing(checkpoint):
         assert r["norm_stride"] == (0,) and r["norm_local"], r
 
 
+def _whole_values_change(rank, world_size, path):
+    import tp_backend
+    from tp_backend.runtime import STORE
+    from transformers import AutoModelForCausalLM
+
+    model = tp_backend.parallelize_model(path)
+    ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = make_ids(seed=6)
+    errs = []
+    with torch.no_grad():
+        want = ref_model(input_ids=ids, use_cache=False).logits
+        for _ in range(2):  # the second call reuses the values the first one fed
+            errs.append((model(input_ids=ids, use_cache=False).logits - want).abs().max().item())
+        # A new value for the final norm's weight (kept whole), put in the store as a new
+        # tensor (same parameter): the next call must feed it, not the one it fed before.
+        norm = model.model.norm.weight
+        scale = torch.linspace(0.5, 1.5, norm.shape[0])
+        before = norm in STORE.whole
+        STORE.whole[norm] = STORE.whole[norm] * scale
+        ref_model.model.norm.weight.mul_(scale)
+        want = ref_model(input_ids=ids, use_cache=False).logits
+        errs.append((model(input_ids=ids, use_cache=False).logits - want).abs().max().item())
+    return {"errs": errs, "kept_whole": before}
+
+
+def test_whole_values_follow_the_store(checkpoint):
+    """The runner reuses the values of the parameters kept whole that it fed on the last
+    call (no lookup per parameter) only while the store has not changed: a value replaced
+    in the store after two calls is the one the third call computes with (ATOL: reordered
+    fp32 sums)."""
+    for r in run_distributed(_whole_values_change, 2, checkpoint):
+        assert r["kept_whole"], r
+        assert max(r["errs"]) <= ATOL, r
+
+
 def _fallback_loaded(rank, world_size, path):
     import tp_backend
     from tp_backend import backend

@@ -178,6 +178,14 @@ class _Runner:
         self._param_idx = tuple(i for i, _ in compiled.shard_specs)
         self._param_getter = operator.itemgetter(*self._param_idx) if self._param_idx else None
         self._params: _ParamCache | None = None
+        # Parameters kept whole whose values are in the store (STORE.whole): the inputs
+        # fed those values on the last call, while neither the parameters nor the store
+        # have changed since.
+        self._whole: _ParamCache | None = None
+        self._whole_changes = -1
+        rep = compiled.replicated_params
+        self._pick_replicated = (operator.itemgetter(*rep) if len(rep) > 1
+                                 else (lambda a, i=tuple(rep): tuple(a[j] for j in i)))
         self._split_out = _split_output_kinds(compiled)
 
     def _agree(self, args) -> None:
@@ -212,17 +220,8 @@ class _Runner:
             self._shard_count_seen = STORE.count
             self._gather = [i for i in c.replicated_params if args[i] in STORE.sharded]
         differentiable = c.training and torch.is_grad_enabled()
-        if len(STORE.whole):
-            for idx in c.replicated_params:
-                t = args[idx]
-                whole = STORE.whole.get(t)
-                if whole is None:
-                    continue
-                if differentiable:  # gradients go to the parameter itself: hold it real
-                    with torch.no_grad():
-                        t.data = STORE.whole.pop(t)
-                else:
-                    args[idx] = whole
+        if len(STORE.whole) and c.replicated_params:
+            self._substitute_whole(args, differentiable)
         for idx in self._gather:
             # Kept whole here but split by a graph compiled later (a graph that fell back
             # to replicated next to split ones): its placeholder holds no values, so gather
@@ -287,6 +286,38 @@ class _Runner:
         for idx, info in specs:
             args[idx] = self._stored(args[idx], info, idx).local
         self._params = _ParamCache(params, self._pick_params(args))
+
+    def _substitute_whole(self, args: list, differentiable: bool) -> None:
+        """Feed each parameter kept whole whose value is in the store (``STORE.whole``:
+        ``parallelize_model`` read it on the first call; the parameter holds a
+        placeholder) that value. A graph differentiated through it makes the parameter
+        hold it instead, so its gradient reaches the parameter. While the parameters are
+        the tensors of the last call and the store has not changed, that call's values
+        are reused without a lookup per parameter (one per layer norm, for example)."""
+        replicated = self.compiled.replicated_params
+        if differentiable:
+            for idx in replicated:
+                t = args[idx]
+                if t in STORE.whole:  # gradients go to the parameter itself: hold it real
+                    with torch.no_grad():
+                        t.data = STORE.whole.pop(t)
+            return
+        cache = self._whole
+        params = self._pick_replicated(args)
+        if (cache is not None and cache.locals is not None
+                and self._whole_changes == STORE.whole.changes
+                and tuple(map(id, params)) == cache.ids):
+            for idx, whole in cache.locals:
+                args[idx] = whole
+            return
+        fed = []
+        for idx, t in zip(replicated, params):
+            whole = STORE.whole.get(t)
+            if whole is not None:
+                args[idx] = whole
+                fed.append((idx, whole))
+        self._whole = _ParamCache(params, tuple(fed))
+        self._whole_changes = STORE.whole.changes
 
     def _substitute_trainable(self, args: list) -> None:
         """:meth:`_substitute_params` for a training graph called with grad enabled: each

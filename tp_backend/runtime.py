@@ -108,6 +108,40 @@ class _Sharded:
 SPLIT_ATTR = "_tp_split_value"
 
 
+class _CountedWeakKeyDictionary(WeakTensorKeyDictionary):
+    """A :class:`~torch.utils.weak.WeakTensorKeyDictionary` that counts the changes made
+    to it (``changes``; an entry dropped because its key died is not counted): a reader
+    that cached what it found can tell whether it still holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.changes = 0
+
+    def __setitem__(self, key, value) -> None:
+        self.changes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.changes += 1
+        super().__delitem__(key)
+
+    def pop(self, key, *default):
+        self.changes += 1
+        return super().pop(key, *default)
+
+    def popitem(self):
+        self.changes += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self.changes += 1
+        return super().setdefault(key, default)
+
+    def update(self, dict=None, **kwargs) -> None:  # noqa: A002 - the base's signature
+        self.changes += 1
+        super().update(dict, **kwargs)
+
+
 class ShardStore:
     """Everything this process holds split, in one place.
 
@@ -128,7 +162,9 @@ class ShardStore:
             read on that call. The parameter keeps its placeholder, so its layout (which
             Dynamo guards) never changes and no graph compiles twice; the runner feeds
             graphs these values (a graph differentiated through it makes the parameter
-            hold them: its gradient must reach the parameter).
+            hold them: its gradient must reach the parameter). Counts its changes
+            (``whole.changes``), so a runner may reuse the values it found on its last
+            call while nothing has changed.
         hooked: modules given the pre-hook that refuses an eager call on placeholders.
         count: how many tensors this process has split so far (only grows): runners
             rescan their parameters when it changes.
@@ -142,7 +178,7 @@ class ShardStore:
         # Parameters kept whole whose values parallelize_model read on the first call: the
         # parameter keeps its placeholder (its layout, which Dynamo guards, never changes)
         # and the runner feeds the graph this whole tensor.
-        self.whole = WeakTensorKeyDictionary()
+        self.whole = _CountedWeakKeyDictionary()
         self.count = 0
 
     def record(self, t: torch.Tensor, info: ShardInfo, local: torch.Tensor, found=None):
