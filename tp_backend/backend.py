@@ -148,6 +148,16 @@ class _ParamCache:
         self._refs = [weakref.ref(p, drop) for p in params]
 
 
+def _tuple_getter(indices):
+    """``f(args) -> tuple(args[i] for i in indices)``, through one C-level ``itemgetter``
+    (which returns a bare item, not a tuple, for a single index)."""
+    indices = tuple(indices)
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*indices) if indices else (lambda args: ())
+
+
 def _contiguous_fake(fake_mode, shape, like: torch.Tensor) -> torch.Tensor:
     with fake_mode:
         return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
@@ -176,16 +186,14 @@ class _Runner:
         # layers), so the name and the owner come from the tensor, not from the graph.
         self._names = names
         self._param_idx = tuple(i for i, _ in compiled.shard_specs)
-        self._param_getter = operator.itemgetter(*self._param_idx) if self._param_idx else None
+        self._pick_params = _tuple_getter(self._param_idx)
         self._params: _ParamCache | None = None
         # Parameters kept whole whose values are in the store (STORE.whole): the inputs
         # fed those values on the last call, while neither the parameters nor the store
         # have changed since.
         self._whole: _ParamCache | None = None
         self._whole_changes = -1
-        rep = compiled.replicated_params
-        self._pick_replicated = (operator.itemgetter(*rep) if len(rep) > 1
-                                 else (lambda a, i=tuple(rep): tuple(a[j] for j in i)))
+        self._pick_replicated = _tuple_getter(compiled.replicated_params)
         self._split_out = _split_output_kinds(compiled)
 
     def _agree(self, args) -> None:
@@ -372,10 +380,6 @@ class _Runner:
         real = info.global_shape[info.dim]
         return whole.narrow(info.dim, 0, real) if whole.shape[info.dim] != real else whole
 
-    def _pick_params(self, args: list) -> tuple:
-        idx = self._param_idx
-        return (args[idx[0]],) if len(idx) == 1 else self._param_getter(args)
-
     def _split_outputs(self, outs: list) -> tuple:
         """Replace each output returned split over heads by a :func:`placeholder` of its
         global shape that carries the local tensor (``SPLIT_ATTR``). A local tensor is
@@ -425,7 +429,7 @@ class _Runner:
         from .checkpoint import load_pending
 
         load_pending([(i, args[i]) for i in indices], dict(self.compiled.shard_specs),
-                     STORE.pending, self._shard)
+                     STORE.pending, STORE.whole, self._shard)
 
 
 def _split_output_kinds(compiled: _Compiled) -> list:

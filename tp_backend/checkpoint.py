@@ -173,14 +173,14 @@ def read_tensor(meta: ParameterMeta, dim: int | None = None, start: int = 0,
     return t
 
 
-def load_pending(items: list, specs: dict, pending, shard) -> None:
+def load_pending(items: list, specs: dict, pending, whole, shard) -> None:
     """Read the weights of ``items`` (``[(input index, parameter)]``, each a key of
     ``pending`` whose value is its :class:`ParameterMeta`): the whole tensor of a
-    parameter kept whole (into the store's ``whole``: the parameter keeps its placeholder,
-    see :class:`~tp_backend.runtime.ShardStore`), only this rank's slice of one split
-    as ``specs[index]`` (a :class:`~tp_backend.runtime.ShardInfo`) says, handed to
-    ``shard(param, info, index, local)`` (safetensors ``get_slice``: the rest of the
-    tensor is never read). A progress bar (tqdm) on rank 0.
+    parameter kept whole (into ``whole[param]``, the store's ``whole``: the parameter
+    keeps its placeholder, see :class:`~tp_backend.runtime.ShardStore`), only this rank's
+    slice of one split as ``specs[index]`` (a :class:`~tp_backend.runtime.ShardInfo`)
+    says, handed to ``shard(param, info, index, local)`` (safetensors ``get_slice``: the
+    rest of the tensor is never read). A progress bar (tqdm) on rank 0.
 
     Raises:
         TPWeightError: a missing or unreadable file or tensor (see :func:`read_tensor`).
@@ -194,11 +194,8 @@ def load_pending(items: list, specs: dict, pending, shard) -> None:
     for idx, t in items:
         meta = pending.pop(t)
         info = specs.get(idx)
-        if info is None:
-            # Kept whole: the parameter keeps its placeholder (see ShardStore.whole).
-            from .runtime import STORE
-
-            STORE.whole[t] = read_tensor(meta)
+        if info is None:  # kept whole: the parameter keeps its placeholder
+            whole[t] = read_tensor(meta)
         else:
             local = info.take(lambda start, n: read_tensor(meta, info.dim, start, n),
                               meta.dtype, meta.device)
