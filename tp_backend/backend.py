@@ -386,13 +386,35 @@ class _Runner:
         stored contiguous: the graphs that take it back were compiled for contiguous
         inputs (a prefill returns its keys transposed; later steps return contiguous
         ones). The placeholders of one shape, dtype and device (the keys and values of
-        every layer, in a decode step) are made in one call."""
+        every layer, in a decode step) are made in one call: per kind of output (its
+        split dim, dtype and device, fixed for the graph), when all of that kind are
+        contiguous and of one shape, as on every decode step, without grouping them one
+        by one."""
+        plan = self.compiled.plan
+        for indices, shards, pick in self._split_out:
+            locals_ = pick(outs)
+            if not (all(map(_is_contiguous, locals_))
+                    and len(set(map(_shape_of, locals_))) == 1):
+                self._split_outputs_by_shape(outs, indices, shards, locals_)
+                continue
+            first = locals_[0]
+            shape = list(first.shape)
+            shape[shards[0].dim] = shards[0].global_size(shape[shards[0].dim], plan.tp_rank,
+                                                         plan.tp_size)
+            for idx, shard, local, ph in zip(indices, shards, locals_, placeholders(
+                    len(indices), shape, first.dtype, first.device)):
+                ph.__dict__[SPLIT_ATTR] = (shard, local)
+                outs[idx] = ph
+        return tuple(outs)
+
+    def _split_outputs_by_shape(self, outs: list, indices, shards, locals_) -> None:
+        """:meth:`_split_outputs` for outputs of one kind whose shapes differ (or that
+        are not all contiguous): grouped by shape, one batch of placeholders per shape."""
         groups: dict = {}
-        for idx, shard, kind in self._split_out:
-            local = outs[idx]
+        for idx, shard, local in zip(indices, shards, locals_):
             if not local.is_contiguous():
                 local = local.contiguous()
-            groups.setdefault((kind, local.shape), []).append((idx, shard, local))
+            groups.setdefault(local.shape, []).append((idx, shard, local))
         plan = self.compiled.plan
         for members in groups.values():
             _, shard, first = members[0]
@@ -402,7 +424,6 @@ class _Runner:
                     len(members), shape, first.dtype, first.device)):
                 ph.__dict__[SPLIT_ATTR] = (shard, local)
                 outs[idx] = ph
-        return tuple(outs)
 
     def _shard(self, t, info, idx, local=None):
         """Store ``t`` split as ``info`` says (:meth:`ShardStore.record`): ``local`` if
@@ -433,18 +454,23 @@ class _Runner:
 
 
 def _split_output_kinds(compiled: _Compiled) -> list:
-    """``[(output index, Shard, kind)]`` for the outputs returned split, where outputs of
-    one kind have the same split dim, dtype and device in every call (from the local
-    graph's output values; an output it gives none for is a kind of its own)."""
+    """``[(output indices, their Shards, picker)]``, one entry per kind of output returned
+    split, where outputs of one kind have the same split dim, dtype and device in every
+    call (from the local graph's output values; an output it gives none for is a kind of
+    its own); ``picker(outs)`` is the tuple of that kind's outputs."""
     outs = compiled.gm.graph.output_node().args[0] if compiled.local_outputs else ()
     kinds: dict = {}
-    found = []
     for idx, shard in compiled.local_outputs.items():
         val = outs[idx].meta.get("val") if isinstance(outs[idx], fx.Node) else None
         key = ((shard.dim, val.dtype, val.device) if isinstance(val, torch.Tensor)
                else ("output", idx))
-        found.append((idx, shard, kinds.setdefault(key, len(kinds))))
-    return found
+        kinds.setdefault(key, []).append((idx, shard))
+    return [(tuple(i for i, _ in members), tuple(s for _, s in members),
+             _tuple_getter(i for i, _ in members)) for members in kinds.values()]
+
+
+_is_contiguous = torch.Tensor.is_contiguous
+_shape_of = operator.attrgetter("shape")
 
 
 class TPAutoBackend:
