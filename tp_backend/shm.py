@@ -105,10 +105,13 @@ def _shm_all_gather(x: torch.Tensor, dim: int, pieces: list[int],
     rank's chunk of each of ``len(pieces)`` blocks (chunk sizes ``pieces``; one piece for a
     plain shard); returns the whole tensor (``N`` times longer along ``dim``).
 
-    Each rank writes its chunks where they belong in a zero buffer of the whole shape and
-    the buffer is summed in place over the world: every element is one rank's value plus
-    zeros, so the gathered values are exact (a -0.0 comes back as +0.0) and already in
-    place (no transpose after the collective, unlike an all-gather's ``[N, *local]``).
+    Each rank writes its chunks where they belong in a buffer of the whole shape, zeros
+    elsewhere, and the buffer is summed in place over the world: every element is one
+    rank's value plus zeros, so the gathered values are exact (a -0.0 comes back as +0.0)
+    and already in place (no transpose after the collective, unlike an all-gather's
+    ``[N, *local]``). Only the other ranks' parts are zeroed (the buffer is written once;
+    for the ``[512, 49152]`` full logits of SmolLM2 at TP=2, 42 against 43.5 ms to fill a
+    fresh buffer, most of it the page faults of its first touch).
     Measured here at TP=2 against gloo's all-gather (the functional collective and its
     transpose): 0.12 against 0.41 ms for 0.12 MiB gathered, 2.6 against 6.8 ms for
     7.8 MiB, 53 against 155 ms for 63 MiB (full logits of 512 tokens of a 32064 vocab).
@@ -116,10 +119,13 @@ def _shm_all_gather(x: torch.Tensor, dim: int, pieces: list[int],
     The rank is read when the op runs (the kernel's group is the world, so the rank in the
     world is the rank in the group): the traced graph is the same on every rank."""
     tp_rank = dist.get_rank()
-    out = x.new_zeros(_gathered_shape(x, dim, tp_size))
+    out = x.new_empty(_gathered_shape(x, dim, tp_size))
     src = dst = 0
     for p in pieces:
-        out.narrow(dim, dst + tp_rank * p, p).copy_(x.narrow(dim, src, p))
+        mine = dst + tp_rank * p
+        out.narrow(dim, dst, mine - dst).zero_()
+        out.narrow(dim, mine, p).copy_(x.narrow(dim, src, p))
+        out.narrow(dim, mine + p, dst + tp_size * p - mine - p).zero_()
         src += p
         dst += tp_size * p
     _KERNEL["inflight"] = time.monotonic()
