@@ -70,14 +70,13 @@ def _instrument():
 
 
 def _capture():
-    """Wrap the runner (outside :func:`_instrument`) so each one keeps its last call's
-    inputs and its compiled graph's last outputs: ``{id(runner): [runner, args, outs]}``;
-    returns that table and the runner's unwrapped ``__call__``."""
+    """Wrap the runner's ``__call__`` as it is now (after :func:`_instrument`) so each
+    runner keeps its last call's inputs and its compiled graph's last outputs; returns
+    ``{id(runner): [runner, args, outs]}``."""
     from tp_backend import backend
 
     last: dict = {}
-    plain_call = backend._Runner.__call__
-    timed_call = None
+    timed_call = backend._Runner.__call__
 
     def call(self, *args):
         entry = last.setdefault(id(self), [self, None, None])
@@ -93,11 +92,8 @@ def _capture():
             c.run = keep
         return timed_call(self, *args)
 
-    def install():
-        nonlocal timed_call
-        timed_call = backend._Runner.__call__
-        backend._Runner.__call__ = call
-    return last, plain_call, install
+    backend._Runner.__call__ = call
+    return last
 
 
 def _runner_warm_us(entry, plain_call, calls: int = 2000) -> float:
@@ -123,12 +119,14 @@ def child(args):
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tp_backend import backend
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    last, plain_call, install = _capture()
+    plain_call = backend._Runner.__call__  # unwrapped, for the warm figure
     calls = _instrument()
-    install()
+    last = _capture()
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=args.layers,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
     torch.manual_seed(0)

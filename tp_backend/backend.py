@@ -386,44 +386,38 @@ class _Runner:
         stored contiguous: the graphs that take it back were compiled for contiguous
         inputs (a prefill returns its keys transposed; later steps return contiguous
         ones). The placeholders of one shape, dtype and device (the keys and values of
-        every layer, in a decode step) are made in one call: per kind of output (its
-        split dim, dtype and device, fixed for the graph), when all of that kind are
-        contiguous and of one shape, as on every decode step, without grouping them one
-        by one."""
-        plan = self.compiled.plan
+        every layer, in a decode step) are made in one call. Outputs of one kind (split
+        dim, dtype and device: fixed for the graph) that are all contiguous and of one
+        shape, as on every decode step, are one batch without grouping them one by one."""
         for indices, shards, pick in self._split_out:
             locals_ = pick(outs)
-            if not (all(map(_is_contiguous, locals_))
+            if (all(map(_is_contiguous, locals_))
                     and len(set(map(_shape_of, locals_))) == 1):
-                self._split_outputs_by_shape(outs, indices, shards, locals_)
+                self._attach(outs, indices, shards, locals_)
                 continue
-            first = locals_[0]
-            shape = list(first.shape)
-            shape[shards[0].dim] = shards[0].global_size(shape[shards[0].dim], plan.tp_rank,
-                                                         plan.tp_size)
-            for idx, shard, local, ph in zip(indices, shards, locals_, placeholders(
-                    len(indices), shape, first.dtype, first.device)):
-                ph.__dict__[SPLIT_ATTR] = (shard, local)
-                outs[idx] = ph
+            # Shapes that differ (sliding-window layers) or a transposed layout (a prefill's
+            # keys): grouped by shape, one batch of placeholders per shape.
+            groups: dict = {}
+            for idx, shard, local in zip(indices, shards, locals_):
+                if not local.is_contiguous():
+                    local = local.contiguous()
+                groups.setdefault(local.shape, []).append((idx, shard, local))
+            for members in groups.values():
+                self._attach(outs, *zip(*members))
         return tuple(outs)
 
-    def _split_outputs_by_shape(self, outs: list, indices, shards, locals_) -> None:
-        """:meth:`_split_outputs` for outputs of one kind whose shapes differ (or that
-        are not all contiguous): grouped by shape, one batch of placeholders per shape."""
-        groups: dict = {}
-        for idx, shard, local in zip(indices, shards, locals_):
-            if not local.is_contiguous():
-                local = local.contiguous()
-            groups.setdefault(local.shape, []).append((idx, shard, local))
+    def _attach(self, outs: list, indices, shards, locals_) -> None:
+        """Put in ``outs[indices[k]]`` a placeholder of the global shape carrying
+        ``(shards[k], locals_[k])``, for local tensors of one shape, dtype and device: the
+        placeholders made in one call."""
         plan = self.compiled.plan
-        for members in groups.values():
-            _, shard, first = members[0]
-            shape = list(first.shape)
-            shape[shard.dim] = shard.global_size(shape[shard.dim], plan.tp_rank, plan.tp_size)
-            for (idx, shard, local), ph in zip(members, placeholders(
-                    len(members), shape, first.dtype, first.device)):
-                ph.__dict__[SPLIT_ATTR] = (shard, local)
-                outs[idx] = ph
+        first, shard = locals_[0], shards[0]
+        shape = list(first.shape)
+        shape[shard.dim] = shard.global_size(shape[shard.dim], plan.tp_rank, plan.tp_size)
+        for idx, shard, local, ph in zip(indices, shards, locals_, placeholders(
+                len(indices), shape, first.dtype, first.device)):
+            ph.__dict__[SPLIT_ATTR] = (shard, local)
+            outs[idx] = ph
 
     def _shard(self, t, info, idx, local=None):
         """Store ``t`` split as ``info`` says (:meth:`ShardStore.record`): ``local`` if
