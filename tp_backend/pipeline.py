@@ -4,13 +4,13 @@ Shared by the backend (which then runs the local graph) and by planning without 
 process group (:mod:`tp_backend.planning`). A pass that fails with an unexpected error is
 re-raised as :class:`~tp_backend.errors.TPPassError` naming the pass.
 
-Owns: :func:`run_pipeline`: the order of the passes (decomposition, vocabulary padding,
-solver, rewrite), tagging the placeholders (input index, FQN, role), taking written-back
-inputs as state, the divisibility warning or error, building the
+Owns: :func:`run_pipeline`: the order of the passes (decomposition, causal masks,
+vocabulary padding, solver, rewrite), tagging the placeholders (input index, FQN, role),
+taking written-back inputs as state, the divisibility warning or error, building the
 :class:`~tp_backend.plan.TPPlan`, and wrapping failures as ``TPPassError``. Must not: do a
-pass's own work (:mod:`tp_backend.decompose`, :mod:`tp_backend.padding`,
-:mod:`tp_backend.solver`, :mod:`tp_backend.rewrite`), compile or run the local graph, or
-touch process groups or stored weights (:mod:`tp_backend.backend`).
+pass's own work (:mod:`tp_backend.decompose`, :mod:`tp_backend.causal`,
+:mod:`tp_backend.padding`, :mod:`tp_backend.solver`, :mod:`tp_backend.rewrite`), compile or
+run the local graph, or touch process groups or stored weights (:mod:`tp_backend.backend`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from . import nodemeta
+from .causal import make_masks_causal
 from .decompose import decompose
 from .padding import pad_vocabularies
 from .errors import TPDivisibilityError, TPError, TPPassError
@@ -101,6 +102,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
     t_start = time.perf_counter()
     aten_gm = _pass("decomposition", decompose, gm, fakes, fake_mode, module_path)
     t_decomposed = time.perf_counter()
+    causal = _pass("causal masks", make_masks_causal, aten_gm)
     ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(ph):
         nodemeta.set_input_index(n, i)
@@ -142,6 +144,7 @@ def run_pipeline(gm: fx.GraphModule, fakes: list, fake_mode, *, params: set, fqn
                   num_nodes=len(aten_gm.graph.nodes), all_reduce_impl="shm" if use_shm else "group")
     plan.timings["decompose_s"] = t_decomposed - t_start
     plan.timings["solve_s"] = sol.seconds
+    plan.causal_masks = causal
     sol.stored_inputs = {i: fqns[i] for i in params}
     for i in sorted(params):
         node = ph[i]

@@ -91,6 +91,9 @@ class TPPlan:
     lm_head_choice: str = "split"
     # what the work balance chose (the balance option), "" where it changed nothing
     balance: str = ""
+    # attention calls whose mask, built in the graph, is the causal pattern: they run with
+    # is_causal=True instead (tp_backend.causal)
+    causal_masks: int = 0
 
     def sequence_regions(self) -> list:
         """Modules whose (partial-sum) output is reduce-scattered over the tokens, each
@@ -152,6 +155,9 @@ class TPPlan:
                          "logits all-gather)" if self.lm_head_choice == "replicate" else
                          f"  LM head: {names} vocab-parallel (the logits all-gathered; "
                          "lm_head='replicate' keeps it whole)")
+        if self.causal_masks:
+            lines.append(f"  attention: {self.causal_masks} calls with a mask built in the graph "
+                         "that is the causal pattern run with is_causal=True")
         if self.balance:
             lines.append(f"  work balance: {self.balance} (balance='off' splits evenly)")
         if self.demoted:
