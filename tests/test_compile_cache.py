@@ -89,3 +89,44 @@ def test_uneven_ranks_compile_apart(tmp_path, monkeypatch):
     assert [_hits(r) for r in res] == [(0, 1), (0, 1)], res
     for r in res:
         assert r["err"] <= ATOL, r
+
+
+# Three functions with the same body: each is a code object of its own, so Dynamo captures
+# the same graph three times and hands it to tp_auto each time (torch._dynamo.reset() would
+# also clear tp_auto's cache).
+def _logits_1(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _logits_2(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _logits_3(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _config_change_worker(rank, world_size):
+    import tp_backend
+
+    torch._dynamo.reset()
+    ids = make_ids(batch=2, seq=9)
+    hits, errs = [], []
+    for fn, setting in ((_logits_1, False), (_logits_2, False), (_logits_3, True)):
+        model = make_model("llama")
+        before = tp_backend.tp_auto.stats["cache_hits"]
+        with torch.no_grad(), torch._inductor.config.patch(fallback_random=setting):
+            ref = fn(model, ids)
+            got = torch.compile(fn, backend="tp_auto")(model, ids)
+        hits.append(tp_backend.tp_auto.stats["cache_hits"] - before)
+        errs.append((got - ref).abs().max().item())
+    return hits, errs
+
+
+def test_inductor_setting_change_compiles_again():
+    """tp_auto's in-process cache of compiled graphs keys on Inductor's settings
+    (``torch._inductor.config``'s digest), as Inductor's own caches do: the same graph is
+    reused under the same settings, and compiled again after one changed."""
+    for hits, errs in run_distributed(_config_change_worker, 2):
+        assert hits == [0, 1, 0], hits
+        assert max(errs) <= ATOL, errs

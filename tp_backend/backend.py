@@ -566,6 +566,10 @@ class TPAutoBackend:
             fakes.append(fake)
         # The thread count too: Inductor's CPU kernels are specialised on it (its own cache
         # keys on it), so a graph compiled under 1 thread is not reused under 4.
+        # Inductor's settings too (a digest of torch._inductor.config, as Inductor's own
+        # cache keys on it): a graph compiled before a setting changed is not reused after.
+        inductor_config = (torch._inductor.config.get_hash() if opts.compiler == "inductor"
+                           else None)
         key = (gm.code, training, opts.compiler, opts.mode, opts.cpu_matmul, opts.group_name,
                use_shm, opts.tp_rank, opts.outputs, opts.sequence_parallel, opts.lm_head,
                opts.balance, torch.get_num_threads(), tuple(sorted(local_in.items(), key=str)),
@@ -574,7 +578,7 @@ class TPAutoBackend:
                # after a decode step's cat, and the downstream compile assumes its strides)
                tuple((tuple(str(d) for d in f.shape), tuple(str(d) for d in f.stride()),
                       f.dtype) if isinstance(f, torch.Tensor) else str(f) for f in fakes),
-               tuple(sorted(params)))
+               tuple(sorted(params)), inductor_config)
         compiled = self._cache.get(key)
         if compiled is not None:
             self.stats["cache_hits"] += 1
