@@ -158,3 +158,21 @@ def test_planning_on_the_meta_device():
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
     plan, = plan_model(cfg, tp_size=2, seq_len=16)
     assert plan.causal_masks == 3
+
+
+def test_mask_shared_by_queries_of_other_lengths():
+    """One mask ``[1, S]`` read by a one-token query (where it is the causal pattern) and,
+    broadcast over rows, by a 4-token query (where it is not): only the first call is made
+    causal (each call is compared against its own query length)."""
+    q1 = torch.randn(1, 2, 1, 8, generator=torch.Generator().manual_seed(0))
+    q4 = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(1))
+    k = torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(2))
+
+    def attend(q1, q4, k):
+        first_key_only = torch.ones(1, k.shape[-2], dtype=torch.bool).tril()
+        return (F.scaled_dot_product_attention(q1, k, k, attn_mask=first_key_only),
+                F.scaled_dot_product_attention(q4, k, k, attn_mask=first_key_only))
+
+    done, err, masked = _made_causal(attend, q1, q4, k)
+    assert (done, masked) == (1, 1)
+    assert err <= ATOL

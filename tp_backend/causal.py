@@ -55,7 +55,7 @@ def _static_val(node: fx.Node) -> bool:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return not free_symbols(val) and val.numel() <= MAX_EVAL_NUMEL
-    return isinstance(val, (int, float, bool)) and not isinstance(val, torch.SymInt)
+    return isinstance(val, (int, float, bool))
 
 
 def _constant_subgraph(mask: fx.Node) -> list[fx.Node] | None:
@@ -125,7 +125,7 @@ def make_masks_causal(gm: fx.GraphModule) -> int:
         The number of attention calls made causal.
     """
     sdpa = _sdpa_op()
-    done, checked = 0, {}
+    done, values = 0, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not sdpa:
             continue
@@ -140,11 +140,10 @@ def make_masks_causal(gm: fx.GraphModule) -> int:
                 or free_symbols(q) or free_symbols(k):
             continue
         L, S = int(q.shape[-2]), int(k.shape[-2])
-        if mask not in checked:
+        if mask not in values:  # evaluated once; compared per call (its L and S)
             nodes = _constant_subgraph(mask)
-            value = _evaluate(nodes) if nodes is not None else None
-            checked[mask] = value is not None and _is_causal_pattern(value, L, S)
-        if not checked[mask]:
+            values[mask] = _evaluate(nodes) if nodes is not None else None
+        if values[mask] is None or not _is_causal_pattern(values[mask], L, S):
             continue
         args[_ATTN_MASK] = None
         if len(args) == _IS_CAUSAL - 1:
