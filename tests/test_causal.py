@@ -176,3 +176,66 @@ def test_mask_shared_by_queries_of_other_lengths():
     done, err, masked = _made_causal(attend, q1, q4, k)
     assert (done, masked) == (1, 1)
     assert err <= ATOL
+
+
+def _drawn_mask(L, S, B, offset, window, fill, altered):
+    """A mask made in the graph from ``arange`` (a constant of the graph, as transformers'
+    is): keys ``j <= i + offset`` attend (``offset`` 0 is the causal pattern, ``S - L`` the
+    bottom-right one of a cache), within ``window`` keys if given; ``[B, 1, L, S]``; one
+    element of the last batch flipped where ``altered``; as booleans, or additive with
+    ``fill`` where keys do not attend."""
+    i = torch.arange(L).view(L, 1)
+    j = torch.arange(S).view(1, S)
+    allowed = j <= i + offset
+    if window is not None:
+        allowed = allowed & (j > i - window)
+    allowed = allowed.view(1, 1, L, S).expand(B, 1, L, S)
+    if altered:
+        allowed = allowed.clone()
+        allowed[B - 1, 0, L - 1, 0] = ~allowed[B - 1, 0, L - 1, 0]
+    if fill is None:
+        return allowed
+    return torch.where(allowed, torch.zeros(()), torch.full((), fill))
+
+
+def test_drawn_constant_masks_are_made_causal_only_where_they_are_causal():
+    """Property (hypothesis, a fixed seed): for masks drawn from the families transformers
+    builds (causal, shifted, bottom-right, sliding window; boolean or additive with -inf,
+    float32's minimum or -1e4; one element of one batch changed or not) and queries and
+    keys of 1-5 positions, the pass makes attention causal exactly where the mask, read
+    eagerly, is ``tril(ones(L, S))`` in every batch as booleans or 0/-inf, and the outputs
+    before and after agree (NaN where a row attends to nothing, in both)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tp_backend.causal import make_masks_causal
+
+    @settings(max_examples=40, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(L=st.integers(1, 5), S=st.integers(1, 5), B=st.integers(1, 2),
+           offset=st.integers(-2, 2), bottom_right=st.booleans(),
+           window=st.sampled_from([None, 1, 2, 8]), altered=st.booleans(),
+           fill=st.sampled_from([None, float("-inf"), torch.finfo(torch.float32).min, -1e4]))
+    def check(L, S, B, offset, bottom_right, window, altered, fill):
+        offset = S - L if bottom_right else offset
+        q = torch.randn(B, 2, L, 8, generator=torch.Generator().manual_seed(L))
+        k = torch.randn(B, 2, S, 8, generator=torch.Generator().manual_seed(S + 10))
+
+        def attend(q, k):
+            mask = _drawn_mask(L, S, B, offset, window, fill, altered)
+            return (F.scaled_dot_product_attention(q, k, k, attn_mask=mask),)
+
+        eager = _drawn_mask(L, S, B, offset, window, fill, altered)
+        causal = torch.ones(L, S, dtype=torch.bool).tril().expand(B, 1, L, S)
+        if fill is not None:  # the additive form of is_causal: 0 attends, -inf does not
+            causal = torch.where(causal, torch.zeros(()), torch.full((), float("-inf")))
+        expected = torch.equal(eager, causal)
+        gm, inputs = _decomposed(attend, q, k)
+        with torch.no_grad():
+            before = gm(*inputs)[0]
+            done = make_masks_causal(gm)
+            after = gm(*inputs)[0]
+        assert done == int(expected), (done, expected)
+        torch.testing.assert_close(after, before, atol=ATOL, rtol=0, equal_nan=True)
+
+    check()
