@@ -39,9 +39,9 @@ def _sdpa_calls(gm):
     return [n for n in gm.graph.nodes if n.target is torch.ops.tp_backend.sdpa.default]
 
 
-def _made_causal(fn, *inputs):
-    """(calls made causal, max |output after - output before|, attention calls left with
-    a mask)."""
+def _run_pass(fn, *inputs):
+    """Run the decomposed graph of ``fn(*inputs)``, the pass on it, and the graph again:
+    (calls made causal, outputs before, outputs after, the graph after the pass)."""
     from tp_backend.causal import make_masks_causal
 
     gm, inputs = _decomposed(fn, *inputs)
@@ -49,6 +49,13 @@ def _made_causal(fn, *inputs):
         before = gm(*inputs)
         done = make_masks_causal(gm)
         after = gm(*inputs)
+    return done, before, after, gm
+
+
+def _made_causal(fn, *inputs):
+    """(calls made causal, max |output after - output before|, attention calls left with
+    a mask)."""
+    done, before, after, gm = _run_pass(fn, *inputs)
     err = max((a - b).abs().max().item() for a, b in zip(after, before)
               if isinstance(a, torch.Tensor))
     masked = sum(isinstance(n.args[3], torch.fx.Node) for n in _sdpa_calls(gm))
@@ -208,8 +215,6 @@ def test_drawn_constant_masks_are_made_causal_only_where_they_are_causal():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from tp_backend.causal import make_masks_causal
-
     @settings(max_examples=40, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(L=st.integers(1, 5), S=st.integers(1, 5), B=st.integers(1, 2),
@@ -230,12 +235,8 @@ def test_drawn_constant_masks_are_made_causal_only_where_they_are_causal():
         if fill is not None:  # the additive form of is_causal: 0 attends, -inf does not
             causal = torch.where(causal, torch.zeros(()), torch.full((), float("-inf")))
         expected = torch.equal(eager, causal)
-        gm, inputs = _decomposed(attend, q, k)
-        with torch.no_grad():
-            before = gm(*inputs)[0]
-            done = make_masks_causal(gm)
-            after = gm(*inputs)[0]
+        done, before, after, _ = _run_pass(attend, q, k)
         assert done == int(expected), (done, expected)
-        torch.testing.assert_close(after, before, atol=ATOL, rtol=0, equal_nan=True)
+        torch.testing.assert_close(after[0], before[0], atol=ATOL, rtol=0, equal_nan=True)
 
     check()
